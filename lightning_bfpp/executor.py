@@ -1,0 +1,225 @@
+"""Runs one pipeline rank's action list: point-to-point transfers, autograd per stage and micro-batch.
+
+The executor knows nothing about Lightning: the caller hands it the stage computations as functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_bfpp.p2p import (
+    KIND_ACT,
+    KIND_GRAD,
+    PeerLink,
+    PendingRecv,
+    StageIOMeta,
+    TensorMeta,
+    check_stage_outputs,
+)
+from lightning_bfpp.schedule import Action, ActionKind, Schedule
+
+StageIO = Tensor | tuple[Tensor, ...]
+ForwardFn = Callable[[int, int, StageIO | None], StageIO]
+"""``forward(stage, micro_batch, inputs)``: runs a stage; ``inputs`` is None for the first stage."""
+LastStageFn = Callable[[int, StageIO], Tensor | None]
+"""``last(micro_batch, outputs)``: consumes the last stage's outputs; returns the loss to back-propagate, or None."""
+
+
+@dataclass
+class StepState:
+    """Everything one step keeps alive; dropped when the step ends. Keys are (stage, micro_batch)."""
+
+    inputs: dict[tuple[int, int], tuple[Tensor, ...]] = field(default_factory=dict)
+    outputs: dict[tuple[int, int], tuple[Tensor, ...]] = field(default_factory=dict)
+    input_is_tuple: dict[tuple[int, int], bool] = field(default_factory=dict)
+    output_is_tuple: dict[tuple[int, int], bool] = field(default_factory=dict)
+    losses: dict[int, Tensor] = field(default_factory=dict)
+    output_grads: dict[tuple[int, int], list[Tensor]] = field(default_factory=dict)
+    input_grads: dict[tuple[int, int], list[Tensor]] = field(default_factory=dict)
+    act_recvs: dict[tuple[int, int], PendingRecv] = field(default_factory=dict)
+    grad_recvs: dict[tuple[int, int], PendingRecv] = field(default_factory=dict)
+    header_recvs: dict[int, PendingRecv] = field(default_factory=dict)
+    input_metas: dict[int, StageIOMeta] = field(default_factory=dict)
+    unposted: dict[int, list[int]] = field(default_factory=dict)
+    sent_metas: dict[int, StageIOMeta] = field(default_factory=dict)
+
+
+def _as_tuple(value: StageIO) -> tuple[Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _needs_grad(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def _as_leaves(tensors: tuple[Tensor, ...] | list[Tensor]) -> tuple[Tensor, ...]:
+    """Received (or locally handed over) activations: leaves that collect the gradient of the stage input."""
+    grad = torch.is_grad_enabled()
+    return tuple(t.requires_grad_() if grad and _needs_grad(t) else t for t in tensors)
+
+
+class PipelineExecutor:
+    """Walks the action list of ``rank`` in ``schedule`` for one step.
+
+    Arguments:
+        schedule: the validated global schedule.
+        rank: this process's pipeline rank.
+        link: the point-to-point link to the other pipeline ranks (None when ``pipeline_size == 1``).
+        on_stage_backward_done: called with a stage index at its ``REDUCE_GRAD`` action, to start the
+            data-parallel gradient reduction of that stage.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        rank: int,
+        link: PeerLink | None,
+        on_stage_backward_done: Callable[[int], None] | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.rank = rank
+        self.link = link
+        self.on_stage_backward_done = on_stage_backward_done
+        self.actions: tuple[Action, ...] = schedule.actions[rank]
+        self.last_stage = schedule.num_stages - 1
+        self._handlers = {
+            ActionKind.RECV_ACT: self._recv_act,
+            ActionKind.FORWARD: self._forward,
+            ActionKind.SEND_ACT: self._send_act,
+            ActionKind.RECV_GRAD: self._recv_grad,
+            ActionKind.BACKWARD: self._backward,
+            ActionKind.SEND_GRAD: self._send_grad,
+            ActionKind.REDUCE_GRAD: self._reduce_grad,
+        }
+
+    def run(self, forward: ForwardFn, last: LastStageFn, loss_scale: float = 1.0) -> list[Tensor]:
+        """Runs the step; returns the detached losses of the micro-batches (empty unless this rank holds the last
+        stage). Gradients accumulate into the parameters' ``.grad``, scaled by ``loss_scale``."""
+        self._forward_fn, self._last_fn, self._loss_scale = forward, last, loss_scale
+        self._state = StepState()
+        try:
+            for action in self.actions:
+                self._handlers[action.kind](action)
+            if self.link is not None:
+                self.link.wait_sends()
+            return [self._state.losses[m] for m in sorted(self._state.losses)]
+        finally:
+            self._state = StepState()
+            self._forward_fn = self._last_fn = None  # type: ignore[assignment]
+
+    def _peer(self, stage: int) -> int:
+        return self.schedule.rank_of(stage)
+
+    # forward ---------------------------------------------------------------------------------------------------
+    def _recv_act(self, action: Action) -> None:
+        state, stage = self._state, action.stage
+        assert self.link is not None
+        if stage not in state.header_recvs:
+            state.header_recvs[stage] = self.link.recv_header(stage, self._peer(stage - 1))
+        if stage in state.input_metas:
+            self._post_act_recv(stage, action.micro_batch)
+        else:
+            state.unposted.setdefault(stage, []).append(action.micro_batch)
+
+    def _post_act_recv(self, stage: int, micro_batch: int) -> None:
+        assert self.link is not None
+        meta = self._state.input_metas[stage]
+        self._state.act_recvs[(stage, micro_batch)] = self.link.recv(
+            meta.tensors, KIND_ACT, stage, micro_batch, self._peer(stage - 1)
+        )
+
+    def _take_input(self, stage: int, micro_batch: int) -> StageIO | None:
+        state, key = self._state, (stage, micro_batch)
+        if stage == 0:
+            return None
+        if key not in state.inputs:  # not handed over locally: wait for the message
+            if stage not in state.input_metas:  # the header tells the shapes; post the receives it held back
+                state.input_metas[stage] = StageIOMeta.decode(state.header_recvs[stage].wait()[0])
+                for m in state.unposted.pop(stage, []):
+                    self._post_act_recv(stage, m)
+            state.inputs[key] = _as_leaves(state.act_recvs.pop(key).wait())
+            state.input_is_tuple[key] = state.input_metas[stage].is_tuple
+        tensors = state.inputs[key]
+        if not torch.is_grad_enabled():
+            del state.inputs[key]
+        return tensors if state.input_is_tuple.pop(key) else tensors[0]
+
+    def _forward(self, action: Action) -> None:
+        state, stage, m = self._state, action.stage, action.micro_batch
+        outputs = self._forward_fn(stage, m, self._take_input(stage, m))
+        if stage == self.last_stage:
+            loss = self._last_fn(m, outputs)
+            if loss is not None:
+                state.losses[m] = loss.detach()
+                if torch.is_grad_enabled():
+                    state.outputs[(stage, m)] = (loss * self._loss_scale,)
+            return
+        check_stage_outputs(outputs, stage)
+        tensors, is_tuple = _as_tuple(outputs), isinstance(outputs, tuple)
+        if self._peer(stage + 1) == self.rank:  # next stage on this rank: hand over without communication
+            state.inputs[(stage + 1, m)] = _as_leaves(tuple(t.detach() for t in tensors))
+            state.input_is_tuple[(stage + 1, m)] = is_tuple
+            if not torch.is_grad_enabled():
+                return
+        state.outputs[(stage, m)] = tensors
+        state.output_is_tuple[(stage, m)] = is_tuple
+
+    def _send_act(self, action: Action) -> None:
+        state, stage, m = self._state, action.stage, action.micro_batch
+        assert self.link is not None
+        tensors = state.outputs[(stage, m)] if torch.is_grad_enabled() else state.outputs.pop((stage, m))
+        meta = StageIOMeta.of(tensors, state.output_is_tuple[(stage, m)])
+        if not torch.is_grad_enabled():
+            del state.output_is_tuple[(stage, m)]
+        peer = self._peer(stage + 1)
+        if stage + 1 not in state.sent_metas:
+            state.sent_metas[stage + 1] = meta
+            self.link.send_header(meta, stage + 1, peer)
+        elif state.sent_metas[stage + 1] != meta:
+            raise ValueError(
+                f"Stage {stage} produced outputs of different shapes within one step ({state.sent_metas[stage + 1]} "
+                f"then {meta}): every micro-batch of a step must have the same shapes."
+            )
+        self.link.send(tensors, KIND_ACT, stage + 1, m, peer)
+
+    # backward --------------------------------------------------------------------------------------------------
+    def _recv_grad(self, action: Action) -> None:
+        state, stage, m = self._state, action.stage, action.micro_batch
+        assert self.link is not None
+        metas = [TensorMeta(t.dtype, tuple(t.shape)) for t in state.outputs[(stage, m)] if _needs_grad(t)]
+        state.grad_recvs[(stage, m)] = self.link.recv(metas, KIND_GRAD, stage + 1, m, self._peer(stage + 1))
+
+    def _backward(self, action: Action) -> None:
+        state, stage, m = self._state, action.stage, action.micro_batch
+        key = (stage, m)
+        outputs = state.outputs.pop(key)
+        state.output_is_tuple.pop(key, None)
+        if stage == self.last_stage:
+            torch.autograd.backward(outputs[0])
+        else:
+            grads = state.output_grads.pop(key) if key in state.output_grads else state.grad_recvs.pop(key).wait()
+            differentiable = [t for t in outputs if _needs_grad(t)]
+            pairs = [(t, g) for t, g in zip(differentiable, grads, strict=True) if t.requires_grad]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        if stage > 0:
+            inputs = state.inputs.pop(key)
+            grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs if _needs_grad(t)]
+            if self._peer(stage - 1) == self.rank:
+                state.output_grads[(stage - 1, m)] = grads
+            else:
+                state.input_grads[key] = grads
+
+    def _send_grad(self, action: Action) -> None:
+        assert self.link is not None
+        stage, m = action.stage, action.micro_batch
+        grads = self._state.input_grads.pop((stage, m))
+        self.link.send(grads, KIND_GRAD, stage, m, self._peer(stage - 1))
+
+    def _reduce_grad(self, action: Action) -> None:
+        if self.on_stage_backward_done is not None:
+            self.on_stage_backward_done(action.stage)

@@ -1,0 +1,73 @@
+"""Splitting a batch into equal micro-batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """The leading dimension of the first tensor found in ``batch`` (None if it holds no tensor with a dimension)."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.dim() > 0 else None
+    if isinstance(batch, Mapping):
+        items: Sequence[Any] = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        items = batch
+    else:
+        return None
+    for item in items:
+        size = batch_size_of(item)
+        if size is not None:
+            return size
+    return None
+
+
+def check_divisible(batch_size: int | None, num_micro_batches: int) -> None:
+    """Raises a clear error unless the batch splits into ``num_micro_batches`` equal micro-batches."""
+    if batch_size is None:
+        raise ValueError("The batch holds no tensor with a batch dimension: bfpp splits batches along dimension 0.")
+    if batch_size < num_micro_batches or batch_size % num_micro_batches:
+        raise ValueError(
+            f"A batch of {batch_size} samples does not split into micro_batches={num_micro_batches} equal parts: use a "
+            f"batch size that is a multiple of {num_micro_batches} (and `drop_last=True` in the DataLoader so the last "
+            "batch is full), or change micro_batches."
+        )
+
+
+def split_batch(batch: Any, num_micro_batches: int) -> list[Any]:
+    """Splits every tensor whose leading dimension is the batch size into equal parts; other values are shared."""
+    size = batch_size_of(batch)
+    check_divisible(size, num_micro_batches)
+    assert size is not None
+    return [_take(batch, size, num_micro_batches, i) for i in range(num_micro_batches)]
+
+
+def _take(value: Any, size: int, parts: int, index: int) -> Any:
+    if isinstance(value, Tensor):
+        if value.dim() == 0 or value.shape[0] != size:
+            return value
+        step = size // parts
+        return value.narrow(0, index * step, step)
+    if isinstance(value, Mapping):
+        return type(value)({k: _take(v, size, parts, index) for k, v in value.items()})  # type: ignore[call-arg]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_take(v, size, parts, index) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take(v, size, parts, index) for v in value)
+    return value
+
+
+def concat_outputs(parts: list[Any]) -> Any:
+    """Joins per-micro-batch outputs (tensors, or dicts/lists/tuples of tensors) along dimension 0."""
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts) if first.dim() > 0 else torch.stack(parts)
+    if isinstance(first, Mapping):
+        return type(first)({k: concat_outputs([p[k] for p in parts]) for k in first})  # type: ignore[call-arg]
+    if isinstance(first, (list, tuple)):
+        return type(first)(concat_outputs(list(items)) for items in zip(*parts, strict=True))
+    return parts

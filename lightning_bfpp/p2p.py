@@ -1,0 +1,134 @@
+"""Point-to-point transfer of stage activations and their gradients between pipeline ranks.
+
+A stage boundary sends, once per step and before its first activation, a small header that describes the tensors
+(tuple or not, dtype and shape of each), so shapes may change from step to step. Gradients need no header: the
+receiver produced the activations they belong to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+MAX_TENSORS = 16
+MAX_DIMS = 8
+HEADER_LEN = 2 + MAX_TENSORS * (2 + MAX_DIMS)
+DTYPES = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+)  # fmt: skip
+KIND_ACT, KIND_GRAD, KIND_HEADER = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a receiver needs to allocate one activation: its dtype and shape."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StageIOMeta:
+    """The structure of a stage's output: a single tensor or a tuple of tensors."""
+
+    is_tuple: bool
+    tensors: tuple[TensorMeta, ...]
+
+    @staticmethod
+    def of(tensors: Sequence[Tensor], is_tuple: bool) -> StageIOMeta:
+        return StageIOMeta(is_tuple, tuple(TensorMeta(t.dtype, tuple(t.shape)) for t in tensors))
+
+    def encode(self, device: torch.device) -> Tensor:
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        header[0], header[1] = int(self.is_tuple), len(self.tensors)
+        for i, meta in enumerate(self.tensors):
+            base = 2 + i * (2 + MAX_DIMS)
+            header[base], header[base + 1] = DTYPES.index(meta.dtype), len(meta.shape)
+            header[base + 2 : base + 2 + len(meta.shape)] = torch.tensor(meta.shape, dtype=torch.int64)
+        return header.to(device)
+
+    @staticmethod
+    def decode(header: Tensor) -> StageIOMeta:
+        values = header.tolist()
+        tensors = []
+        for i in range(values[1]):
+            base = 2 + i * (2 + MAX_DIMS)
+            ndim = values[base + 1]
+            tensors.append(TensorMeta(DTYPES[values[base]], tuple(values[base + 2 : base + 2 + ndim])))
+        return StageIOMeta(bool(values[0]), tuple(tensors))
+
+
+def check_stage_outputs(outputs: object, stage: int) -> None:
+    """Raises a clear error unless a stage returned a tensor or a tuple of tensors the header can describe."""
+    items = outputs if isinstance(outputs, tuple) else (outputs,)
+    if not items or not all(isinstance(t, Tensor) for t in items):
+        raise TypeError(
+            f"Stage {stage} returned {type(outputs).__name__}: a pipeline layer must return a tensor or a tuple of "
+            "tensors (put other values in the batch, which every stage can read)."
+        )
+    if len(items) > MAX_TENSORS or any(t.dim() > MAX_DIMS for t in items):
+        raise ValueError(
+            f"Stage {stage} returned more than {MAX_TENSORS} tensors or one with more than {MAX_DIMS} dims."
+        )
+    if any(t.dtype not in DTYPES for t in items):
+        raise TypeError(f"Stage {stage} returned a tensor of an unsupported dtype; supported: {DTYPES}.")
+
+
+class PeerLink:
+    """Non-blocking sends and receives to the pipeline neighbours of one rank, with unique tags per message."""
+
+    def __init__(self, group: dist.ProcessGroup, num_micro_batches: int, device: torch.device) -> None:
+        self.group = group
+        self.num_micro_batches = num_micro_batches
+        self.device = device
+        self._global_ranks = [dist.get_global_rank(group, r) for r in range(dist.get_world_size(group))]
+        self._pending_sends: list[tuple[dist.Work, Tensor]] = []
+
+    def _tag(self, kind: int, stage: int, micro_batch: int, index: int) -> int:
+        return ((stage * self.num_micro_batches + micro_batch) * 3 + kind) * MAX_TENSORS + index
+
+    def send(self, tensors: Sequence[Tensor], kind: int, stage: int, micro_batch: int, peer: int) -> None:
+        """Starts sending ``tensors``; the buffers are kept alive until :meth:`wait_sends`."""
+        for index, tensor in enumerate(tensors):
+            buffer = tensor.detach().contiguous()
+            tag = self._tag(kind, stage, micro_batch, index)
+            work = dist.isend(buffer, self._global_ranks[peer], group=self.group, tag=tag)
+            self._pending_sends.append((work, buffer))
+
+    def recv(self, metas: Sequence[TensorMeta], kind: int, stage: int, micro_batch: int, peer: int) -> PendingRecv:
+        """Posts the receives of one message; :meth:`PendingRecv.wait` returns the tensors."""
+        works, buffers = [], []
+        for index, meta in enumerate(metas):
+            buffer = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+            tag = self._tag(kind, stage, micro_batch, index)
+            works.append(dist.irecv(buffer, self._global_ranks[peer], group=self.group, tag=tag))
+            buffers.append(buffer)
+        return PendingRecv(works, buffers)
+
+    def send_header(self, meta: StageIOMeta, stage: int, peer: int) -> None:
+        self.send([meta.encode(self.device)], KIND_HEADER, stage, 0, peer)
+
+    def recv_header(self, stage: int, peer: int) -> PendingRecv:
+        return self.recv([TensorMeta(torch.int64, (HEADER_LEN,))], KIND_HEADER, stage, 0, peer)
+
+    def wait_sends(self) -> None:
+        for work, _ in self._pending_sends:
+            work.wait()
+        self._pending_sends.clear()
+
+
+class PendingRecv:
+    """Receives posted for one message."""
+
+    def __init__(self, works: list[dist.Work], buffers: list[Tensor]) -> None:
+        self.works, self.buffers = works, buffers
+
+    def wait(self) -> list[Tensor]:
+        for work in self.works:
+            work.wait()
+        return self.buffers

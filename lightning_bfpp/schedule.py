@@ -1,0 +1,465 @@
+"""Pipeline schedules as data: the ordered actions every pipeline rank runs for one training (or evaluation) step.
+
+There are ``S = pipeline_size * stages_per_rank`` stages; stage ``s`` lives on pipeline rank ``s % pipeline_size``
+(looped placement). Every rank builds the same global :class:`Schedule` and walks ``schedule.actions[rank]``.
+This module is pure Python on purpose, so schedules can be built, printed and checked without torch.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+
+class ActionKind(str, enum.Enum):
+    """What an action does; the value is the short tag used when printing actions."""
+
+    FORWARD = "F"  # forward of stage s on micro-batch m (the last stage also computes the loss)
+    BACKWARD = "B"  # backward of stage s on micro-batch m
+    RECV_ACT = "RA"  # post the receive of stage s's input for micro-batch m, from the rank of s-1
+    SEND_ACT = "SA"  # send the output of stage s, micro-batch m, to the rank of s+1
+    RECV_GRAD = "RG"  # post the receive of the gradient of stage s's output, micro-batch m, from the rank of s+1
+    SEND_GRAD = "SG"  # send the gradient of stage s's input, micro-batch m, to the rank of s-1
+    REDUCE_GRAD = "RD"  # start the data-parallel gradient reduction of stage s (micro_batch is -1)
+
+
+_F, _B, _RA, _SA, _RG, _SG, _RD = (
+    ActionKind.FORWARD,
+    ActionKind.BACKWARD,
+    ActionKind.RECV_ACT,
+    ActionKind.SEND_ACT,
+    ActionKind.RECV_GRAD,
+    ActionKind.SEND_GRAD,
+    ActionKind.REDUCE_GRAD,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One step of a rank's schedule: ``kind`` applied to ``stage`` and ``micro_batch`` (-1 for REDUCE_GRAD)."""
+
+    kind: ActionKind
+    stage: int
+    micro_batch: int = -1
+
+    def __str__(self) -> str:
+        suffix = "" if self.micro_batch < 0 else f".{self.micro_batch}"
+        return f"{self.kind.value}{self.stage}{suffix}"
+
+
+class ScheduleError(ValueError):
+    """A schedule cannot be built with the given settings, or a schedule is invalid."""
+
+
+def stage_rank(stage: int, pipeline_size: int) -> int:
+    """The pipeline rank that holds ``stage`` under looped placement."""
+    return stage % pipeline_size
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The global schedule of one step: ``actions[rank]`` is what that pipeline rank executes, in order."""
+
+    name: str
+    pipeline_size: int
+    stages_per_rank: int
+    num_micro_batches: int
+    forward_only: bool
+    actions: tuple[tuple[Action, ...], ...]
+
+    @property
+    def num_stages(self) -> int:
+        return self.pipeline_size * self.stages_per_rank
+
+    def rank_of(self, stage: int) -> int:
+        """The pipeline rank that holds ``stage``."""
+        return stage_rank(stage, self.pipeline_size)
+
+    def stages_of(self, rank: int) -> list[int]:
+        """The stages held by ``rank``, in local order."""
+        return list(range(rank, self.num_stages, self.pipeline_size))
+
+    def format(self) -> str:
+        """One line per rank, e.g. ``rank 0: F0.0 SA0.0 F0.1 ...``."""
+        return "\n".join(f"rank {r}: " + " ".join(map(str, acts)) for r, acts in enumerate(self.actions))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generators: each decides the order of FORWARD/BACKWARD per rank; _assemble adds communication and REDUCE_GRAD.
+
+
+def _check_sizes(pipeline_size: int, stages_per_rank: int, num_micro_batches: int) -> None:
+    for name, value in (
+        ("pipeline_size", pipeline_size),
+        ("stages_per_rank", stages_per_rank),
+        ("num_micro_batches", num_micro_batches),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ScheduleError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _recvs_for(action: Action, num_stages: int, pipeline_size: int) -> list[Action]:
+    """The receive a compute action needs (none for P == 1, where tensors are handed over locally)."""
+    if pipeline_size > 1 and action.kind is _F and action.stage > 0:
+        return [Action(_RA, action.stage, action.micro_batch)]
+    if pipeline_size > 1 and action.kind is _B and action.stage < num_stages - 1:
+        return [Action(_RG, action.stage, action.micro_batch)]
+    return []
+
+
+def _sends_for(action: Action, num_stages: int, pipeline_size: int) -> list[Action]:
+    """The send that follows a compute action."""
+    if pipeline_size > 1 and action.kind is _F and action.stage < num_stages - 1:
+        return [Action(_SA, action.stage, action.micro_batch)]
+    if pipeline_size > 1 and action.kind is _B and action.stage > 0:
+        return [Action(_SG, action.stage, action.micro_batch)]
+    return []
+
+
+def _assemble(
+    name: str, sizes: tuple[int, int, int], forward_only: bool, computes: list[list[Action]], *, grouped_recvs: bool
+) -> Schedule:
+    """Adds sends, receives and REDUCE_GRAD around each rank's compute order.
+
+    Every send directly follows its compute, and REDUCE_GRAD(s) directly follows the last BACKWARD of s (and its
+    SEND_GRAD). With ``grouped_recvs`` all receives of a stage and direction are posted together right before the
+    first compute of that stage and direction. Otherwise each receive is posted one compute early (before the compute
+    that precedes its consumer), so the transfer overlaps that compute; a RECV_GRAD never moves before the FORWARD
+    of the same stage and micro-batch, because its buffers take the shapes of that forward's outputs.
+    """
+    pipeline_size, stages_per_rank, num_micro_batches = sizes
+    num_stages = pipeline_size * stages_per_rank
+    ranks = []
+    for compute in computes:
+        last_backward = {a.stage: i for i, a in enumerate(compute) if a.kind is _B}
+        out: list[Action] = [] if grouped_recvs or not compute else _recvs_for(compute[0], num_stages, pipeline_size)
+        seen: set[tuple[ActionKind, int]] = set()
+        for i, action in enumerate(compute):
+            late: list[Action] = []
+            if grouped_recvs and (action.kind, action.stage) not in seen:
+                seen.add((action.kind, action.stage))
+                out += [
+                    r
+                    for a in compute
+                    if (a.kind, a.stage) == (action.kind, action.stage)
+                    for r in _recvs_for(a, num_stages, pipeline_size)
+                ]
+            elif not grouped_recvs and i + 1 < len(compute):
+                after = compute[i + 1]
+                if after.kind is _B and (after.stage, after.micro_batch) == (action.stage, action.micro_batch):
+                    late = _recvs_for(after, num_stages, pipeline_size)  # must follow its own forward
+                else:
+                    out += _recvs_for(after, num_stages, pipeline_size)
+            out.append(action)
+            out += _sends_for(action, num_stages, pipeline_size)
+            if action.kind is _B and last_backward[action.stage] == i:
+                out.append(Action(_RD, action.stage))
+            out += late
+        ranks.append(tuple(out))
+    return Schedule(name, pipeline_size, stages_per_rank, num_micro_batches, forward_only, tuple(ranks))
+
+
+def _breadth_first_computes(
+    pipeline_size: int, stages_per_rank: int, num_micro_batches: int, forward_only: bool
+) -> list[list[Action]]:
+    computes = []
+    for rank in range(pipeline_size):
+        stages = range(rank, pipeline_size * stages_per_rank, pipeline_size)
+        order = [Action(_F, s, m) for s in stages for m in range(num_micro_batches)]
+        if not forward_only:
+            # Backward runs the micro-batches in the same order as the forward (0..M-1): the last stage starts with
+            # micro-batch 0 right after its last forward, and gradients then stream upstream in the order they are
+            # produced, so every boundary carries micro-batch 0 first in both directions.
+            order += [Action(_B, s, m) for s in reversed(stages) for m in range(num_micro_batches)]
+        computes.append(order)
+    return computes
+
+
+def breadth_first(
+    pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, forward_only: bool = False
+) -> Schedule:
+    """Looped breadth-first: each rank runs all micro-batches through one local stage before the next one."""
+    _check_sizes(pipeline_size, stages_per_rank, num_micro_batches)
+    sizes = (pipeline_size, stages_per_rank, num_micro_batches)
+    return _assemble(
+        "breadth_first", sizes, forward_only, _breadth_first_computes(*sizes, forward_only), grouped_recvs=True
+    )
+
+
+def gpipe(pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, forward_only: bool = False) -> Schedule:
+    """GPipe: one stage per rank, all forwards then all backwards."""
+    _check_sizes(pipeline_size, stages_per_rank, num_micro_batches)
+    if stages_per_rank != 1:
+        raise ScheduleError(
+            "gpipe places one stage per rank (stages_per_rank=1); use schedule='breadth_first' for "
+            f"looped stages (got stages_per_rank={stages_per_rank})"
+        )
+    sizes = (pipeline_size, stages_per_rank, num_micro_batches)
+    return _assemble("gpipe", sizes, forward_only, _breadth_first_computes(*sizes, forward_only), grouped_recvs=True)
+
+
+def _interleaved_computes(pipeline_size: int, stages_per_rank: int, num_micro_batches: int) -> list[list[Action]]:
+    """Megatron-style interleaved 1F1B; with one stage per rank this is the classic 1F1B."""
+    p, chunks, total = pipeline_size, stages_per_rank, num_micro_batches * stages_per_rank
+
+    def virtual(k: int, rank: int, backward: bool) -> Action:
+        # Micro-batches go in groups of P through the local chunks: k -> (chunk, micro-batch).
+        group, within = divmod(k, p * chunks)
+        chunk = within // p
+        if backward:
+            chunk = chunks - 1 - chunk
+        return Action(_B if backward else _F, chunk * p + rank, group * p + within % p)
+
+    computes = []
+    for rank in range(p):
+        # Warm-up: the last rank runs (chunks-1)*P forwards before its first backward and each rank further up
+        # more. Classic 1F1B (one chunk) adds one per hop; with several chunks we add two per hop like Megatron-LM,
+        # which hides the point-to-point latency in the steady state at the cost of a few more live activations.
+        hops = (p - 1 - rank) * (1 if chunks == 1 else 2)
+        warmup = min((chunks - 1) * p + hops, total)
+        order = [virtual(k, rank, False) for k in range(warmup)]
+        for k in range(total - warmup):
+            order += [virtual(k + warmup, rank, False), virtual(k, rank, True)]
+        order += [virtual(k, rank, True) for k in range(total - warmup, total)]
+        computes.append(order)
+    return computes
+
+
+def depth_first(
+    pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, forward_only: bool = False
+) -> Schedule:
+    """Interleaved 1F1B (virtual pipeline): warm-up, steady one-forward-one-backward, cool-down.
+
+    With stages_per_rank > 1 it needs num_micro_batches % pipeline_size == 0 (not when forward_only, which is
+    breadth-first like every forward-only schedule); with one stage per rank it is the classic 1F1B.
+    """
+    _check_sizes(pipeline_size, stages_per_rank, num_micro_batches)
+    sizes = (pipeline_size, stages_per_rank, num_micro_batches)
+    if forward_only:
+        return _assemble("depth_first", sizes, True, _breadth_first_computes(*sizes, True), grouped_recvs=True)
+    if stages_per_rank > 1 and num_micro_batches % pipeline_size:
+        lower = num_micro_batches // pipeline_size * pipeline_size
+        valid = " or ".join(str(m) for m in (lower, lower + pipeline_size) if m > 0)
+        raise ScheduleError(
+            f"depth_first with stages_per_rank={stages_per_rank} needs num_micro_batches to be a multiple of "
+            f"pipeline_size={pipeline_size}, got {num_micro_batches}; use num_micro_batches={valid}, or "
+            "schedule='breadth_first', which accepts any number of micro-batches"
+        )
+    return _assemble("depth_first", sizes, False, _interleaved_computes(*sizes), grouped_recvs=False)
+
+
+def one_f_one_b(
+    pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, forward_only: bool = False
+) -> Schedule:
+    """Classic 1F1B: rank r runs min(P - r - 1, M) warm-up forwards, then alternates forward and backward."""
+    _check_sizes(pipeline_size, stages_per_rank, num_micro_batches)
+    if stages_per_rank != 1:
+        raise ScheduleError(
+            "1f1b places one stage per rank (stages_per_rank=1); use schedule='depth_first' for "
+            f"interleaved 1F1B with looped stages (got stages_per_rank={stages_per_rank})"
+        )
+    return replace(depth_first(pipeline_size, 1, num_micro_batches, forward_only=forward_only), name="1f1b")
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "breadth_first": breadth_first,
+    "depth_first": depth_first,
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+}
+
+
+def build_schedule(
+    name: str, pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, forward_only: bool = False
+) -> Schedule:
+    """Builds the schedule called ``name`` (see :data:`SCHEDULES`) and validates it."""
+    if name not in SCHEDULES:
+        raise ScheduleError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
+    schedule = SCHEDULES[name](pipeline_size, stages_per_rank, num_micro_batches, forward_only=forward_only)
+    validate_schedule(schedule)
+    return schedule
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation
+
+_MAX_PROBLEMS = 12
+
+
+def _fail(schedule: Schedule, problems: list[str]) -> ScheduleError:
+    shown = problems[:_MAX_PROBLEMS]
+    if len(problems) > _MAX_PROBLEMS:
+        shown.append(f"... and {len(problems) - _MAX_PROBLEMS} more")
+    return ScheduleError(
+        f"invalid {schedule.name!r} schedule (pipeline_size={schedule.pipeline_size}, stages_per_rank="
+        f"{schedule.stages_per_rank}, num_micro_batches={schedule.num_micro_batches}, forward_only="
+        f"{schedule.forward_only}):\n" + "\n".join(f"  - {p}" for p in shown) + "\nschedule:\n" + schedule.format()
+    )
+
+
+def _required(schedule: Schedule) -> set[Action]:
+    num_stages = schedule.num_stages
+    computes = [Action(_F, s, m) for s in range(num_stages) for m in range(schedule.num_micro_batches)]
+    if not schedule.forward_only:
+        computes += [Action(_B, a.stage, a.micro_batch) for a in computes]
+    required = set(computes)
+    for action in computes:
+        required.update(_recvs_for(action, num_stages, schedule.pipeline_size))
+        required.update(_sends_for(action, num_stages, schedule.pipeline_size))
+    if not schedule.forward_only:
+        required.update(Action(_RD, s) for s in range(num_stages))
+    return required
+
+
+def _structure_problems(schedule: Schedule) -> list[str]:
+    if len(schedule.actions) != schedule.pipeline_size:
+        return [f"the schedule has {len(schedule.actions)} rank lists, expected pipeline_size={schedule.pipeline_size}"]
+    problems, where = [], {}
+    counts: Counter[Action] = Counter()
+    for rank, actions in enumerate(schedule.actions):
+        for i, action in enumerate(actions):
+            at = f"rank {rank} position {i}"
+            if not isinstance(action, Action) or not isinstance(action.kind, ActionKind):
+                problems.append(f"{at}: {action!r} is not an Action")
+                continue
+            if not 0 <= action.stage < schedule.num_stages:
+                problems.append(f"{at}: {action} names stage {action.stage}, outside 0..{schedule.num_stages - 1}")
+                continue
+            if action.kind is _RD and action.micro_batch != -1:
+                problems.append(f"{at}: {action} must have micro_batch=-1")
+                continue
+            if action.kind is not _RD and not 0 <= action.micro_batch < schedule.num_micro_batches:
+                problems.append(
+                    f"{at}: {action} names micro-batch {action.micro_batch}, outside "
+                    f"0..{schedule.num_micro_batches - 1}"
+                )
+                continue
+            if schedule.rank_of(action.stage) != rank:
+                problems.append(
+                    f"{at}: {action} is on the wrong rank; stage {action.stage} lives on rank "
+                    f"{schedule.rank_of(action.stage)}"
+                )
+                continue
+            counts[action] += 1
+            where.setdefault(action, []).append(at)
+    required = _required(schedule)
+    for action, count in counts.items():
+        if count > 1:
+            problems.append(f"{action} appears {count} times ({', '.join(where[action])}), expected once")
+        if action not in required:
+            problems.append(f"{where[action][0]}: {action} is not needed ({_why_not_needed(schedule, action)})")
+    missing = sorted(required - set(counts), key=lambda a: (a.stage, a.micro_batch, a.kind.value))
+    problems += [f"{a} is missing (expected on rank {schedule.rank_of(a.stage)})" for a in missing]
+    return problems
+
+
+def _why_not_needed(schedule: Schedule, action: Action) -> str:
+    if schedule.forward_only and action.kind in (_B, _RG, _SG, _RD):
+        return "forward_only schedules have no backward"
+    if schedule.pipeline_size == 1:
+        return "with pipeline_size=1 all stages are on rank 0 and tensors are handed over without send/recv"
+    return "the first stage has no input from another stage and the last stage no output to send"
+
+
+def _order_problems(schedule: Schedule) -> list[str]:
+    position = {a: i for actions in schedule.actions for i, a in enumerate(actions)}
+    rules = [  # (earlier, later, why), checked for every stage and micro-batch
+        (_RA, _F, "the forward needs the received input"),
+        (_F, _SA, "the send needs the forward's output"),
+        (_F, _B, "the backward needs the forward"),
+        (_RG, _B, "the backward needs the received gradient"),
+        (_F, _RG, "the gradient's buffers take the shapes of the forward's outputs"),
+        (_B, _SG, "the send needs the backward's input gradient"),
+    ]
+    problems = []
+    for s in range(schedule.num_stages):
+        at = f"rank {schedule.rank_of(s)}"
+        for m in range(schedule.num_micro_batches):
+            for earlier, later, why in rules:
+                first, second = Action(earlier, s, m), Action(later, s, m)
+                if first in position and second in position and position[first] > position[second]:
+                    problems.append(
+                        f"{at}: {first} (position {position[first]}) must come before {second} "
+                        f"(position {position[second]}): {why}"
+                    )
+            backward, reduce = Action(_B, s, m), Action(_RD, s)
+            if backward in position and reduce in position and position[backward] > position[reduce]:
+                problems.append(
+                    f"{at}: {reduce} (position {position[reduce]}) must come after {backward} "
+                    f"(position {position[backward]}): the reduction needs every backward of stage {s}"
+                )
+    return problems
+
+
+def validate_schedule(schedule: Schedule) -> None:
+    """Checks structure, local order and freedom from deadlock; raises :class:`ScheduleError` with the reason."""
+    problems = _structure_problems(schedule)
+    if not problems:
+        problems = _order_problems(schedule)
+    if problems:
+        raise _fail(schedule, problems)
+    simulate_order(schedule)
+
+
+def _first_of(actions: Iterable[Action], kind: ActionKind) -> dict[int, Action]:
+    first: dict[int, Action] = {}
+    for action in actions:
+        if action.kind is kind:
+            first.setdefault(action.stage, action)
+    return first
+
+
+def simulate_order(schedule: Schedule) -> list[tuple[int, Action]]:
+    """Executes all ranks round-robin and returns the global order ``(rank, action)``; raises on deadlock.
+
+    Sends and receive-posts never block. FORWARD(s, m) waits for SEND_ACT(s-1, m) (or FORWARD(s-1, m) on the same
+    rank), and the first FORWARD of a stage also for the first SEND_ACT of its input boundary, which carries the
+    shapes. BACKWARD(s, m) waits for SEND_GRAD(s+1, m) (or BACKWARD(s+1, m) on the same rank).
+    """
+    all_actions = [a for actions in schedule.actions for a in actions]
+    first_send, first_forward = _first_of(all_actions, _SA), set(_first_of(all_actions, _F).values())
+    last = schedule.num_stages - 1
+
+    def needs(action: Action) -> list[Action]:
+        s, m = action.stage, action.micro_batch
+        local = schedule.pipeline_size == 1
+        if action.kind is _F and s > 0:
+            deps = [Action(_F, s - 1, m)] if local else [Action(_SA, s - 1, m)]
+            if action in first_forward and s - 1 in first_send and first_send[s - 1] not in deps:
+                deps.append(first_send[s - 1])
+            return deps
+        if action.kind is _B and s < last:
+            return [Action(_B, s + 1, m)] if local else [Action(_SG, s + 1, m)]
+        return []
+
+    done: set[Action] = set()
+    order: list[tuple[int, Action]] = []
+    pointers = [0] * len(schedule.actions)
+    while True:
+        progressed = False
+        for rank, actions in enumerate(schedule.actions):
+            while pointers[rank] < len(actions) and all(d in done for d in needs(actions[pointers[rank]])):
+                done.add(actions[pointers[rank]])
+                order.append((rank, actions[pointers[rank]]))
+                pointers[rank] += 1
+                progressed = True
+        if all(p == len(a) for p, a in zip(pointers, schedule.actions, strict=True)):
+            return order
+        if not progressed:
+            break
+    owner = {a: r for r, actions in enumerate(schedule.actions) for a in actions}
+    problems = []
+    for rank, actions in enumerate(schedule.actions):
+        if pointers[rank] < len(actions):
+            blocked = actions[pointers[rank]]
+            waits = ", ".join(
+                f"{d} on rank {owner[d]}" if d in owner else f"{d} (not in the schedule)"
+                for d in needs(blocked)
+                if d not in done
+            )
+            problems.append(f"rank {rank} is blocked at {blocked} (position {pointers[rank]}), waiting for {waits}")
+    raise _fail(
+        schedule, [f"deadlock after {len(order)} of {len(all_actions)} actions: no rank can make progress", *problems]
+    )

@@ -1,0 +1,495 @@
+"""The Lightning strategy: process groups, model splitting, the pipelined training and evaluation steps."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+from contextlib import nullcontext
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer import call
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_bfpp.executor import PipelineExecutor, StageIO
+from lightning_bfpp.grad_clip import clip_grad_norm_global
+from lightning_bfpp.log_relay import LogRecorder, relay, replay
+from lightning_bfpp.microbatch import batch_size_of, concat_outputs, split_batch
+from lightning_bfpp.module import missing_hooks
+from lightning_bfpp.p2p import PeerLink
+from lightning_bfpp.partition import PARTITIONS, Partition, build_partition, drop_remote_layers, layer_names
+from lightning_bfpp.schedule import SCHEDULES, Schedule, build_schedule
+from lightning_bfpp.sharding import SHARDING_MODES, StageGradientReducer
+
+if TYPE_CHECKING:
+    from lightning.fabric.accelerators import Accelerator
+
+RANK_LAYOUTS = ("dp_contiguous", "pp_contiguous")
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+class BFPPStrategy(ParallelStrategy):
+    """Breadth-first pipeline parallelism with data-parallel replicas.
+
+    The module's layer stack (``pipeline_layers()``) is cut into ``P * L`` stages; stage ``s`` runs on pipeline
+    rank ``s % P`` (looped placement). Each training batch is split into ``M`` micro-batches run by the chosen
+    schedule; the ``D = world_size / P`` data-parallel replicas average their gradients.
+
+    Arguments:
+        pipeline_parallel_size: ``P``, the number of pipeline ranks. ``"auto"`` uses every process (``D = 1``).
+        stages_per_rank: ``L``, the number of (non-neighbouring) stages each pipeline rank holds.
+        micro_batches: ``M``, the number of micro-batches each batch is split into; the batch size must be a multiple.
+            ``None`` uses ``P``.
+        schedule: ``"breadth_first"`` (default; looped, any ``M``), ``"depth_first"`` (interleaved 1F1B, ``M`` a
+            multiple of ``P`` when ``L > 1``), ``"gpipe"`` or ``"1f1b"`` (both ``L = 1``).
+        partition: how layers are assigned to stages: ``"uniform"`` (equal layer counts), ``"parameters"``
+            (balanced parameter counts) or ``"explicit"`` (``partition_boundaries``).
+        partition_boundaries: for ``partition="explicit"``: ``P * L + 1`` increasing layer indices from 0 to the
+            number of layers; stage ``s`` holds layers ``[b[s], b[s+1])``.
+        rank_layout: which dimension is contiguous in global rank order: ``"dp_contiguous"`` (the replicas of a
+            pipeline rank are neighbours, e.g. on one node: rank = pp_rank * D + dp_rank) or ``"pp_contiguous"``
+            (the ranks of one pipeline are neighbours: rank = dp_rank * P + pp_rank).
+        sharding: data-parallel sharding mode; ``"none"`` averages gradients over the replicas.
+        process_group_backend: ``"gloo"``, ``"nccl"``, ...; default by device.
+        timeout: timeout of every collective and point-to-point operation (``timedelta`` or seconds).
+    """
+
+    strategy_name = "bfpp"
+
+    def __init__(
+        self,
+        pipeline_parallel_size: int | Literal["auto"] = "auto",
+        stages_per_rank: int = 1,
+        micro_batches: int | None = None,
+        schedule: str = "breadth_first",
+        partition: str = "uniform",
+        partition_boundaries: Sequence[int] | None = None,
+        rank_layout: str = "dp_contiguous",
+        sharding: str = "none",
+        process_group_backend: str | None = None,
+        timeout: timedelta | float = DEFAULT_TIMEOUT,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        _check_positive("stages_per_rank", stages_per_rank)
+        if pipeline_parallel_size != "auto":
+            _check_positive("pipeline_parallel_size", pipeline_parallel_size)
+        if micro_batches is not None:
+            _check_positive("micro_batches", micro_batches)
+        _check_choice("schedule", schedule, tuple(SCHEDULES))
+        _check_choice("partition", partition, PARTITIONS)
+        _check_choice("rank_layout", rank_layout, RANK_LAYOUTS)
+        _check_choice("sharding", sharding, SHARDING_MODES)
+        if partition_boundaries is not None and partition != "explicit":
+            raise ValueError("partition_boundaries is only used with partition='explicit': set both or neither.")
+        self._pipeline_parallel_size = pipeline_parallel_size
+        self.stages_per_rank = stages_per_rank
+        self._micro_batches = micro_batches
+        self.schedule_name = schedule
+        self.partition_method = partition
+        self.partition_boundaries = partition_boundaries
+        self.rank_layout = rank_layout
+        self.sharding = sharding
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+        self.num_nodes = 1
+        self.partition: Partition | None = None
+        self.pp_group: dist.ProcessGroup | None = None
+        self.dp_group: dist.ProcessGroup | None = None
+        self._layer_names: list[str] = []
+        self._executors: dict[tuple[bool, int], PipelineExecutor] = {}
+        self._reducer: StageGradientReducer | None = None
+
+    # ---------------------------------------------------------------------------------------------- sizes and ranks
+    @property
+    def pipeline_parallel_size(self) -> int:
+        """``P``."""
+        return self.world_size if self._pipeline_parallel_size == "auto" else int(self._pipeline_parallel_size)
+
+    @property
+    def data_parallel_size(self) -> int:
+        """``D = world_size / P``."""
+        return self.world_size // self.pipeline_parallel_size
+
+    @property
+    def micro_batches(self) -> int:
+        """``M``."""
+        return self._micro_batches if self._micro_batches is not None else self.pipeline_parallel_size
+
+    @property
+    def num_stages(self) -> int:
+        return self.pipeline_parallel_size * self.stages_per_rank
+
+    @property
+    def pipeline_rank(self) -> int:
+        """This process's rank within its pipeline."""
+        if self.rank_layout == "dp_contiguous":
+            return self.global_rank // self.data_parallel_size
+        return self.global_rank % self.pipeline_parallel_size
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This process's replica index."""
+        if self.rank_layout == "dp_contiguous":
+            return self.global_rank % self.data_parallel_size
+        return self.global_rank // self.pipeline_parallel_size
+
+    @property
+    def is_last_stage_rank(self) -> bool:
+        return self.pipeline_rank == self.pipeline_parallel_size - 1
+
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
+
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
+
+    @property
+    @override
+    def handles_gradient_accumulation(self) -> bool:
+        return False
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="Breadth-first pipeline parallelism with data-parallel replicas"
+        )
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    @override
+    def connect(self, model: pl.LightningModule) -> None:
+        # Checks that need no other rank run here, on every rank, before the process group exists.
+        missing = missing_hooks(model)
+        if missing:
+            raise TypeError(
+                f"{type(model).__name__} lacks the pipeline hooks {missing}: subclass `lightning_bfpp.PipelineModule` "
+                "and implement pipeline_layers(), pipeline_input(batch) and pipeline_loss(outputs, batch)."
+            )
+        if not model.automatic_optimization:
+            raise ValueError(
+                "BFPPStrategy runs forward and backward itself and needs automatic optimization: remove "
+                "`self.automatic_optimization = False` from the module."
+            )
+        self._check_world_size()
+        layers = list(model.pipeline_layers())
+        self._layer_names = layer_names(model, layers)
+        self.partition = build_partition(
+            layers, self.pipeline_parallel_size, self.stages_per_rank, self.partition_method, self.partition_boundaries
+        )
+        self._build_schedule(self.micro_batches, forward_only=False)
+        super().connect(model)
+
+    def _check_world_size(self) -> None:
+        world = self.num_nodes * self.num_processes
+        if world % self.pipeline_parallel_size:
+            raise ValueError(
+                f"The world size ({self.num_nodes} nodes x {self.num_processes} devices = {world}) is not divisible by "
+                f"pipeline_parallel_size={self.pipeline_parallel_size}: choose a pipeline_parallel_size that divides "
+                f"{world}, or change devices/num_nodes."
+            )
+
+    def _build_schedule(self, micro_batches: int, forward_only: bool) -> Schedule:
+        return build_schedule(
+            "breadth_first" if forward_only else self.schedule_name,
+            self.pipeline_parallel_size,
+            self.stages_per_rank,
+            micro_batches,
+            forward_only=forward_only,
+        )
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        self._check_world_size()
+        if self._process_group_backend is None:
+            self._process_group_backend = _get_default_process_group_backend_for_device(self.root_device)
+        assert self.cluster_environment is not None
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        self._create_groups()
+
+    def _create_groups(self) -> None:
+        P, D = self.pipeline_parallel_size, self.data_parallel_size
+        rank_of = (lambda pp, dp: pp * D + dp) if self.rank_layout == "dp_contiguous" else (lambda pp, dp: dp * P + pp)
+        pp_ranks = [[rank_of(pp, dp) for pp in range(P)] for dp in range(D)]
+        dp_ranks = [[rank_of(pp, dp) for dp in range(D)] for pp in range(P)]
+        self.pp_group, _ = dist.new_subgroups_by_enumeration(pp_ranks, timeout=self._timeout)
+        self.dp_group, _ = dist.new_subgroups_by_enumeration(dp_ranks, timeout=self._timeout)
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.model is not None and self.accelerator is not None and self.partition is not None
+        self.accelerator.setup(trainer)
+        drop_remote_layers(self.lightning_module, self._layer_names, self.partition, self.pipeline_rank)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        self._patch_gradient_clipping()
+        self._reducer = StageGradientReducer(self._stage_parameters(), self.dp_group)
+        self._executors.clear()
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def _stage_parameters(self) -> dict[int, list[nn.Parameter]]:
+        assert self.partition is not None
+        module = self.lightning_module
+        return {
+            stage: [
+                p
+                for i in self.partition.layers_of(stage)
+                for p in module.get_submodule(self._layer_names[i]).parameters()
+            ]
+            for stage in self.partition.stages_of(self.pipeline_rank)
+        }
+
+    def _patch_gradient_clipping(self) -> None:
+        groups = [self.pp_group]
+
+        def clip_grad_by_norm(plugin: Precision, optimizer: Any, clip_val: float) -> None:
+            clip_grad_norm_global(list(plugin.main_params(optimizer)), clip_val, groups)
+
+        self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
+
+    def _executor(self, micro_batches: int, forward_only: bool) -> PipelineExecutor:
+        key = (forward_only, micro_batches)
+        if key not in self._executors:
+            schedule = self._build_schedule(micro_batches, forward_only)
+            link = PeerLink(self.pp_group, micro_batches, self.root_device) if self.pipeline_parallel_size > 1 else None
+            reducer = self._reducer.start if self._reducer is not None else None
+            self._executors[key] = PipelineExecutor(schedule, self.pipeline_rank, link, reducer)
+        return self._executors[key]
+
+    # ------------------------------------------------------------------------------------------- running stages
+    def _stage_forward(self, micro_batches: list[Any]) -> Any:
+        module, names, partition = self.lightning_module, self._layer_names, self.partition
+        assert partition is not None
+
+        def forward(stage: int, m: int, inputs: StageIO | None) -> StageIO:
+            batch = micro_batches[m]
+            x = module.pipeline_input(batch) if stage == 0 else inputs
+            for index in partition.layers_of(stage):
+                x = module.pipeline_layer_forward(index, module.get_submodule(names[index]), x, batch)
+            return x
+
+        return forward
+
+    # ------------------------------------------------------------------------------------------------ training
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The pipelined step runs forward and backward itself: Lightning must neither zero the gradients between
+        # the step and its (skipped) backward, nor call backward on the returned loss.
+        self.lightning_module.trainer.fit_loop._skip_backward = True
+        super().on_train_batch_start(batch, batch_idx)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        module = self.lightning_module
+        trainer = module.trainer
+        batch = args[0] if args else kwargs["batch"]
+        batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
+        accumulate = trainer.accumulate_grad_batches
+        if batch_idx % accumulate == 0:
+            for optimizer in trainer.optimizers:
+                module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
+        micro_batches = split_batch(batch, self.micro_batches)
+        recorder = LogRecorder()
+
+        def last(m: int, outputs: StageIO) -> Tensor:
+            with recorder.capture(module):
+                loss = module.pipeline_loss(outputs, micro_batches[m])
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(
+                    f"pipeline_loss must return a scalar tensor, got {type(loss).__name__}"
+                    f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}: reduce the loss over the batch (mean)."
+                )
+            return loss.reshape(())
+
+        executor = self._executor(self.micro_batches, forward_only=False)
+        with self.precision_plugin.train_step_context():
+            losses = executor.run(self._stage_forward(micro_batches), last, 1.0 / (self.micro_batches * accumulate))
+        if not trainer.fit_loop._should_accumulate():
+            assert self._reducer is not None
+            self._reducer.finish()
+        loss = self._relay_results(losses, recorder, module)
+        call._call_callback_hooks(trainer, "on_before_backward", loss)
+        call._call_lightning_module_hook(trainer, "on_before_backward", loss)
+        call._call_callback_hooks(trainer, "on_after_backward")
+        call._call_lightning_module_hook(trainer, "on_after_backward")
+        return loss
+
+    def _relay_results(self, losses: list[Tensor], recorder: LogRecorder, module: pl.LightningModule) -> Tensor:
+        """Sends the batch loss and the logged values from the last stage to every rank of the pipeline."""
+        payload = None
+        if self.is_last_stage_rank:
+            loss = torch.stack(losses).mean() if losses else None
+            payload = (loss.cpu() if loss is not None else None, recorder.calls())
+        loss_cpu, calls = relay(payload, self.pp_group, self.pipeline_parallel_size - 1)
+        replay(module, calls, self.root_device)
+        return loss_cpu.to(self.root_device) if loss_cpu is not None else None  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluation_step("validation_step", args, kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluation_step("test_step", args, kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluation_step("predict_step", args, kwargs)
+
+    def _evaluation_step(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Runs the batch forward through the pipeline; on the last stage, calls the module's ``hook`` for each
+        micro-batch with ``self(...)`` answering the pipeline's output, and relays its logs and results."""
+        module = self.lightning_module
+        batch, rest = (args[0], args[1:]) if args else (kwargs.pop("batch"), ())
+        size = batch_size_of(batch) or 1
+        m_eval = max(d for d in range(1, min(self.micro_batches, size) + 1) if size % d == 0)
+        micro_batches = split_batch(batch, m_eval)
+        recorder, results = LogRecorder(), []
+
+        def last(m: int, outputs: StageIO) -> None:
+            module.__dict__["forward"] = lambda *a, **k: outputs
+            try:
+                with recorder.capture(module):
+                    results.append(getattr(type(module), hook)(module, micro_batches[m], *rest, **kwargs))
+            finally:
+                module.__dict__.pop("forward", None)
+
+        executor = self._executor(m_eval, forward_only=True)
+        context = self.precision_plugin.predict_step_context() if hook == "predict_step" else nullcontext()
+        with torch.no_grad(), self.precision_plugin.val_step_context(), context:
+            executor.run(self._stage_forward(micro_batches), last)
+        payload = None
+        if self.is_last_stage_rank:
+            merged = concat_outputs(results) if results and results[0] is not None else None
+            payload = (_to_cpu(merged), recorder.calls())
+        merged, calls = relay(payload, self.pp_group, self.pipeline_parallel_size - 1)
+        replay(module, calls, self.root_device)
+        return _to_device(merged, self.root_device)
+
+    # ------------------------------------------------------------------------------------------ collectives
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    @override
+    def reduce(
+        self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
+    ) -> Tensor | Any:
+        """Reduces over the data-parallel replicas by default: the ranks of one pipeline hold the same values."""
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group if group is not None else self.dp_group, reduce_op=reduce_op)
+        return tensor
+
+    @override
+    def teardown(self) -> None:
+        self._executors.clear()
+        self._reducer = None
+        super().teardown()
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, choices))}.")
+
+
+def _to_cpu(value: Any) -> Any:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(value, torch.device("cpu")) if value is not None else None
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(value, device) if value is not None else None

@@ -1,0 +1,128 @@
+"""Small layer-stack modules used by the tests; float64 on CPU makes pipelined and one-process runs comparable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_bfpp import PipelineModule
+
+
+class Block(nn.Module):
+    """A residual tanh block."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.tanh(self.linear(x))
+
+
+class TupleBlock(nn.Module):
+    """Takes and returns (hidden, running sum); reads a mask side input from the batch."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, h: Tensor, total: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        h = h + torch.tanh(self.linear(h)) * mask
+        return h, total + h.mean(dim=-1, keepdim=True)
+
+
+class StackModel(PipelineModule):
+    """``num_blocks`` blocks between an input and an output projection: ``num_blocks + 2`` pipeline layers."""
+
+    def __init__(
+        self,
+        num_blocks: int = 6,
+        width: int = 8,
+        in_features: int = 4,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        tuple_io: bool = False,
+        wide_blocks: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tuple_io = tuple_io
+        self.first = nn.Linear(in_features, width)
+        self.blocks = nn.ModuleList(
+            [
+                (TupleBlock(width) if tuple_io else Block(width)) if i not in wide_blocks else WideBlock(width)
+                for i in range(num_blocks)
+            ]
+        )
+        self.head = nn.Linear(width, 1)
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        return [self.first, *self.blocks, self.head]
+
+    def pipeline_input(self, batch: dict[str, Tensor]) -> Tensor:
+        return batch["x"]
+
+    def pipeline_layer_forward(self, index: int, layer: nn.Module, inputs: Any, batch: dict[str, Tensor]) -> Any:
+        if not self.tuple_io or layer is self.first or layer is self.head:
+            if layer is self.head and isinstance(inputs, tuple):
+                h, total = inputs
+                return layer(h) + total
+            if layer is self.first and self.tuple_io:
+                h = layer(inputs)
+                return h, torch.zeros_like(h[:, :1])
+            return layer(inputs)
+        return layer(*inputs, batch["mask"])
+
+    def pipeline_loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        loss = F.mse_loss(outputs.squeeze(-1), batch["y"])
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = F.mse_loss(self(batch).squeeze(-1), batch["y"])
+        self.log("val_loss", loss)
+        return loss
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self(batch).squeeze(-1)
+
+    def configure_optimizers(self) -> Any:
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr * 0.1)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class WideBlock(Block):
+    """A block with 4x the parameters of :class:`Block`, to unbalance parameter counts."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        self.extra = nn.Linear(width, width * 3)
+        self.back = nn.Linear(width * 3, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + 0.1 * self.back(torch.tanh(self.extra(x)))
+
+
+class RegressionData(Dataset):
+    """Deterministic regression samples with a 0/1 mask side input."""
+
+    def __init__(self, size: int = 96, in_features: int = 4, width: int = 8, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(size, in_features, generator=g, dtype=torch.float64)
+        self.y = torch.sin(self.x.sum(-1)) + 0.1 * torch.randn(size, generator=g, dtype=torch.float64)
+        self.mask = (torch.rand(size, width, generator=g) > 0.2).to(torch.float64)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"x": self.x[i], "y": self.y[i], "mask": self.mask[i]}
+
+
+def loader(batch_size: int, size: int = 96, **kwargs: Any) -> DataLoader:
+    return DataLoader(RegressionData(size=size, **kwargs), batch_size=batch_size, shuffle=False, drop_last=True)

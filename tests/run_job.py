@@ -1,0 +1,95 @@
+"""Trains a test model from a JSON config; run as a script (one process per rank) or called in-process.
+
+Each rank writes ``rank<global rank>.pt`` to the config's ``out_dir``: the losses and logged values it saw per
+training batch, and its share of the parameters under their global names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import StackModel, loader
+
+from lightning_bfpp import BFPPStrategy
+
+
+class OrderedData(pl.LightningDataModule):
+    """The test data in a fixed order, split over the data-parallel replicas without shuffling, so that the global
+    batch of step ``k`` is the same samples whatever the number of replicas."""
+
+    def __init__(self, batch_size: int, size: int) -> None:
+        super().__init__()
+        self.batch_size, self.size = batch_size, size
+
+    def train_dataloader(self) -> DataLoader:
+        data = loader(self.batch_size, size=self.size).dataset
+        replicas = self.trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
+        sampler = DistributedSampler(data, shuffle=False, drop_last=True, **replicas)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True)
+
+
+class Recorder(pl.Callback):
+    """Keeps, per training batch, the returned loss and the logged ``train_loss`` as this rank sees them."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.logged: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.logged.append(float(trainer.callback_metrics["train_loss"]))
+
+
+def run(config: dict[str, Any]) -> dict[str, Any]:
+    pl.seed_everything(config.get("seed", 1), verbose=False)
+    model = StackModel(**config.get("model", {}))
+    strategy_kwargs = config.get("strategy")
+    strategy: Any = "auto"
+    if strategy_kwargs is not None:
+        strategy = BFPPStrategy(timeout=timedelta(seconds=config.get("pg_timeout", 60)), **strategy_kwargs)
+    recorder = Recorder()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=config.get("devices", 1),
+        strategy=strategy,
+        precision=config.get("precision", "64-true"),
+        max_steps=config.get("max_steps", 3),
+        accumulate_grad_batches=config.get("accumulate", 1),
+        gradient_clip_val=config.get("clip_val"),
+        gradient_clip_algorithm=config.get("clip_algorithm", "norm"),
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=[recorder],
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model, datamodule=OrderedData(config["batch_size"], config.get("data_size", 96)))
+    result = {
+        "rank": trainer.global_rank,
+        "losses": recorder.losses,
+        "logged": recorder.logged,
+        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    out_dir = config.get("out_dir")
+    if out_dir:
+        torch.save(result, Path(out_dir) / f"rank{trainer.global_rank}.pt")
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    run(json.loads(Path(sys.argv[1]).read_text()))

@@ -1,0 +1,83 @@
+"""A pipelined run matches the same module trained on one process: every parameter and every logged loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from run_job import run
+
+MICRO_BATCH = 2  # samples per micro-batch per replica
+
+
+def reference(config: dict[str, Any], data_parallel: int) -> dict[str, Any]:
+    """The same training on one process with the global batch of all replicas."""
+    ref = {k: v for k, v in config.items() if k not in ("strategy", "devices")}
+    ref["batch_size"] = config["batch_size"] * data_parallel
+    return run(ref)
+
+
+def assert_matches(result, config: dict[str, Any], data_parallel: int) -> None:
+    ref = reference(config, data_parallel)
+    ranks = result.ranks()
+    assert len(ranks) == config["devices"]
+    merged: dict[str, torch.Tensor] = {}
+    for rank in ranks:
+        for name, value in rank["state"].items():
+            if name in merged:  # data-parallel replicas hold identical copies
+                torch.testing.assert_close(value, merged[name], rtol=0, atol=0)
+            merged[name] = value
+    assert merged.keys() == ref["state"].keys()
+    for name, value in ref["state"].items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    steps = config.get("max_steps", 3) * config.get("accumulate", 1)
+    assert len(ref["losses"]) == steps
+    for rank in ranks:
+        # the logged loss (sync_dist=True: averaged over replicas) is the one-process loss on every rank, rank 0
+        # (a first-stage rank) included
+        torch.testing.assert_close(torch.tensor(rank["logged"]), torch.tensor(ref["logged"]), rtol=1e-9, atol=0)
+        if data_parallel == 1:  # the returned loss is the replica's batch loss, as under DDP
+            torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(ref["losses"]), rtol=1e-9, atol=0)
+
+
+CASES = [
+    # (P, L, D, M), schedule, partition, optimizer, extra config
+    pytest.param((2, 1, 1, 4), "breadth_first", "uniform", "sgd", {}, id="P2-L1-M4-bf-sgd"),
+    pytest.param((2, 2, 1, 4), "breadth_first", "parameters", "adam", {"wide": True}, id="P2-L2-M4-bf-params-adam"),
+    pytest.param((2, 3, 1, 5), "breadth_first", "uniform", "adam", {"tuple_io": True}, id="P2-L3-M5-bf-tuple-adam"),
+    pytest.param((2, 2, 2, 4), "breadth_first", "uniform", "sgd", {"accumulate": 2}, id="P2-L2-D2-M4-bf-accum"),
+    pytest.param((4, 2, 1, 8), "breadth_first", "uniform", "sgd", {"clip_val": 0.05}, id="P4-L2-M8-bf-clip"),
+    pytest.param((1, 2, 2, 3), "breadth_first", "uniform", "adam", {}, id="P1-L2-D2-M3-bf-adam"),
+    pytest.param((2, 2, 1, 4), "depth_first", "uniform", "sgd", {"clip_val": 0.05}, id="P2-L2-M4-df-clip"),
+    pytest.param((2, 2, 2, 4), "depth_first", "parameters", "adam", {"wide": True}, id="P2-L2-D2-df-params"),
+    pytest.param((2, 1, 1, 4), "gpipe", "uniform", "sgd", {"accumulate": 2}, id="P2-gpipe-accum"),
+    pytest.param((2, 1, 1, 3), "1f1b", "uniform", "adam", {"clip_val": 0.05, "clip_algorithm": "value"}, id="P2-1f1b"),
+]
+
+
+@pytest.mark.parametrize(("layout", "schedule", "partition", "optimizer", "extra"), CASES)
+def test_pipelined_training_matches_one_process(run_job, layout, schedule, partition, optimizer, extra) -> None:
+    P, L, D, M = layout
+    num_blocks = max(P * L - 2, 2) + 2
+    model = {"num_blocks": num_blocks, "optimizer": optimizer, "tuple_io": extra.get("tuple_io", False)}
+    if extra.get("wide"):
+        model["wide_blocks"] = [0, 1]
+    config = {
+        "devices": P * D,
+        "strategy": {
+            "pipeline_parallel_size": P,
+            "stages_per_rank": L,
+            "micro_batches": M,
+            "schedule": schedule,
+            "partition": partition,
+        },
+        "model": model,
+        "batch_size": M * MICRO_BATCH,
+        "max_steps": 3,
+        "accumulate": extra.get("accumulate", 1),
+        "clip_val": extra.get("clip_val"),
+        "clip_algorithm": extra.get("clip_algorithm", "norm"),
+    }
+    result = run_job(config, timeout=180)
+    assert_matches(result, config, D)
