@@ -64,7 +64,7 @@ class StackModel(PipelineModule):
         return [self.first, *self.blocks, self.head]
 
     def pipeline_input(self, batch: dict[str, Tensor]) -> Tensor:
-        return batch["x"]
+        return batch["x"].to(self.first.weight.dtype)
 
     def pipeline_layer_forward(self, index: int, layer: nn.Module, inputs: Any, batch: dict[str, Tensor]) -> Any:
         if not self.tuple_io or layer is self.first or layer is self.head:
@@ -78,7 +78,7 @@ class StackModel(PipelineModule):
         return layer(*inputs, batch["mask"])
 
     def pipeline_loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        loss = F.mse_loss(outputs.squeeze(-1), batch["y"])
+        loss = F.mse_loss(outputs.squeeze(-1).to(batch["y"].dtype), batch["y"])
         self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
@@ -126,3 +126,39 @@ class RegressionData(Dataset):
 
 def loader(batch_size: int, size: int = 96, **kwargs: Any) -> DataLoader:
     return DataLoader(RegressionData(size=size, **kwargs), batch_size=batch_size, shuffle=False, drop_last=True)
+
+
+class NoHooksModel(StackModel):
+    """Forgets the pipeline hooks: an ordinary LightningModule with a training_step."""
+
+    pipeline_layers = PipelineModule.pipeline_layers  # type: ignore[assignment]
+    pipeline_loss = PipelineModule.pipeline_loss  # type: ignore[assignment]
+
+
+class ManualOptimizationModel(StackModel):
+    """Asks for manual optimization, which a pipelined step cannot offer."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+
+class VectorLossModel(StackModel):
+    """Returns a per-sample loss instead of a scalar."""
+
+    def pipeline_loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        return (outputs.squeeze(-1) - batch["y"]) ** 2
+
+
+class DictOutputModel(StackModel):
+    """A layer returns a dict, which cannot travel between stages."""
+
+    def pipeline_layer_forward(self, index: int, layer: nn.Module, inputs: Any, batch: dict[str, Tensor]) -> Any:
+        inputs = inputs["h"] if isinstance(inputs, dict) else inputs
+        out = super().pipeline_layer_forward(index, layer, inputs, batch)
+        return out if layer is self.head else {"h": out}
+
+
+MODELS = {
+    cls.__name__: cls for cls in (StackModel, NoHooksModel, ManualOptimizationModel, VectorLossModel, DictOutputModel)
+}

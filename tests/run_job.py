@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import StackModel, loader
+from models import MODELS, loader
 
 from lightning_bfpp import BFPPStrategy
 
@@ -53,10 +53,12 @@ class Recorder(pl.Callback):
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
     pl.seed_everything(config.get("seed", 1), verbose=False)
-    model = StackModel(**config.get("model", {}))
+    model = MODELS[config.get("model_class", "StackModel")](**config.get("model", {}))
     strategy_kwargs = config.get("strategy")
     strategy: Any = "auto"
-    if strategy_kwargs is not None:
+    if isinstance(strategy_kwargs, str):
+        strategy = strategy_kwargs
+    elif strategy_kwargs is not None:
         strategy = BFPPStrategy(timeout=timedelta(seconds=config.get("pg_timeout", 60)), **strategy_kwargs)
     recorder = Recorder()
     trainer = pl.Trainer(

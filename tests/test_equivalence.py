@@ -81,3 +81,31 @@ def test_pipelined_training_matches_one_process(run_job, layout, schedule, parti
     }
     result = run_job(config, timeout=180)
     assert_matches(result, config, D)
+    if config["clip_val"] is not None:  # the clipping threshold is low enough to change the run
+        unclipped = reference({**config, "clip_val": None}, D)
+        assert not torch.allclose(unclipped["state"]["head.weight"], result.rank(P * D - 1)["state"]["head.weight"])
+
+
+@pytest.mark.parametrize(("precision", "rtol"), [("32-true", 1e-5), ("bf16-mixed", 5e-2)])
+def test_lower_precisions_track_one_process(run_job, precision: str, rtol: float) -> None:
+    config = {
+        "devices": 2,
+        "strategy": {"pipeline_parallel_size": 2, "stages_per_rank": 2, "micro_batches": 2},
+        "model": {"num_blocks": 4},
+        "batch_size": 4,
+        "max_steps": 3,
+        "precision": precision,
+    }
+    result = run_job(config, timeout=120)
+    ref = reference(config, 1)
+    for rank in result.ranks():
+        torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(ref["losses"]), rtol=rtol, atol=1e-3)
+
+
+def test_strategy_selected_by_name(run_job) -> None:
+    """`Trainer(strategy="bfpp")` after `import lightning_bfpp`: one pipeline over both processes."""
+    config = {"devices": 2, "strategy": "bfpp", "model": {"num_blocks": 2}, "batch_size": 4, "max_steps": 2}
+    result = run_job(config, timeout=120)
+    ranks = result.ranks()
+    assert set(ranks[0]["state"]).isdisjoint(ranks[1]["state"])  # each rank holds its own stage only
+    assert_matches(result, config, 1)
