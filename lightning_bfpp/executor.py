@@ -71,6 +71,9 @@ class PipelineExecutor:
         link: the point-to-point link to the other pipeline ranks (None when ``pipeline_size == 1``).
         on_stage_backward_done: called with a stage index at its ``REDUCE_GRAD`` action, to start the
             data-parallel gradient reduction of that stage.
+        ordered_recvs: post every receive at its place in the schedule, waiting for a boundary's shapes at its first
+            receive (NCCL matches messages in issue order); otherwise receives whose shapes are not known yet are
+            posted when the stage first needs them (gloo matches by tag).
     """
 
     def __init__(
@@ -79,11 +82,13 @@ class PipelineExecutor:
         rank: int,
         link: PeerLink | None,
         on_stage_backward_done: Callable[[int], None] | None = None,
+        ordered_recvs: bool = False,
     ) -> None:
         self.schedule = schedule
         self.rank = rank
         self.link = link
         self.on_stage_backward_done = on_stage_backward_done
+        self.ordered_recvs = ordered_recvs
         self.actions: tuple[Action, ...] = schedule.actions[rank]
         self.last_stage = schedule.num_stages - 1
         self._handlers = {
@@ -120,6 +125,8 @@ class PipelineExecutor:
         assert self.link is not None
         if stage not in state.header_recvs:
             state.header_recvs[stage] = self.link.recv_header(stage, self._peer(stage - 1))
+            if self.ordered_recvs:
+                self._learn_input_meta(stage)
         if stage in state.input_metas:
             self._post_act_recv(stage, action.micro_batch)
         else:
@@ -132,15 +139,20 @@ class PipelineExecutor:
             meta.tensors, KIND_ACT, stage, micro_batch, self._peer(stage - 1)
         )
 
+    def _learn_input_meta(self, stage: int) -> None:
+        """Waits for the header of ``stage``'s input boundary, then posts the receives it held back."""
+        state = self._state
+        state.input_metas[stage] = StageIOMeta.decode(state.header_recvs[stage].wait()[0])
+        for m in state.unposted.pop(stage, []):
+            self._post_act_recv(stage, m)
+
     def _take_input(self, stage: int, micro_batch: int) -> StageIO | None:
         state, key = self._state, (stage, micro_batch)
         if stage == 0:
             return None
         if key not in state.inputs:  # not handed over locally: wait for the message
-            if stage not in state.input_metas:  # the header tells the shapes; post the receives it held back
-                state.input_metas[stage] = StageIOMeta.decode(state.header_recvs[stage].wait()[0])
-                for m in state.unposted.pop(stage, []):
-                    self._post_act_recv(stage, m)
+            if stage not in state.input_metas:
+                self._learn_input_meta(stage)
             state.inputs[key] = _as_leaves(state.act_recvs.pop(key).wait())
             state.input_is_tuple[key] = state.input_metas[stage].is_tuple
         tensors = state.inputs[key]

@@ -2,12 +2,20 @@
 
 Lightning deadlocks when ranks make different ``self.log`` calls (checkpoint and early-stopping callbacks and the
 per-batch stop signal are collectives). The hooks that see the model's output run on the last stage only, so their
-calls are captured there, averaged over the micro-batches of the batch, sent to the other ranks of the pipeline, and
+calls are captured there, combined over the micro-batches of the batch, sent to the other ranks of the pipeline, and
 made again on every rank with the same names, order and options.
+
+torchmetrics ``Metric`` objects are updated on the last stage only. They can be logged as objects from those hooks
+(``self.log("acc", self.acc)``): the call is replayed on every rank with the same ``Metric`` attribute, its step value
+(``_forward_cache``) set to the mean of the micro-batch values, and its update count copied, so that Lightning computes
+and resets it on every rank at the same time. :func:`install_metric_sync` makes every ``compute()`` outside the
+last-stage hooks gather the states of the last stage's data-parallel replicas and hand them to every rank of the
+pipeline: each rank computes the same, exact, value.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,55 +24,158 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+_REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+_capturing = 0  # > 0 while a last-stage hook runs under LogRecorder.capture
 
 
 @dataclass(frozen=True)
 class LogCall:
-    """One ``self.log`` call, with its value averaged over micro-batches."""
+    """One ``self.log`` call of a batch, its value combined over the micro-batches that made it.
+
+    ``dtype`` is None for a value logged as a Python number; ``metric`` is the module path of a torchmetrics
+    ``Metric`` logged as an object (``value`` is then its step value, or None).
+    """
 
     name: str
-    value: float
-    dtype: torch.dtype
+    value: float | None
+    dtype: torch.dtype | None
     args: tuple[Any, ...]
     kwargs: tuple[tuple[str, Any], ...]
+    metric: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricCounts:
+    """The update counts, after the batch, of the Metric modules that the last stage's hooks updated."""
+
+    counts: tuple[tuple[str, int], ...]
+
+
+class _Entry:
+    __slots__ = ("args", "kwargs", "metric", "values")
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.args: tuple[Any, ...] = ()
+        self.kwargs: tuple[tuple[str, Any], ...] = ()
+        self.metric: str | None = None
 
 
 class LogRecorder:
     """Captures ``self.log`` (and so ``self.log_dict``) calls of a module while active."""
 
     def __init__(self) -> None:
-        self._values: dict[str, list[Tensor]] = {}
-        self._options: dict[str, tuple[tuple[Any, ...], tuple[tuple[str, Any], ...]]] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._module: nn.Module | None = None
+        self._counts_before: dict[str, int] | None = None
+        self._batch_sizes: dict[str, list[int]] = {}
 
     @contextmanager
     def capture(self, module: nn.Module) -> Iterator[None]:
+        global _capturing
+        if self._counts_before is None:
+            self._module = module
+            self._counts_before = {name: m._update_count for name, m in _metrics(module)}
         module.__dict__["log"] = self._record
+        _capturing += 1
         try:
             yield
         finally:
+            _capturing -= 1
             module.__dict__.pop("log", None)
 
     def _record(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-        if not isinstance(value, (Tensor, int, float)):
-            raise TypeError(
-                f"self.log({name!r}, {type(value).__name__}) inside a pipeline hook: under bfpp these hooks run on the "
-                "last stage once per micro-batch, so log a tensor or a number (for a torchmetrics Metric, update it "
-                "here and log it from an epoch-end hook such as on_validation_epoch_end)."
+        if "sync_dist_group" in kwargs and kwargs["sync_dist_group"] is not None:
+            raise ValueError(
+                f"self.log({name!r}, ..., sync_dist_group=...) inside a pipeline hook: under bfpp these calls are "
+                "replayed on every rank of the pipeline, and `sync_dist=True` already reduces over the data-parallel "
+                "replicas; remove sync_dist_group."
             )
-        tensor = value.detach() if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
-        if tensor.numel() != 1:
-            raise ValueError(f"self.log({name!r}, ...) got a tensor of shape {tuple(tensor.shape)}: log a scalar.")
-        self._values.setdefault(name, []).append(tensor.reshape(()))
-        self._options[name] = (args, tuple(sorted(kwargs.items())))
+        entry = self._entries.setdefault(name, _Entry())
+        if isinstance(value, Metric):
+            entry.metric = kwargs.pop("metric_attribute", None) or self._metric_name(name, value)
+            cache = value._forward_cache
+            entry.values.append(cache.detach().double().reshape(()) if isinstance(cache, Tensor) else None)
+        elif isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"self.log({name!r}, ...) got a tensor of shape {tuple(value.shape)}: log a scalar.")
+            entry.values.append(value.detach().reshape(()))
+        elif isinstance(value, numbers.Number) and not isinstance(value, complex):
+            entry.values.append(float(value))  # type: ignore[arg-type]
+        else:
+            raise TypeError(
+                f"self.log({name!r}, {type(value).__name__}) inside a pipeline hook: log a scalar tensor, a number or "
+                "a torchmetrics Metric."
+            )
+        if "batch_size" in kwargs and kwargs["batch_size"] is not None:
+            self._batch_sizes.setdefault(name, []).append(int(kwargs["batch_size"]))
+        entry.args, entry.kwargs = args, tuple(sorted(kwargs.items()))
 
-    def calls(self) -> list[LogCall]:
-        """The recorded calls in first-logged order, each value the mean over the micro-batches that logged it."""
-        result = []
-        for name, values in self._values.items():
-            mean = torch.stack([v.double() for v in values]).mean().item()
-            args, kwargs = self._options[name]
-            result.append(LogCall(name, mean, values[0].dtype, args, kwargs))
+    def _metric_name(self, name: str, metric: Metric) -> str:
+        assert self._module is not None
+        for path, module in self._module.named_modules():
+            if module is metric:
+                return path
+        raise ValueError(
+            f"self.log({name!r}, <{type(metric).__name__}>): the Metric is not a submodule of the LightningModule; "
+            "assign it as an attribute in __init__ (e.g. `self.val_acc = Accuracy(...)`) so that every rank has it."
+        )
+
+    def calls(self) -> list[LogCall | MetricCounts]:
+        """The metric update counts, then the recorded calls in first-logged order, each value combined over the
+        micro-batches as the call's ``reduce_fx`` combines batches (mean, sum, max or min; mean otherwise)."""
+        result: list[LogCall | MetricCounts] = []
+        if self._module is not None and self._counts_before is not None:
+            changed = tuple(
+                (name, m._update_count)
+                for name, m in _metrics(self._module)
+                if self._counts_before.get(name) != m._update_count
+            )
+            if changed:
+                result.append(MetricCounts(changed))
+        for name, entry in self._entries.items():
+            kwargs = dict(entry.kwargs)
+            if name in self._batch_sizes:  # the batch's size, not the last micro-batch's
+                kwargs["batch_size"] = sum(self._batch_sizes[name])
+            if entry.metric is not None:
+                values = entry.values
+                step = None if any(v is None for v in values) else torch.stack(values).mean().item()
+                result.append(LogCall(name, step, None, entry.args, tuple(sorted(kwargs.items())), entry.metric))
+                continue
+            value, dtype = _combine(entry.values, kwargs.get("reduce_fx", "mean"))
+            result.append(LogCall(name, value, dtype, entry.args, tuple(sorted(kwargs.items()))))
         return result
+
+
+def _combine(values: list[Any], reduce_fx: Any) -> tuple[float, torch.dtype | None]:
+    op = _reduction_name(reduce_fx)
+    dtype = values[0].dtype if isinstance(values[0], Tensor) else None
+    stacked = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if op == "sum":
+        return stacked.sum().item(), dtype
+    if op == "max":
+        return stacked.max().item(), dtype
+    if op == "min":
+        return stacked.min().item(), dtype
+    return stacked.mean().item(), dtype
+
+
+def _reduction_name(reduce_fx: Any) -> str:
+    if isinstance(reduce_fx, str):
+        return _REDUCTIONS.get(reduce_fx.lower(), "mean")
+    for name in ("sum", "max", "min"):
+        if reduce_fx is getattr(torch, name):
+            return name
+    return "mean"
+
+
+def _metrics(module: nn.Module) -> Iterator[tuple[str, Metric]]:
+    for name, sub in module.named_modules():
+        if isinstance(sub, Metric):
+            yield name, sub
 
 
 def relay(payload: Any, group: dist.ProcessGroup | None, src: int) -> Any:
@@ -76,9 +187,62 @@ def relay(payload: Any, group: dist.ProcessGroup | None, src: int) -> Any:
     return box[0]
 
 
-def replay(module: Any, calls: list[LogCall], device: torch.device) -> None:
+def replay(module: Any, calls: list[LogCall | MetricCounts], device: torch.device) -> None:
     """Makes the recorded ``self.log`` calls on ``module`` (a LightningModule)."""
     for call in calls:
-        module.log(
-            call.name, torch.tensor(call.value, dtype=call.dtype, device=device), *call.args, **dict(call.kwargs)
-        )
+        if isinstance(call, MetricCounts):
+            for name, count in call.counts:
+                metric = module.get_submodule(name)
+                if metric._update_count != count:
+                    metric._update_count = count
+                    metric._computed = None
+            continue
+        kwargs = dict(call.kwargs)
+        if call.metric is not None:
+            metric = module.get_submodule(call.metric)
+            metric._forward_cache = (
+                torch.tensor(call.value, dtype=metric.dtype, device=metric.device) if call.value is not None else None
+            )
+            module.log(call.name, metric, *call.args, metric_attribute=call.metric, **kwargs)
+        elif call.dtype is None:
+            value: Any = call.value
+            module.log(call.name, value, *call.args, **kwargs)
+        else:
+            module.log(call.name, torch.tensor(call.value, dtype=call.dtype, device=device), *call.args, **kwargs)
+
+
+class PipelineMetricSync:
+    """A torchmetrics ``dist_sync_fn``: the states of the last stage's data-parallel replicas, on every rank.
+
+    Inside a last-stage hook (only the last stage's replicas run it) it gathers over the data-parallel group. Anywhere
+    else every rank of the pipeline calls it (Lightning computes logged metrics, and epoch-end hooks run, on every
+    rank): the last stage gathers over its replicas and broadcasts the states to the other ranks of its pipeline.
+    """
+
+    def __init__(
+        self, dp_group: dist.ProcessGroup | None, pp_group: dist.ProcessGroup | None, last: int, is_last: bool
+    ) -> None:
+        self.dp_group, self.pp_group, self.last, self.is_last = dp_group, pp_group, last, is_last
+
+    def __call__(self, tensor: Tensor, group: Any = None) -> list[Tensor]:
+        if _capturing or self.pp_group is None or dist.get_world_size(self.pp_group) == 1:
+            return self._gather(tensor)
+        parts = [t.cpu() for t in self._gather(tensor)] if self.is_last else None
+        parts = relay(parts, self.pp_group, self.last)
+        return [t.to(tensor.device) for t in parts]
+
+    def _gather(self, tensor: Tensor) -> list[Tensor]:
+        if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
+            return [tensor]
+        return gather_all_tensors(tensor, group=self.dp_group)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PipelineMetricSync:
+        return self  # process groups cannot be copied; a cloned Metric syncs the same way
+
+
+def install_metric_sync(module: nn.Module, sync: PipelineMetricSync) -> None:
+    """Makes every torchmetrics ``Metric`` of ``module`` sync through ``sync`` (unless it has its own
+    ``dist_sync_fn``)."""
+    for _, metric in _metrics(module):
+        if metric.dist_sync_fn is None or isinstance(metric.dist_sync_fn, PipelineMetricSync):
+            metric.dist_sync_fn = sync

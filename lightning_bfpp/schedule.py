@@ -411,20 +411,25 @@ def _first_of(actions: Iterable[Action], kind: ActionKind) -> dict[int, Action]:
     return first
 
 
-def simulate_order(schedule: Schedule) -> list[tuple[int, Action]]:
+def simulate_order(schedule: Schedule, *, ordered_recvs: bool = False) -> list[tuple[int, Action]]:
     """Executes all ranks round-robin and returns the global order ``(rank, action)``; raises on deadlock.
 
     Sends and receive-posts never block. FORWARD(s, m) waits for SEND_ACT(s-1, m) (or FORWARD(s-1, m) on the same
     rank), and the first FORWARD of a stage also for the first SEND_ACT of its input boundary, which carries the
-    shapes. BACKWARD(s, m) waits for SEND_GRAD(s+1, m) (or BACKWARD(s+1, m) on the same rank).
+    shapes. BACKWARD(s, m) waits for SEND_GRAD(s+1, m) (or BACKWARD(s+1, m) on the same rank). With
+    ``ordered_recvs`` (NCCL, which matches messages in order rather than by tag), the first RECV_ACT of a stage
+    already waits for the shapes, so that every receive is posted in schedule order.
     """
     all_actions = [a for actions in schedule.actions for a in actions]
     first_send, first_forward = _first_of(all_actions, _SA), set(_first_of(all_actions, _F).values())
+    first_recv = set(_first_of(all_actions, _RA).values()) if ordered_recvs else set()
     last = schedule.num_stages - 1
 
     def needs(action: Action) -> list[Action]:
         s, m = action.stage, action.micro_batch
         local = schedule.pipeline_size == 1
+        if action in first_recv:
+            return [first_send[s - 1]]
         if action.kind is _F and s > 0:
             deps = [Action(_F, s - 1, m)] if local else [Action(_SA, s - 1, m)]
             if action in first_forward and s - 1 in first_send and first_send[s - 1] not in deps:
@@ -463,3 +468,47 @@ def simulate_order(schedule: Schedule) -> list[tuple[int, Action]]:
     raise _fail(
         schedule, [f"deadlock after {len(order)} of {len(all_actions)} actions: no rank can make progress", *problems]
     )
+
+
+def _message(action: Action) -> tuple[str, int, int] | None:
+    """The message a communication action sends or receives, named by its kind, downstream stage and micro-batch."""
+    if action.kind is _SA:
+        return ("act", action.stage + 1, action.micro_batch)
+    if action.kind is _RA:
+        return ("act", action.stage, action.micro_batch)
+    if action.kind is _SG:
+        return ("grad", action.stage, action.micro_batch)
+    if action.kind is _RG:
+        return ("grad", action.stage + 1, action.micro_batch)
+    return None
+
+
+def validate_in_order_matching(schedule: Schedule) -> None:
+    """Checks that, between every two ranks, receives are posted in the order of the sends.
+
+    NCCL ignores tags and matches the messages from one rank to another in the order they were issued; with gloo the
+    executor tags every message and any order works. Also checks freedom from deadlock when the first receive of a
+    stage waits for its shapes (see :func:`simulate_order`).
+    """
+    pipeline_size = schedule.pipeline_size
+    sent: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
+    posted: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
+    for actions in schedule.actions:
+        for action in actions:
+            message = _message(action)
+            if message is None:
+                continue
+            upstream, downstream = schedule.rank_of(message[1] - 1), schedule.rank_of(message[1])
+            src, dst = (upstream, downstream) if message[0] == "act" else (downstream, upstream)
+            book = sent if action.kind in (_SA, _SG) else posted
+            book.setdefault((src, dst), []).append(message)
+    problems = [
+        f"rank {dst} posts receives from rank {src} in the order {posted.get((src, dst))} but rank {src} sends "
+        f"{sent.get((src, dst))}"
+        for src in range(pipeline_size)
+        for dst in range(pipeline_size)
+        if sent.get((src, dst)) != posted.get((src, dst))
+    ]
+    if problems:
+        raise _fail(schedule, [*problems, "NCCL matches messages in order: use schedule='breadth_first'"])
+    simulate_order(schedule, ordered_recvs=True)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,12 +31,12 @@ from typing_extensions import override
 
 from lightning_bfpp.executor import PipelineExecutor, StageIO
 from lightning_bfpp.grad_clip import clip_grad_norm_global
-from lightning_bfpp.log_relay import LogRecorder, relay, replay
-from lightning_bfpp.microbatch import batch_size_of, concat_outputs, split_batch
+from lightning_bfpp.log_relay import LogRecorder, PipelineMetricSync, install_metric_sync, relay, replay
+from lightning_bfpp.microbatch import batch_size_of, split_batch
 from lightning_bfpp.module import missing_hooks
 from lightning_bfpp.p2p import PeerLink
 from lightning_bfpp.partition import PARTITIONS, Partition, build_partition, drop_remote_layers, layer_names
-from lightning_bfpp.schedule import SCHEDULES, Schedule, build_schedule
+from lightning_bfpp.schedule import SCHEDULES, Schedule, build_schedule, validate_in_order_matching
 from lightning_bfpp.sharding import SHARDING_MODES, StageGradientReducer
 
 if TYPE_CHECKING:
@@ -128,6 +127,7 @@ class BFPPStrategy(ParallelStrategy):
         self._layer_names: list[str] = []
         self._executors: dict[tuple[bool, int], PipelineExecutor] = {}
         self._reducer: StageGradientReducer | None = None
+        self._ordered_recvs = False  # NCCL always posts receives in schedule order; tests force it on gloo
 
     # ---------------------------------------------------------------------------------------------- sizes and ranks
     @property
@@ -325,7 +325,10 @@ class BFPPStrategy(ParallelStrategy):
             schedule = self._build_schedule(micro_batches, forward_only)
             link = PeerLink(self.pp_group, micro_batches, self.root_device) if self.pipeline_parallel_size > 1 else None
             reducer = self._reducer.start if self._reducer is not None else None
-            self._executors[key] = PipelineExecutor(schedule, self.pipeline_rank, link, reducer)
+            ordered = self._ordered_recvs or self._process_group_backend == "nccl"
+            if ordered:
+                validate_in_order_matching(schedule)
+            self._executors[key] = PipelineExecutor(schedule, self.pipeline_rank, link, reducer, ordered_recvs=ordered)
         return self._executors[key]
 
     # ------------------------------------------------------------------------------------------- running stages
@@ -398,6 +401,29 @@ class BFPPStrategy(ParallelStrategy):
 
     # ---------------------------------------------------------------------------------------------- evaluation
     @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._install_metric_sync()
+
+    @override
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._install_metric_sync()
+
+    @override
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._install_metric_sync()
+
+    def _install_metric_sync(self) -> None:
+        """torchmetrics objects are updated on the last stage: their ``compute()`` must see the states of the last
+        stage's data-parallel replicas on every rank (see :class:`~lightning_bfpp.log_relay.PipelineMetricSync`)."""
+        sync = PipelineMetricSync(
+            self.dp_group, self.pp_group, self.pipeline_parallel_size - 1, self.is_last_stage_rank
+        )
+        install_metric_sync(self.lightning_module, sync)
+
+    @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._evaluation_step("validation_step", args, kwargs)
 
@@ -411,30 +437,35 @@ class BFPPStrategy(ParallelStrategy):
 
     def _evaluation_step(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Runs the batch forward through the pipeline; on the last stage, calls the module's ``hook`` for each
-        micro-batch with ``self(...)`` answering the pipeline's output, and relays its logs and results."""
+        micro-batch with ``self(...)`` answering the pipeline's output, and relays its logs and merged results to
+        every rank of the pipeline (so every rank returns, logs and hands callbacks the same)."""
         module = self.lightning_module
         batch, rest = (args[0], args[1:]) if args else (kwargs.pop("batch"), ())
         size = batch_size_of(batch) or 1
+        # the largest micro-batch count <= M that splits this batch evenly (a last, smaller batch may need fewer)
         m_eval = max(d for d in range(1, min(self.micro_batches, size) + 1) if size % d == 0)
         micro_batches = split_batch(batch, m_eval)
         recorder, results = LogRecorder(), []
+        step = getattr(type(module), hook)
 
         def last(m: int, outputs: StageIO) -> None:
             module.__dict__["forward"] = lambda *a, **k: outputs
             try:
                 with recorder.capture(module):
-                    results.append(getattr(type(module), hook)(module, micro_batches[m], *rest, **kwargs))
+                    results.append(step(module, micro_batches[m], *rest, **kwargs))
             finally:
                 module.__dict__.pop("forward", None)
 
         executor = self._executor(m_eval, forward_only=True)
-        context = self.precision_plugin.predict_step_context() if hook == "predict_step" else nullcontext()
-        with torch.no_grad(), self.precision_plugin.val_step_context(), context:
+        plugin = self.precision_plugin
+        context = {"test_step": plugin.test_step_context, "predict_step": plugin.predict_step_context}.get(
+            hook, plugin.val_step_context
+        )
+        with torch.no_grad(), context():
             executor.run(self._stage_forward(micro_batches), last)
         payload = None
         if self.is_last_stage_rank:
-            merged = concat_outputs(results) if results and results[0] is not None else None
-            payload = (_to_cpu(merged), recorder.calls())
+            payload = (_to_cpu(_merge_results(results)), recorder.calls())
         merged, calls = relay(payload, self.pp_group, self.pipeline_parallel_size - 1)
         replay(module, calls, self.root_device)
         return _to_device(merged, self.root_device)
@@ -493,3 +524,29 @@ def _to_device(value: Any, device: torch.device) -> Any:
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     return move_data_to_device(value, device) if value is not None else None
+
+
+def _merge_results(parts: list[Any]) -> Any:
+    """Merges what an evaluation hook returned for each micro-batch into the batch's result: tensors with a batch
+    dimension and lists are concatenated, scalar floating tensors and floats averaged, other scalars stacked, dicts
+    and tuples merged entry by entry, equal other values kept once."""
+    if not parts:
+        return None
+    first = parts[0]
+    if len(parts) == 1 or first is None:
+        return first
+    if isinstance(first, Tensor):
+        if first.dim() > 0:
+            return torch.cat(parts)
+        stacked = torch.stack(parts)
+        return stacked.mean() if stacked.is_floating_point() else stacked
+    if isinstance(first, Mapping):
+        return type(first)({k: _merge_results([p[k] for p in parts]) for k in first})  # type: ignore[call-arg]
+    if isinstance(first, tuple):
+        merged = [_merge_results(list(items)) for items in zip(*parts, strict=True)]
+        return type(first)(*merged) if hasattr(first, "_fields") else type(first)(merged)
+    if isinstance(first, list):
+        return [item for part in parts for item in part]
+    if isinstance(first, float):
+        return sum(parts) / len(parts)
+    return first if all(p == first for p in parts) else list(parts)

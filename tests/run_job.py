@@ -60,6 +60,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         strategy = strategy_kwargs
     elif strategy_kwargs is not None:
         strategy = BFPPStrategy(timeout=timedelta(seconds=config.get("pg_timeout", 60)), **strategy_kwargs)
+        strategy._ordered_recvs = config.get("ordered_recvs", False)
     recorder = Recorder()
     trainer = pl.Trainer(
         accelerator="cpu",

@@ -20,6 +20,7 @@ from lightning_bfpp.schedule import (
     one_f_one_b,
     simulate_order,
     stage_rank,
+    validate_in_order_matching,
     validate_schedule,
 )
 
@@ -282,3 +283,22 @@ def test_order_independent_first_send_is_modelled() -> None:
     schedule = make(["F0.0 F0.1 SA0.0 SA0.1", "RA1.0 RA1.1 F1.1 F1.0"], num_micro_batches=2, forward_only=True)
     order = [(r, str(a)) for r, a in simulate_order(schedule)]
     assert order.index((0, "SA0.0")) < order.index((1, "F1.1"))
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_receives_are_posted_in_send_order_for_nccl(name: str) -> None:
+    for P, L, M in [(2, 1, 4), (2, 2, 4), (4, 2, 8), (3, 1, 1), (4, 1, 8), (2, 3, 6)]:
+        if name in ("gpipe", "1f1b") and L > 1:
+            continue
+        validate_in_order_matching(build_schedule(name, P, L, M))
+
+
+def test_out_of_order_receives_are_rejected_for_nccl() -> None:
+    schedule = build_schedule("breadth_first", 2, 1, 2)
+    rank1 = list(schedule.actions[1])
+    i, j = rank1.index(Action(ActionKind.RECV_ACT, 1, 0)), rank1.index(Action(ActionKind.RECV_ACT, 1, 1))
+    rank1[i], rank1[j] = rank1[j], rank1[i]
+    swapped = replace(schedule, actions=(schedule.actions[0], tuple(rank1)))
+    validate_schedule(swapped)  # fine for gloo, which matches by tag
+    with pytest.raises(ScheduleError, match="in the order"):
+        validate_in_order_matching(swapped)
