@@ -88,7 +88,12 @@ def run_lightning(role: str, steps: int) -> None:
         strategy, devices = BFPPStrategy(pipeline_parallel_size=1, stages_per_rank=1, micro_batches=1), 1
     else:
         strategy = BFPPStrategy(
-            pipeline_parallel_size=2, stages_per_rank=STAGES_PER_RANK, micro_batches=MICRO, timeout=timedelta(minutes=5)
+            pipeline_parallel_size=2,
+            stages_per_rank=STAGES_PER_RANK,
+            micro_batches=MICRO,
+            timeout=timedelta(minutes=5),
+            timeline_dir=os.environ.get("BFPP_BENCH_TIMELINE"),
+            timeline_batches=(WARMUP, WARMUP + 2),
         )
         devices = 2
     timer = StepTimer()

@@ -5,8 +5,10 @@ The executor knows nothing about Lightning: the caller hands it the stage comput
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,6 +31,15 @@ LastStageFn = Callable[[int, StageIO], Tensor | None]
 """``last(micro_batch, outputs)``: consumes the last stage's outputs; returns the loss to back-propagate, or None."""
 
 
+class TimedEvent(NamedTuple):
+    """One executed action (or a wait inside it) with ``time.perf_counter()`` start and end."""
+
+    name: str
+    category: str
+    start: float
+    end: float
+
+
 @dataclass
 class StepState:
     """Everything one step keeps alive; dropped when the step ends. Keys are (stage, micro_batch)."""
@@ -46,6 +57,11 @@ class StepState:
     input_metas: dict[int, StageIOMeta] = field(default_factory=dict)
     unposted: dict[int, list[int]] = field(default_factory=dict)
     sent_metas: dict[int, StageIOMeta] = field(default_factory=dict)
+
+    def leftovers(self) -> list[str]:
+        """Tensors or receives that a complete step should have consumed: activations, gradients, pending recvs."""
+        names = ("inputs", "outputs", "output_grads", "input_grads", "act_recvs", "grad_recvs", "unposted")
+        return [f"{name}{sorted(getattr(self, name))}" for name in names if getattr(self, name)]
 
 
 def _as_tuple(value: StageIO) -> tuple[Tensor, ...]:
@@ -89,6 +105,7 @@ class PipelineExecutor:
         self.link = link
         self.on_stage_backward_done = on_stage_backward_done
         self.ordered_recvs = ordered_recvs
+        self.events: list[TimedEvent] | None = None  # set to a list to record when each action runs
         self.actions: tuple[Action, ...] = schedule.actions[rank]
         self.last_stage = schedule.num_stages - 1
         self._handlers = {
@@ -107,14 +124,31 @@ class PipelineExecutor:
         self._forward_fn, self._last_fn, self._loss_scale = forward, last, loss_scale
         self._state = StepState()
         try:
-            for action in self.actions:
-                self._handlers[action.kind](action)
+            if self.events is None:
+                for action in self.actions:
+                    self._handlers[action.kind](action)
+            else:
+                for action in self.actions:
+                    start = time.perf_counter()
+                    self._handlers[action.kind](action)
+                    self.events.append(TimedEvent(str(action), action.kind.name.lower(), start, time.perf_counter()))
             if self.link is not None:
                 self.link.wait_sends()
+            leftovers = self._state.leftovers()
+            if leftovers:
+                raise RuntimeError(f"The schedule left {leftovers} behind on pipeline rank {self.rank}: it is invalid.")
             return [self._state.losses[m] for m in sorted(self._state.losses)]
         finally:
             self._state = StepState()
             self._forward_fn = self._last_fn = None  # type: ignore[assignment]
+
+    def _wait(self, pending: PendingRecv, label: str) -> list[Tensor]:
+        if self.events is None:
+            return pending.wait()
+        start = time.perf_counter()
+        tensors = pending.wait()
+        self.events.append(TimedEvent(label, "wait", start, time.perf_counter()))
+        return tensors
 
     def _peer(self, stage: int) -> int:
         return self.schedule.rank_of(stage)
@@ -142,7 +176,7 @@ class PipelineExecutor:
     def _learn_input_meta(self, stage: int) -> None:
         """Waits for the header of ``stage``'s input boundary, then posts the receives it held back."""
         state = self._state
-        state.input_metas[stage] = StageIOMeta.decode(state.header_recvs[stage].wait()[0])
+        state.input_metas[stage] = StageIOMeta.decode(self._wait(state.header_recvs[stage], f"header {stage}")[0])
         for m in state.unposted.pop(stage, []):
             self._post_act_recv(stage, m)
 
@@ -153,7 +187,7 @@ class PipelineExecutor:
         if key not in state.inputs:  # not handed over locally: wait for the message
             if stage not in state.input_metas:
                 self._learn_input_meta(stage)
-            state.inputs[key] = _as_leaves(state.act_recvs.pop(key).wait())
+            state.inputs[key] = _as_leaves(self._wait(state.act_recvs.pop(key), f"wait act {stage}.{micro_batch}"))
             state.input_is_tuple[key] = state.input_metas[stage].is_tuple
         tensors = state.inputs[key]
         if not torch.is_grad_enabled():
@@ -213,7 +247,10 @@ class PipelineExecutor:
         if stage == self.last_stage:
             torch.autograd.backward(outputs[0])
         else:
-            grads = state.output_grads.pop(key) if key in state.output_grads else state.grad_recvs.pop(key).wait()
+            if key in state.output_grads:
+                grads = state.output_grads.pop(key)
+            else:
+                grads = self._wait(state.grad_recvs.pop(key), f"wait grad {stage}.{m}")
             differentiable = [t for t in outputs if _needs_grad(t)]
             pairs = [(t, g) for t, g in zip(differentiable, grads, strict=True) if t.requires_grad]
             if pairs:

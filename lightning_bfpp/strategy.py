@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
@@ -27,8 +28,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_bfpp import checkpoint as bfpp_checkpoint
 from lightning_bfpp.executor import PipelineExecutor, StageIO
 from lightning_bfpp.grad_clip import clip_grad_norm_global
 from lightning_bfpp.log_relay import LogRecorder, PipelineMetricSync, install_metric_sync, relay, replay
@@ -38,6 +41,7 @@ from lightning_bfpp.p2p import PeerLink
 from lightning_bfpp.partition import PARTITIONS, Partition, build_partition, drop_remote_layers, layer_names
 from lightning_bfpp.schedule import SCHEDULES, Schedule, build_schedule, validate_in_order_matching
 from lightning_bfpp.sharding import SHARDING_MODES, StageGradientReducer
+from lightning_bfpp.timeline import wall_clock, write_timeline
 
 if TYPE_CHECKING:
     from lightning.fabric.accelerators import Accelerator
@@ -70,6 +74,9 @@ class BFPPStrategy(ParallelStrategy):
         sharding: data-parallel sharding mode; ``"none"`` averages gradients over the replicas.
         process_group_backend: ``"gloo"``, ``"nccl"``, ...; default by device.
         timeout: timeout of every collective and point-to-point operation (``timedelta`` or seconds).
+        timeline_dir: if set, records when every action runs on every rank during the training batches
+            ``timeline_batches = (first, stop)`` and writes ``timeline.json`` (Chrome trace) and ``timeline.png``
+            there (rank 0, after batch ``stop - 1``).
     """
 
     strategy_name = "bfpp"
@@ -86,6 +93,8 @@ class BFPPStrategy(ParallelStrategy):
         sharding: str = "none",
         process_group_backend: str | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
+        timeline_dir: str | None = None,
+        timeline_batches: tuple[int, int] = (2, 4),
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -120,6 +129,8 @@ class BFPPStrategy(ParallelStrategy):
         self.sharding = sharding
         self._process_group_backend = process_group_backend
         self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+        self.timeline_dir = timeline_dir
+        self.timeline_batches = tuple(timeline_batches)
         self.num_nodes = 1
         self.partition: Partition | None = None
         self.pp_group: dist.ProcessGroup | None = None
@@ -377,8 +388,16 @@ class BFPPStrategy(ParallelStrategy):
             return loss.reshape(())
 
         executor = self._executor(self.micro_batches, forward_only=False)
+        batch_number = trainer.fit_loop.epoch_loop.total_batch_idx
+        recording = (
+            self.timeline_dir is not None and self.timeline_batches[0] <= batch_number < self.timeline_batches[1]
+        )
+        if recording and executor.events is None:
+            executor.events = []
         with self.precision_plugin.train_step_context():
             losses = executor.run(self._stage_forward(micro_batches), last, 1.0 / (self.micro_batches * accumulate))
+        if recording and batch_number == self.timeline_batches[1] - 1:
+            self._write_timeline(executor)
         if not trainer.fit_loop._should_accumulate():
             assert self._reducer is not None
             self._reducer.finish()
@@ -388,6 +407,17 @@ class BFPPStrategy(ParallelStrategy):
         call._call_callback_hooks(trainer, "on_after_backward")
         call._call_lightning_module_hook(trainer, "on_after_backward")
         return loss
+
+    def _write_timeline(self, executor: PipelineExecutor) -> None:
+        """Gathers every rank's recorded events; rank 0 writes the trace and the picture."""
+        events, executor.events = wall_clock(executor.events or []), None
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, events)
+        if self.global_rank == 0:
+            title = (
+                f"{self.schedule_name}: P={self.pipeline_parallel_size} L={self.stages_per_rank} M={self.micro_batches}"
+            )
+            write_timeline(dict(enumerate(gathered)), self.timeline_dir, title)  # type: ignore[arg-type]
 
     def _relay_results(self, losses: list[Tensor], recorder: LogRecorder, module: pl.LightningModule) -> Tensor:
         """Sends the batch loss and the logged values from the last stage to every rank of the pipeline."""
@@ -469,6 +499,80 @@ class BFPPStrategy(ParallelStrategy):
         merged, calls = relay(payload, self.pp_group, self.pipeline_parallel_size - 1)
         replay(module, calls, self.root_device)
         return _to_device(merged, self.root_device)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    # A checkpoint is a directory: a torch.distributed.checkpoint (DCP) checkpoint in which each rank writes the stages
+    # it holds under the parameter names of the unsplit module, plus `meta.pt` (rank 0) with the rest of Lightning's
+    # checkpoint. See lightning_bfpp/checkpoint.py and README.md, "Checkpoints".
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # each rank loads into its own stages, which exist only after setup()
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # load_checkpoint() loads the optimizer states by parameter name
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """This rank's stages (and any state outside the layers), under the names of the unsplit module."""
+        return bfpp_checkpoint.model_state_dict(self.lightning_module)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The optimizer state of this rank's parameters, flattened and keyed by parameter name."""
+        return bfpp_checkpoint.optimizer_state_dict(self.lightning_module, optimizer)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Writes the sharded checkpoint directory ``filepath`` (every rank takes part); an existing file or directory
+        there is replaced."""
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported: the checkpoint is "
+                "written with torch.distributed.checkpoint, not with a CheckpointIO plugin."
+            )
+        path = Path(self.broadcast(str(filepath)))
+        bfpp_checkpoint.clear_path(path, self.is_global_zero, self.barrier)
+        bfpp_checkpoint.save_sharded(checkpoint, path, self.is_global_zero)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads this rank's stages and optimizer states from a sharded checkpoint directory (any layout) or from a
+        plain one-file Lightning checkpoint of the unsplit module; returns the rest of the checkpoint."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        module = self.lightning_module
+        strict = module.strict_loading
+        if bfpp_checkpoint.is_sharded_checkpoint(path):
+            return bfpp_checkpoint.load_sharded(path, module, self.optimizers, strict, weights_only)
+        if path.is_file():
+            return bfpp_checkpoint.load_plain(path, module, self.optimizers, None, strict, weights_only)
+        raise FileNotFoundError(
+            f"{path} is neither a bfpp checkpoint directory (with {bfpp_checkpoint.META_FILENAME}) nor a Lightning "
+            "checkpoint file."
+        )
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        pass  # load_checkpoint() has loaded this rank's stages
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        pass  # load_checkpoint() has loaded the optimizer states
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Removes a checkpoint directory (or file, or link) on rank 0, once every rank is done with it."""
+        bfpp_checkpoint.clear_path(Path(filepath), self.is_global_zero, self.barrier)
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        # Over every rank: `reduce` sums over the data-parallel replicas only, while callers (ModelCheckpoint's top-k
+        # test, file_exists) compare the sum with the world size.
+        flag = torch.tensor(int(decision), device=self.root_device)
+        flag = _sync_ddp_if_available(flag, dist.group.WORLD, reduce_op=ReduceOp.SUM)
+        return bool(flag == self.world_size) if all else bool(flag)
 
     # ------------------------------------------------------------------------------------------ collectives
     @override

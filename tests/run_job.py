@@ -61,6 +61,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     elif strategy_kwargs is not None:
         strategy = BFPPStrategy(timeout=timedelta(seconds=config.get("pg_timeout", 60)), **strategy_kwargs)
         strategy._ordered_recvs = config.get("ordered_recvs", False)
+        strategy.timeline_dir = config.get("timeline_dir")
     recorder = Recorder()
     trainer = pl.Trainer(
         accelerator="cpu",

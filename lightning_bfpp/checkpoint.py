@@ -1,0 +1,236 @@
+"""Sharded checkpoints of a pipelined module, and loading plain (one-file) Lightning checkpoints into one.
+
+The format follows Lightning's ``ModelParallelStrategy``: a directory holding a ``torch.distributed.checkpoint``
+(DCP) checkpoint plus ``meta.pt`` (rank 0), the non-tensor trainer state (loops, callbacks, LR schedulers,
+hyper-parameters). In the DCP part:
+
+- ``state_dict.<name>``: every parameter and buffer under its name in the unsplit module (``blocks.3.linear.weight``).
+  Each pipeline rank writes the stages it holds; data-parallel replicas hold the same tensors under the same keys and
+  DCP writes them once.
+- ``optimizer_<i>.state.<name>.<key>`` and ``optimizer_<i>.param_groups.<name>.<option>``: the optimizer state
+  flattened per parameter name (``StateDictOptions(flatten_optimizer_state_dict=True)``).
+
+Nothing depends on ``P``, ``L`` or ``D``: a rank asks DCP for the keys of the parameters it holds, so a checkpoint
+written with one layout loads into any other.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+META_FILENAME = "meta.pt"  # the name Lightning's ModelParallelStrategy uses too
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by :func:`save_sharded` (DCP files plus ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / META_FILENAME).is_file()
+
+
+def _options(**kwargs: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kwargs)
+
+
+def model_state_dict(module: nn.Module) -> dict[str, Any]:
+    """This rank's share of the module's state, under the names of the unsplit module."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_options())
+
+
+def optimizer_state_dict(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+    """The optimizer state of this rank's parameters, flattened and keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
+    return get_optimizer_state_dict(module, optimizer, options=_options(flatten_optimizer_state_dict=True))
+
+
+def clear_path(path: Path, is_global_zero: bool, barrier: Any) -> None:
+    """Removes whatever is at ``path`` (file, link or directory) on rank 0, between barriers."""
+    barrier()
+    if is_global_zero:
+        remove_path(path)
+    barrier()
+
+
+def remove_path(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def save_sharded(checkpoint: dict[str, Any], path: Path, is_global_zero: bool) -> None:
+    """Writes ``checkpoint`` (a Lightning checkpoint dict whose ``state_dict`` and ``optimizer_states`` hold this
+    rank's share, as returned by :func:`model_state_dict` and :func:`optimizer_state_dict`) to the directory
+    ``path``. Every rank calls it; ``path`` must be empty or absent."""
+    import torch.distributed.checkpoint as dcp
+
+    checkpoint = dict(checkpoint)
+    state: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
+    for index, optimizer_state in enumerate(checkpoint.pop("optimizer_states", [])):
+        state[f"optimizer_{index}"] = optimizer_state
+    path.mkdir(parents=True, exist_ok=True)
+    dcp.save(state, checkpoint_id=path)
+    if is_global_zero:
+        torch.save(checkpoint, path / META_FILENAME)
+
+
+def _checkpoint_keys(path: Path) -> set[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def load_sharded(
+    path: Path,
+    module: nn.Module,
+    optimizers: Sequence[Optimizer],
+    strict: bool = True,
+    weights_only: bool | None = None,
+) -> dict[str, Any]:
+    """Loads this rank's parameters (and optimizer states, when the checkpoint has them) from the sharded checkpoint
+    at ``path``; returns the rest of the Lightning checkpoint (from ``meta.pt``). Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    planner = DefaultLoadPlanner(allow_partial_load=not strict)
+    model_state = {"state_dict": model_state_dict(module)}
+    dcp.load(model_state, checkpoint_id=path, planner=planner)
+    module.load_state_dict(model_state["state_dict"], strict=strict)
+
+    keys = _checkpoint_keys(path)
+    for index, optimizer in enumerate(optimizers):
+        name = f"optimizer_{index}"
+        if not any(key.startswith(name + ".") for key in keys):
+            continue  # saved with weights only
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        optimizer_state = {name: optimizer_state_dict(module, optimizer)}
+        dcp.load(optimizer_state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=not strict))
+        set_optimizer_state_dict(
+            module,
+            optimizer,
+            optim_state_dict=optimizer_state[name],
+            options=_options(flatten_optimizer_state_dict=True),
+        )
+    return torch.load(path / META_FILENAME, map_location="cpu", weights_only=weights_only)
+
+
+def load_plain(
+    path: Path,
+    module: nn.Module,
+    optimizers: Sequence[Optimizer],
+    group: dist.ProcessGroup | None,
+    strict: bool = True,
+    weights_only: bool | None = None,
+) -> dict[str, Any]:
+    """Loads a one-file Lightning checkpoint of the unsplit module into this rank's share of it.
+
+    Each rank takes the entries it holds. With ``strict``, a parameter or buffer held by some rank but missing from the
+    file, or an entry of the file that no rank holds, is an error naming it, raised on every rank. Optimizer states
+    (keyed by parameter index in a plain checkpoint) are mapped through the unsplit module's parameter order, which
+    is the order of the file's ``state_dict``; this assumes each parameter group lists its parameters in module order
+    (as ``self.parameters()`` and filters of ``named_parameters()`` do), and is checked by group sizes and shapes.
+    ``group`` spans every rank (None: the default group). Returns the rest of the checkpoint.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+    if "state_dict" not in checkpoint:
+        raise KeyError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
+    full: dict[str, Tensor] = checkpoint.pop("state_dict")
+    local = module.state_dict()
+    local_params = [name for name, _ in module.named_parameters()]
+    optimizer_states = checkpoint.pop("optimizer_states", None)
+    optimizers = [getattr(o, "_optimizer", o) for o in optimizers]
+    param_names = {id(p): name for name, p in module.named_parameters()}
+    local_groups = [[[param_names[id(p)] for p in g["params"]] for g in o.param_groups] for o in optimizers]
+
+    info = _all_gather((sorted(local), local_params, local_groups), group)
+    held = set().union(*(set(keys) for keys, _, _ in info))
+    errors = []
+    missing = sorted(held - set(full))
+    unexpected = sorted(set(full) - held)
+    if strict and missing:
+        errors.append(f"the checkpoint lacks {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if strict and unexpected:
+        errors.append(f"the module has no {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    if not errors:
+        module.load_state_dict({k: v for k, v in full.items() if k in local}, strict=False)
+        if optimizers and optimizer_states is not None:
+            all_params = set().union(*(set(params) for _, params, _ in info))
+            order = {name: i for i, name in enumerate(k for k in full if k in all_params)}
+            errors += _load_plain_optimizers(optimizers, optimizer_states, local_groups, info, order, module)
+    errors = sorted({e for rank_errors in _all_gather(errors, group) for e in rank_errors})
+    if errors:
+        raise RuntimeError(
+            f"Cannot load the checkpoint {path} into the pipelined module: {'; '.join(errors)}. The file must be a "
+            "checkpoint of the same (unsplit) LightningModule; set `strict_loading = False` on the module to load "
+            "the matching entries only."
+        )
+    return checkpoint
+
+
+def _load_plain_optimizers(
+    optimizers: Sequence[Optimizer],
+    states: list[dict[str, Any]],
+    local_groups: list[list[list[str]]],
+    info: list[Any],
+    order: dict[str, int],
+    module: nn.Module,
+) -> list[str]:
+    if len(states) != len(optimizers):
+        return [f"the checkpoint has {len(states)} optimizer states, the module configures {len(optimizers)}"]
+    params = dict(module.named_parameters())
+    errors = []
+    for index, (optimizer, state) in enumerate(zip(optimizers, states, strict=True)):
+        groups = state["param_groups"]
+        if len(groups) != len(optimizer.param_groups):
+            errors.append(f"optimizer {index} has {len(groups)} parameter groups in the checkpoint")
+            continue
+        local_state: dict[int, Any] = {}
+        local_param_groups = []
+        local_index = 0
+        for g, group in enumerate(groups):
+            # the unsplit group g: the union over the pipeline ranks, in the unsplit module's parameter order
+            names = sorted({n for _, _, rank_groups in info for n in rank_groups[index][g]}, key=order.__getitem__)
+            if len(names) != len(group["params"]):
+                errors.append(
+                    f"optimizer {index} group {g} has {len(group['params'])} parameters in the checkpoint and "
+                    f"{len(names)} in the module"
+                )
+                break
+            position = {name: i for i, name in enumerate(names)}
+            indices = []
+            for name in local_groups[index][g]:
+                saved = state["state"].get(group["params"][position[name]])
+                if saved is not None:
+                    shapes = {tuple(v.shape) for v in saved.values() if isinstance(v, Tensor) and v.dim() > 0}
+                    if shapes - {tuple(params[name].shape)}:
+                        errors.append(f"optimizer {index}: the state saved for {name!r} has shapes {sorted(shapes)}")
+                    local_state[local_index] = saved
+                indices.append(local_index)
+                local_index += 1
+            local_param_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
+        else:
+            if not errors:
+                optimizer.load_state_dict({"state": local_state, "param_groups": local_param_groups})
+    return errors
+
+
+def _all_gather(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
