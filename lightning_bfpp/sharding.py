@@ -28,6 +28,7 @@ class StageGradientReducer:
         self.group = group
         self.size = dist.get_world_size(group) if group is not None else 1
         self._pending: list[tuple[dist.Work, torch.Tensor, list[nn.Parameter]]] = []
+        self.enabled = True  # off on batches that only accumulate gradients
 
     @property
     def active(self) -> bool:
@@ -36,7 +37,7 @@ class StageGradientReducer:
     def start(self, stage: int) -> None:
         """Starts the asynchronous reduction of ``stage``'s gradients."""
         params = self.stage_params.get(stage, [])
-        if not self.active or not params:
+        if not self.enabled or not self.active or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         bucket = _flatten_dense_tensors(grads)

@@ -376,6 +376,9 @@ class BFPPStrategy(ParallelStrategy):
                 module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
         micro_batches = split_batch(batch, self.micro_batches)
         recorder = LogRecorder()
+        steps_optimizer = not trainer.fit_loop._should_accumulate()
+        assert self._reducer is not None
+        self._reducer.enabled = steps_optimizer  # reduce gradients only on batches that step the optimizer
 
         def last(m: int, outputs: StageIO) -> Tensor:
             with recorder.capture(module):
@@ -398,8 +401,7 @@ class BFPPStrategy(ParallelStrategy):
             losses = executor.run(self._stage_forward(micro_batches), last, 1.0 / (self.micro_batches * accumulate))
         if recording and batch_number == self.timeline_batches[1] - 1:
             self._write_timeline(executor)
-        if not trainer.fit_loop._should_accumulate():
-            assert self._reducer is not None
+        if steps_optimizer:
             self._reducer.finish()
         loss = self._relay_results(losses, recorder, module)
         call._call_callback_hooks(trainer, "on_before_backward", loss)
