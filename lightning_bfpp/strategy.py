@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 RANK_LAYOUTS = ("dp_contiguous", "pp_contiguous")
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+SPLIT_ATTRIBUTE = "_bfpp_split"  # set on a module once its remote layers are dropped: (partition, layer names)
 
 
 class BFPPStrategy(ParallelStrategy):
@@ -241,11 +242,29 @@ class BFPPStrategy(ParallelStrategy):
                 "`self.automatic_optimization = False` from the module."
             )
         self._check_world_size()
-        layers = list(model.pipeline_layers())
-        self._layer_names = layer_names(model, layers)
-        self.partition = build_partition(
-            layers, self.pipeline_parallel_size, self.stages_per_rank, self.partition_method, self.partition_boundaries
-        )
+        split: tuple[Partition, list[str]] | None = getattr(model, SPLIT_ATTRIBUTE, None)
+        if split is not None:  # already split by a fit of this run: keep that partition (the layers elsewhere are gone)
+            self.partition, self._layer_names = split
+            if (
+                self.partition.num_stages != self.num_stages
+                or self.partition.pipeline_size != self.pipeline_parallel_size
+            ):
+                raise ValueError(
+                    f"{type(model).__name__} was split into {self.partition.num_stages} stages over "
+                    f"{self.partition.pipeline_size} pipeline ranks by an earlier run: use the same "
+                    "pipeline_parallel_size and stages_per_rank, or load its checkpoint into a fresh module "
+                    "(`ckpt_path=...`)."
+                )
+        else:
+            layers = list(model.pipeline_layers())
+            self._layer_names = layer_names(model, layers)
+            self.partition = build_partition(
+                layers,
+                self.pipeline_parallel_size,
+                self.stages_per_rank,
+                self.partition_method,
+                self.partition_boundaries,
+            )
         self._build_schedule(self.micro_batches, forward_only=False)
         super().connect(model)
 
@@ -295,6 +314,7 @@ class BFPPStrategy(ParallelStrategy):
         assert self.model is not None and self.accelerator is not None and self.partition is not None
         self.accelerator.setup(trainer)
         drop_remote_layers(self.lightning_module, self._layer_names, self.partition, self.pipeline_rank)
+        self.lightning_module.__dict__[SPLIT_ATTRIBUTE] = (self.partition, self._layer_names)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.barrier()

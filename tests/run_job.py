@@ -38,6 +38,9 @@ class OrderedData(pl.LightningDataModule):
         sampler = DistributedSampler(data, shuffle=False, drop_last=True, **replicas)
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
+    def val_dataloader(self) -> DataLoader:
+        return self.train_dataloader()
+
 
 class Recorder(pl.Callback):
     """Keeps, per training batch, the returned loss and the logged ``train_loss`` as this rank sees them."""
@@ -72,7 +75,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         accumulate_grad_batches=config.get("accumulate", 1),
         gradient_clip_val=config.get("clip_val"),
         gradient_clip_algorithm=config.get("clip_algorithm", "norm"),
-        limit_val_batches=0,
+        limit_val_batches=None if config.get("validate_after") else 0,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -80,12 +83,15 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         callbacks=[recorder],
         use_distributed_sampler=False,
     )
-    trainer.fit(model, datamodule=OrderedData(config["batch_size"], config.get("data_size", 96)))
+    data = OrderedData(config["batch_size"], config.get("data_size", 96))
+    trainer.fit(model, datamodule=data)
+    validated = trainer.validate(model, datamodule=data, verbose=False) if config.get("validate_after") else None
     result = {
         "rank": trainer.global_rank,
         "losses": recorder.losses,
         "logged": recorder.logged,
         "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "validated": validated,
     }
     out_dir = config.get("out_dir")
     if out_dir:

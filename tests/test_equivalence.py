@@ -112,3 +112,19 @@ def test_strategy_selected_by_name(run_job) -> None:
     ranks = result.ranks()
     assert set(ranks[0]["state"]).isdisjoint(ranks[1]["state"])  # each rank holds its own stage only
     assert_matches(result, config, 1)
+
+
+def test_validate_after_fit_keeps_the_partition(run_job) -> None:
+    """`trainer.validate(model)` after `fit` reuses the split of the fit, also with partition="parameters"."""
+    config = {
+        "devices": 2,
+        "strategy": {"pipeline_parallel_size": 2, "stages_per_rank": 1, "micro_batches": 2, "partition": "parameters"},
+        "model": {"num_blocks": 4, "wide_blocks": [0, 1]},
+        "batch_size": 4,
+        "max_steps": 2,
+        "validate_after": True,
+    }
+    result = run_job(config, timeout=120)
+    ref = reference(config, 1)
+    for rank in result.ranks():
+        assert rank["validated"][0]["val_loss"] == pytest.approx(ref["validated"][0]["val_loss"], rel=1e-9)
