@@ -1,0 +1,1 @@
+"""The code behind the example Hydra apps in ``examples/``: models, data, config schemas and the training run."""
