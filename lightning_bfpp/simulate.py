@@ -1,0 +1,428 @@
+"""Predicts step time, bubble and memory of a schedule from a cost model, by an event simulation over its actions.
+
+The simulator walks the same per-rank action lists as the executor (:mod:`lightning_bfpp.schedule`). Every pipeline
+rank has a compute stream, on which FORWARD and BACKWARD run one after the other, and a communication stream for the
+data-parallel collectives, which overlaps compute:
+
+- ``F(s, m)`` waits for its input: the transfer of ``SA(s-1, m)`` to the posted ``RA(s, m)`` (latency plus
+  ``boundary_bytes / bandwidth``; transfers over one link and direction go one at a time). ``B(s, m)`` waits for
+  the gradient of ``SG(s+1, m)`` in the same way. Sends and receive posts take no compute time.
+- ``RD(s)`` launches the stage's gradient reduction on the communication stream: an all-reduce without sharding, a
+  reduce-scatter with ZeRO-1/2/3. The step ends when every compute and every collective is done.
+- ZeRO-1/2 (``optimizer``/``gradients``) all-gather each stage's updated parameters before its first forward; ZeRO-3
+  (``full``) also before its first backward unless the stage is still gathered, and frees a stage after its last
+  forward and after its reduction. Gathers are prefetched one ahead: the next gather is issued when the compute
+  that waits for the previous one starts.
+
+Memory follows each rank's action order: an activation lives from its forward to its backward (with activation
+checkpointing only the stage input is kept, and the stage's activations are rebuilt during the backward).
+Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from lightning_bfpp.schedule import Action, ActionKind, Schedule, ScheduleError
+
+SHARDING_MODES = ("none", "optimizer", "gradients", "full")
+"""Data-parallel modes: plain replicas, and ZeRO-1 (optimizer state), ZeRO-2 (+ gradients), ZeRO-3 (+ parameters)."""
+
+_F, _B, _RA, _SA, _RG, _SG, _RD = (
+    ActionKind.FORWARD,
+    ActionKind.BACKWARD,
+    ActionKind.RECV_ACT,
+    ActionKind.SEND_ACT,
+    ActionKind.RECV_GRAD,
+    ActionKind.SEND_GRAD,
+    ActionKind.REDUCE_GRAD,
+)
+PerStage = float | Sequence[float]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What one step costs. A per-stage field takes one number for every stage, or a sequence with one per stage.
+
+    Times are in seconds, sizes in bytes, bandwidths in bytes per second (``math.inf``: free).
+
+    Arguments:
+        forward_time: forward time of one micro-batch through a stage (the last stage includes the loss).
+        backward_time: backward time of one micro-batch through a stage; default ``2 * forward_time``.
+        activation_bytes: memory a stage keeps per micro-batch from its forward to its backward.
+        boundary_bytes: size of a stage's output for one micro-batch (sent to the next stage; its gradient is sent
+            back and has the same size). With activation checkpointing it is what a stage keeps per micro-batch.
+        p2p_latency: latency of one point-to-point transfer.
+        p2p_bandwidth: one number, or one per pipeline link ``r -> (r + 1) % P`` (both directions).
+        stage_params: number of parameters of each stage.
+        dp_size: data-parallel replicas ``D``; with ``D = 1`` there is nothing to reduce or shard.
+        dp_bandwidth: bus bandwidth of a ring collective over the replicas, per rank.
+        dp_latency: latency added to every collective.
+        sharding: one of :data:`SHARDING_MODES`.
+        param_bytes: bytes per parameter of the compute copy (what is gathered), e.g. 2 for bf16.
+        grad_bytes: bytes per gradient element (what is reduced).
+        optimizer_bytes: bytes per parameter of optimizer state, e.g. 12 for Adam with fp32 master weights.
+        activation_checkpointing: keep only stage inputs and recompute the forward in the backward.
+    """
+
+    forward_time: PerStage
+    backward_time: PerStage | None = None
+    activation_bytes: PerStage = 0.0
+    boundary_bytes: PerStage = 0.0
+    p2p_latency: float = 0.0
+    p2p_bandwidth: PerStage = math.inf
+    stage_params: PerStage = 0.0
+    dp_size: int = 1
+    dp_bandwidth: float = math.inf
+    dp_latency: float = 0.0
+    sharding: str = "none"
+    param_bytes: float = 2.0
+    grad_bytes: float = 2.0
+    optimizer_bytes: float = 12.0
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sharding not in SHARDING_MODES:
+            raise ValueError(f"sharding={self.sharding!r} is not supported; use one of {', '.join(SHARDING_MODES)}")
+        if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, int) or self.dp_size < 1:
+            raise ValueError(f"dp_size must be an integer >= 1, got {self.dp_size!r}")
+        for name in ("p2p_latency", "dp_latency", "param_bytes", "grad_bytes", "optimizer_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.dp_bandwidth <= 0:
+            raise ValueError(f"dp_bandwidth must be > 0 bytes/s (math.inf for free), got {self.dp_bandwidth}")
+
+
+class SimEvent(NamedTuple):
+    """One simulated span on ``rank``: a compute (``forward``/``backward``), a data-parallel collective
+    (``all_gather``/``reduce_scatter``/``all_reduce``) or a transfer sent by the rank (``send_act``/``send_grad``)."""
+
+    rank: int
+    name: str
+    category: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Memory per pipeline rank, in bytes unless said otherwise (one entry per rank)."""
+
+    peak_live_micro_batches: tuple[int, ...]  # (stage, micro-batch) activations alive at once
+    peak_activation_bytes: tuple[float, ...]
+    param_bytes: tuple[float, ...]  # resident parameters (the rank's shard under ZeRO-3)
+    grad_bytes: tuple[float, ...]  # resident gradients (the shard under ZeRO-2/3)
+    optimizer_bytes: tuple[float, ...]  # optimizer state (the shard under ZeRO-1/2/3)
+    peak_bytes: tuple[float, ...]  # the above plus the peak of activations, gathered parameters, unsharded grads
+
+    @property
+    def max_peak_bytes(self) -> float:
+        return max(self.peak_bytes)
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """A simulated step: its time, each rank's compute (busy) time, memory and, if recorded, the events."""
+
+    step_time: float
+    compute_time: tuple[float, ...]
+    memory: MemoryEstimate
+    events: tuple[SimEvent, ...]
+
+    @property
+    def bubble_fraction(self) -> float:
+        """``1 - busy compute time / (ranks * step time)``: the idle share of the pipeline."""
+        return 1.0 - sum(self.compute_time) / (len(self.compute_time) * self.step_time) if self.step_time else 0.0
+
+    @property
+    def rank_bubble_fractions(self) -> tuple[float, ...]:
+        return tuple(1.0 - c / self.step_time if self.step_time else 0.0 for c in self.compute_time)
+
+
+class _Gather(NamedTuple):
+    position: int  # index in the rank's actions of the compute that waits for the gather
+    stage: int
+    needed: bool  # False when the stage is still gathered (ZeRO-3): no communication
+
+
+def _per_stage(value: PerStage, count: int, name: str) -> tuple[float, ...]:
+    if isinstance(value, int | float):
+        return (float(value),) * count
+    values = tuple(float(v) for v in value)
+    if len(values) != count:
+        raise ValueError(f"CostModel.{name} has {len(values)} entries; give one number or exactly {count} (one each)")
+    return values
+
+
+def _mode(cost: CostModel) -> str:
+    return cost.sharding if cost.dp_size > 1 else "none"
+
+
+def _walk_rank(schedule: Schedule, rank: int, cost: CostModel) -> tuple[list[_Gather], tuple[int, float, float]]:
+    """Walks one rank's actions in order: its gathers, and (peak live micro-batches, peak activation bytes, peak of
+    activations + gathered parameters + unsharded gradients)."""
+    num_stages, mode = schedule.num_stages, _mode(cost)
+    act = _per_stage(cost.activation_bytes, num_stages, "activation_bytes")
+    keep = _per_stage(cost.boundary_bytes, num_stages, "boundary_bytes") if cost.activation_checkpointing else act
+    params = _per_stage(cost.stage_params, num_stages, "stage_params")
+    actions = schedule.actions[rank]
+    first_f: dict[int, int] = {}
+    last_f: dict[int, int] = {}
+    first_b: dict[int, int] = {}
+    for i, a in enumerate(actions):
+        if a.kind is _F:
+            first_f.setdefault(a.stage, i)
+            last_f[a.stage] = i
+        elif a.kind is _B:
+            first_b.setdefault(a.stage, i)
+    points: list[tuple[int, int, str]] = []
+    if mode == "full" or (mode != "none" and not schedule.forward_only):  # ZeRO-1/2 gather after the optimizer step
+        points = [(i, s, "fwd") for s, i in first_f.items()]
+        points += [(i, s, "bwd") for s, i in first_b.items()] if mode == "full" else []
+        points.sort()
+    gathers: list[_Gather] = []
+    holds: dict[int, set[str]] = {}
+    live = peak_live = 0
+    act_now = peak_act = dyn = peak_dyn = 0.0
+
+    def issue(k: int) -> None:  # gather k is issued (prefetched) now
+        nonlocal dyn
+        position, s, phase = points[k]
+        held = bool(holds.get(s))
+        gathers.append(_Gather(position, s, mode != "full" or not held))
+        if mode == "full":
+            dyn += 0.0 if held else params[s] * cost.param_bytes
+            holds.setdefault(s, set()).add(phase)
+
+    def release(s: int, phase: str) -> None:
+        nonlocal dyn
+        if mode == "full" and phase in holds.get(s, ()):
+            holds[s].discard(phase)
+            dyn -= 0.0 if holds[s] else params[s] * cost.param_bytes
+
+    point_index = {p[0]: k for k, p in enumerate(points)}
+    if points:
+        issue(0)
+    for i, a in enumerate(actions):
+        k = point_index.get(i)
+        if k is not None and k + 1 < len(points):
+            issue(k + 1)
+        s = a.stage
+        if a.kind is _F:
+            live, act_now = live + 1, act_now + keep[s]
+            peak_live, peak_act = max(peak_live, live), max(peak_act, act_now)
+            peak_dyn = max(peak_dyn, act_now + dyn)
+            if schedule.forward_only:  # nothing is kept for a backward
+                live, act_now = live - 1, act_now - keep[s]
+            if i == last_f[s]:
+                release(s, "fwd")
+        elif a.kind is _B:
+            if mode in ("gradients", "full") and i == first_b[s]:
+                dyn += params[s] * cost.grad_bytes  # the stage's unsharded gradients until its reduce-scatter
+            rebuilt = act[s] if cost.activation_checkpointing else 0.0  # recomputed activations, during B only
+            peak_act = max(peak_act, act_now + rebuilt)
+            peak_dyn = max(peak_dyn, act_now + rebuilt + dyn)
+            live, act_now = live - 1, act_now - keep[s]
+        elif a.kind is _RD:
+            release(s, "bwd")
+            if mode in ("gradients", "full"):
+                dyn -= params[s] * cost.grad_bytes
+    return gathers, (peak_live, peak_act, peak_dyn)
+
+
+def resident_bytes(params: float, cost: CostModel) -> tuple[float, float, float]:
+    """Resident (parameters, gradients, optimizer state) of ``params`` parameters under the sharding mode."""
+    mode, d = _mode(cost), cost.dp_size
+    p, g, o = params * cost.param_bytes, params * cost.grad_bytes, params * cost.optimizer_bytes
+    return {
+        "none": (p, g, o),
+        "optimizer": (p, g, o / d),
+        "gradients": (p, g / d, o / d),
+        "full": (p / d, g / d, o / d),
+    }[mode]
+
+
+def _memory(schedule: Schedule, cost: CostModel) -> tuple[MemoryEstimate, list[list[_Gather]]]:
+    params = _per_stage(cost.stage_params, schedule.num_stages, "stage_params")
+    gathers, peaks, statics = [], [], []
+    for rank in range(schedule.pipeline_size):
+        rank_gathers, rank_peaks = _walk_rank(schedule, rank, cost)
+        gathers.append(rank_gathers)
+        peaks.append(rank_peaks)
+        statics.append(resident_bytes(sum(params[s] for s in schedule.stages_of(rank)), cost))
+    memory = MemoryEstimate(
+        peak_live_micro_batches=tuple(p[0] for p in peaks),
+        peak_activation_bytes=tuple(p[1] for p in peaks),
+        param_bytes=tuple(s[0] for s in statics),
+        grad_bytes=tuple(s[1] for s in statics),
+        optimizer_bytes=tuple(s[2] for s in statics),
+        peak_bytes=tuple(sum(s) + p[2] for s, p in zip(statics, peaks, strict=True)),
+    )
+    return memory, gathers
+
+
+def estimate_memory(schedule: Schedule, cost: CostModel) -> MemoryEstimate:
+    """Peak memory per rank without timing the step (memory follows each rank's action order)."""
+    return _memory(schedule, cost)[0]
+
+
+def _collective_times(cost: CostModel, params: float) -> dict[str, float]:
+    """Ring all-gather / reduce-scatter / all-reduce time of one stage's parameters or gradients."""
+    share = (cost.dp_size - 1) / cost.dp_size
+    gather = cost.dp_latency + share * params * cost.param_bytes / cost.dp_bandwidth
+    scatter = cost.dp_latency + share * params * cost.grad_bytes / cost.dp_bandwidth
+    return {"all_gather": gather, "reduce_scatter": scatter, "all_reduce": 2 * scatter - cost.dp_latency}
+
+
+def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True) -> SimResult:
+    """Simulates one step of ``schedule`` under ``cost``; see the module docstring for the rules."""
+    num_stages, pipeline_size = schedule.num_stages, schedule.pipeline_size
+    forward = _per_stage(cost.forward_time, num_stages, "forward_time")
+    backward = (
+        tuple(2 * f for f in forward)
+        if cost.backward_time is None
+        else _per_stage(cost.backward_time, num_stages, "backward_time")
+    )
+    if cost.activation_checkpointing:
+        backward = tuple(b + f for b, f in zip(backward, forward, strict=True))
+    boundary = _per_stage(cost.boundary_bytes, num_stages, "boundary_bytes")
+    bandwidth = _per_stage(cost.p2p_bandwidth, pipeline_size, "p2p_bandwidth")
+    params = _per_stage(cost.stage_params, num_stages, "stage_params")
+    collective = [_collective_times(cost, p) for p in params]
+    memory, gathers = _memory(schedule, cost)
+    mode, last = _mode(cost), num_stages - 1
+    reduce_kind = "all_reduce" if mode == "none" else "reduce_scatter"
+
+    clock, comm_free, busy = [0.0] * pipeline_size, [0.0] * pipeline_size, [0.0] * pipeline_size
+    gather_end: list[dict[int, float]] = [{} for _ in range(pipeline_size)]
+    gather_at = [{g.position: k for k, g in enumerate(rank_gathers)} for rank_gathers in gathers]
+    sent: dict[tuple[bool, int, int], float] = {}  # (is_grad, receiving stage, micro-batch) -> send time
+    posted: dict[tuple[bool, int, int], float] = {}
+    arrival: dict[tuple[bool, int, int], float] = {}
+    channel_free: dict[tuple[bool, int], float] = {}
+    events: list[SimEvent] = []
+
+    def collective_op(rank: int, kind: str, stage: int, issued: float) -> float:
+        start = max(issued, comm_free[rank])
+        comm_free[rank] = end = start + (collective[stage][kind] if cost.dp_size > 1 else 0.0)
+        if record_events and end > start:
+            events.append(SimEvent(rank, f"{kind} {stage}", kind, start, end))
+        return end
+
+    def issue_gather(rank: int, k: int, issued: float) -> None:
+        if k < len(gathers[rank]):
+            g = gathers[rank][k]
+            gather_end[rank][k] = collective_op(rank, "all_gather", g.stage, issued) if g.needed else issued
+
+    def message(key: tuple[bool, int, int], when: float, is_send: bool) -> None:
+        (sent if is_send else posted)[key] = when
+        if key in sent and key in posted:  # both sides ready: the transfer runs on its link, one at a time
+            is_grad, stage, m = key
+            link = stage % pipeline_size if is_grad else (stage - 1) % pipeline_size
+            start = max(sent[key], posted[key], channel_free.get((is_grad, link), 0.0))
+            channel_free[(is_grad, link)] = end = start + boundary[stage] / bandwidth[link]
+            arrival[key] = end + cost.p2p_latency
+            if record_events:
+                src = (stage + 1 if is_grad else stage - 1) % pipeline_size
+                name, category = (f"SG{stage + 1}.{m}", "send_grad") if is_grad else (f"SA{stage - 1}.{m}", "send_act")
+                events.append(SimEvent(src, name, category, start, end))
+
+    def ready_at(a: Action) -> float | None:  # when the inputs of a compute action are there; None: not yet known
+        local = pipeline_size == 1
+        if a.kind is _F and a.stage > 0 and not local:
+            return arrival.get((False, a.stage, a.micro_batch))
+        if a.kind is _B and a.stage < last and not local:
+            return arrival.get((True, a.stage, a.micro_batch))
+        return 0.0
+
+    for rank in range(pipeline_size):
+        issue_gather(rank, 0, 0.0)
+    pointers, remaining = [0] * pipeline_size, sum(len(a) for a in schedule.actions)
+    while remaining:
+        progressed = False
+        for rank, actions in enumerate(schedule.actions):
+            i = pointers[rank]
+            while i < len(actions):
+                a = actions[i]
+                if a.kind is _F or a.kind is _B:
+                    ready = ready_at(a)
+                    if ready is None:
+                        break
+                    start = max(clock[rank], ready)
+                    k = gather_at[rank].get(i)
+                    if k is not None:
+                        start = max(start, gather_end[rank][k])
+                        issue_gather(rank, k + 1, start)
+                    duration = forward[a.stage] if a.kind is _F else backward[a.stage]
+                    clock[rank] = start + duration
+                    busy[rank] += duration
+                    if record_events:
+                        name = "forward" if a.kind is _F else "backward"
+                        events.append(SimEvent(rank, str(a), name, start, clock[rank]))
+                elif a.kind is _SA or a.kind is _RA:
+                    stage = a.stage + 1 if a.kind is _SA else a.stage
+                    message((False, stage, a.micro_batch), clock[rank], a.kind is _SA)
+                elif a.kind is _SG or a.kind is _RG:
+                    stage = a.stage - 1 if a.kind is _SG else a.stage
+                    message((True, stage, a.micro_batch), clock[rank], a.kind is _SG)
+                elif a.kind is _RD:
+                    collective_op(rank, reduce_kind, a.stage, clock[rank])
+                i += 1
+            if i > pointers[rank]:
+                remaining -= i - pointers[rank]
+                pointers[rank] = i
+                progressed = True
+        if not progressed:
+            lists = schedule.actions
+            blocked = ", ".join(f"rank {r} at {lists[r][p]}" for r, p in enumerate(pointers) if p < len(lists[r]))
+            raise ScheduleError(f"the simulation is stuck ({blocked}); check the schedule with validate_schedule()")
+    step_time = max(max(clock), max(comm_free))
+    return SimResult(step_time, tuple(busy), memory, tuple(sorted(events, key=lambda e: (e.rank, e.start))))
+
+
+COLORS = {
+    "forward": "#4c72b0",
+    "backward": "#dd8452",
+    "all_gather": "#8172b3",
+    "reduce_scatter": "#55a868",
+    "all_reduce": "#55a868",
+}
+
+
+def plot_timeline(events: Sequence[SimEvent], path: str | Path, title: str = "") -> Path:
+    """Draws simulated events: one row per rank (compute on top, collectives in a thin strip under it); the gaps in
+    the compute rows are the bubble. Needs matplotlib (``pip install -e ".[plot]"``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError as error:
+        raise ImportError('plot_timeline needs matplotlib: pip install -e ".[plot]"') from error
+    ranks = sorted({e.rank for e in events})
+    fig, ax = plt.subplots(figsize=(12, 0.7 * len(ranks) + 1.3))
+    for row, rank in enumerate(ranks):
+        for e in events:
+            if e.rank != rank or e.category.startswith("send"):
+                continue
+            compute = e.category in ("forward", "backward")
+            span = (row - 0.4, 0.6) if compute else (row + 0.22, 0.18)
+            ax.broken_barh([(e.start, e.end - e.start)], span, color=COLORS.get(e.category, "#937860"))
+            if compute:
+                ax.broken_barh([(e.start, e.end - e.start)], span, facecolor="none", edgecolor="white", linewidth=0.3)
+    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.invert_yaxis()
+    ax.set_xlabel("time (units of the cost model, e.g. s)")
+    ax.set_title(title or "simulated step")
+    labels = {"forward": "forward", "backward": "backward", "all_gather": "all-gather", "all_reduce": "grad reduction"}
+    legend = [Patch(color=COLORS[k], label=label) for k, label in labels.items()]
+    ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

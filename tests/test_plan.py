@@ -1,0 +1,133 @@
+"""The planner: model and cluster arithmetic, the search (pruned = exhaustive), memory filtering and the command."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from lightning_bfpp.plan import (
+    GB,
+    ClusterSpec,
+    Layout,
+    ModelSpec,
+    _schedule,
+    cost_model,
+    layouts,
+    lower_bound,
+    main,
+    peak_memory,
+    plan,
+    predict,
+)
+from lightning_bfpp.simulate import SHARDING_MODES, simulate
+
+SMALL = ModelSpec(layers=8, hidden=1024, seq_len=512, vocab=8192)
+CLUSTER = ClusterSpec(nodes=2, gpus_per_node=4, gpu_memory_gb=4.0, gpu_tflops=100.0)
+
+
+def test_52b_shape_from_the_parameter_count() -> None:
+    model = ModelSpec.from_params(52e9)
+    assert (model.layers, model.hidden) == (64, 8192)
+    assert model.params == pytest.approx(52e9, rel=0.01)
+    assert ModelSpec.from_params(52e9, layers=32).hidden == 11648  # sqrt(52e9 / (12 x 32)), a multiple of 128
+
+
+def test_cost_model_splits_time_parameters_and_links() -> None:
+    layout = Layout("breadth_first", 2, 2, 4, micro_batch_size=2, num_micro_batches=4)
+    cost = cost_model(SMALL, CLUSTER, layout)
+    rate = CLUSTER.gpu_tflops * 1e12 * CLUSTER.compute_efficiency
+    assert sum(cost.forward_time) == pytest.approx(2 * (8 * SMALL.layer_flops + SMALL.head_flops) / rate)
+    assert cost.forward_time[0] == pytest.approx(2 * 2 * SMALL.layer_flops / rate)
+    assert sum(cost.stage_params) == SMALL.params + SMALL.vocab * SMALL.hidden  # the last stage's output embedding
+    assert cost.boundary_bytes == 2 * 2 * 512 * 1024
+    # dp_contiguous, D = 4 = GPUs per node: replicas share a node, the pipeline link crosses nodes
+    assert cost.dp_bandwidth == 200e9 and list(cost.p2p_bandwidth) == [25e9, 25e9]
+    swapped = cost_model(SMALL, CLUSTER, replace(layout, rank_layout="pp_contiguous"))
+    assert swapped.dp_bandwidth == 25e9 and list(swapped.p2p_bandwidth) == [200e9, 200e9]
+    with pytest.raises(ValueError, match="choose P x L dividing it"):
+        cost_model(SMALL, CLUSTER, replace(layout, stages_per_rank=3))
+
+
+def test_lower_bound_is_a_bound_and_exact_for_gpipe_without_communication() -> None:
+    free = replace(CLUSTER, intra_node_gbps=1e9, inter_node_gbps=1e9, latency_us=0.0)
+    for layout in [
+        Layout("gpipe", 4, 1, 2, 1, 6),
+        Layout("breadth_first", 2, 4, 4, 1, 4, sharding="full"),
+        Layout("depth_first", 2, 2, 4, 2, 2, activation_checkpointing=True),
+        Layout("breadth_first", 8, 1, 1, 1, 3, accumulation=2),
+    ]:
+        for cluster in (CLUSTER, free):
+            assert lower_bound(cost_model(SMALL, cluster, layout), layout) <= predict(SMALL, cluster, layout).step_time
+    gpipe = Layout("gpipe", 4, 1, 2, 1, 6)
+    exact = predict(SMALL, free, gpipe).step_time
+    assert lower_bound(cost_model(SMALL, free, gpipe), gpipe) == pytest.approx(exact, rel=1e-6)
+
+
+def test_extrapolated_micro_batches_match_the_full_simulation() -> None:
+    for layout in [Layout("depth_first", 2, 2, 4, 1, 24), Layout("breadth_first", 4, 2, 2, 1, 20, sharding="full")]:
+        full, short = predict(SMALL, CLUSTER, layout, max_simulated=100), predict(SMALL, CLUSTER, layout, 4)
+        assert short.simulated_micro_batches < layout.num_micro_batches == full.simulated_micro_batches
+        assert short.step_time == pytest.approx(full.step_time, rel=1e-9)
+        assert short.peak_memory_bytes == pytest.approx(full.peak_memory_bytes, rel=1e-9)
+
+
+def test_accumulation_adds_quiet_passes() -> None:
+    one = Layout("breadth_first", 2, 2, 4, 1, 4)
+    two = predict(SMALL, CLUSTER, replace(one, accumulation=2))
+    quiet = simulate(_schedule("breadth_first", 2, 2, 4), replace(cost_model(SMALL, CLUSTER, one), dp_size=1))
+    assert two.step_time == pytest.approx(predict(SMALL, CLUSTER, one).step_time + quiet.step_time)
+    assert two.tokens_per_second > predict(SMALL, CLUSTER, one).tokens_per_second  # the reductions are amortized
+
+
+def test_pruned_search_equals_exhaustive_search() -> None:
+    budget = CLUSTER.gpu_memory_gb * GB * CLUSTER.usable_memory
+    for batch in (8, 32):
+        everything = []
+        for base in layouts(SMALL, CLUSTER, batch, ("breadth_first", "depth_first", "gpipe"), max_accumulation=8):
+            modes = SHARDING_MODES if base.data_parallel_size > 1 else ("none",)
+            for layout in (replace(base, sharding=s, activation_checkpointing=c) for c in (False, True) for s in modes):
+                if peak_memory(SMALL, CLUSTER, layout) <= budget:
+                    everything.append(predict(SMALL, CLUSTER, layout))
+                    break  # the first variant that fits, as plan() does
+        everything.sort(key=lambda r: r.step_time)
+        found = plan(SMALL, CLUSTER, batch, top=5)
+        assert len(found.results) < len(everything)
+        assert [r.step_time for r in found.results[:5]] == pytest.approx([r.step_time for r in everything[:5]])
+        for name in ("breadth_first", "depth_first", "gpipe"):
+            best = min(r.step_time for r in everything if r.layout.schedule == name)
+            assert min(r.step_time for r in found.results if r.layout.schedule == name) == pytest.approx(best)
+        assert all(r.peak_memory_bytes <= budget for r in found.results)
+
+
+def test_nothing_fits_in_a_tiny_memory() -> None:
+    assert plan(SMALL, replace(CLUSTER, gpu_memory_gb=0.05), 16).results == []
+
+
+def test_breadth_first_wins_at_half_a_sequence_per_gpu_for_52b_on_64_gpus() -> None:
+    """The paper's setting: with a small batch per GPU only the looped breadth-first schedule hides the bubble."""
+    found = plan(ModelSpec.from_params(52e9), ClusterSpec(), 32, top=1)
+    best = {s: next(r for r in found.results if r.layout.schedule == s) for s in ("breadth_first", "depth_first")}
+    assert found.results[0].layout.schedule == "breadth_first" and found.results[0].layout.stages_per_rank > 1
+    assert best["breadth_first"].tflops_per_gpu > 1.2 * best["depth_first"].tflops_per_gpu
+
+
+def test_command_prints_table_comparison_and_plot(tmp_path, capsys) -> None:
+    argv = ["--layers", "8", "--hidden", "1024", "--seq-len", "512", "--vocab", "8192", "--nodes", "2"]
+    argv += ["--gpus-per-node", "4", "--gpu-memory-gb", "4", "--batch-per-gpu", "1", "4", "--top", "3", "--compare"]
+    plot = tmp_path / "plan.png"
+    pytest.importorskip("matplotlib")
+    assert main([*argv, "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "global batch 8 sequences (1 per GPU)" in out and "global batch 32 sequences (4 per GPU)" in out
+    assert "TFLOP/s/GPU" in out and "| batch/GPU | global batch | breadth_first | depth_first | gpipe | best |" in out
+    assert plot.stat().st_size > 10_000
+
+
+def test_command_errors_name_the_fix(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--global-batch", "8"])
+    assert "describe the model with --params" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--params", "1e9", "--batch-per-gpu", "0.3"])
+    assert "whole number of sequences" in capsys.readouterr().err

@@ -1,0 +1,205 @@
+"""The simulator against step times, bubbles and memory computed by hand (pure Python, no processes)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from lightning_bfpp.schedule import build_schedule
+from lightning_bfpp.simulate import CostModel, SimEvent, estimate_memory, plot_timeline, resident_bytes, simulate
+
+
+def _spans(events: tuple[SimEvent, ...]) -> dict[str, tuple[float, float]]:
+    return {e.name: (e.start, e.end) for e in events}
+
+
+@pytest.mark.parametrize(("pipeline_size", "micro_batches"), [(1, 3), (2, 4), (4, 8), (4, 2), (8, 3)])
+def test_gpipe_step_and_bubble(pipeline_size: int, micro_batches: int) -> None:
+    """GPipe, forward f = 1, backward b = 2, free communication: step = (M + P - 1)(f + b), bubble = (P-1)/(M+P-1)."""
+    result = simulate(build_schedule("gpipe", pipeline_size, 1, micro_batches), CostModel(forward_time=1.0))
+    assert result.step_time == pytest.approx((micro_batches + pipeline_size - 1) * 3)
+    assert result.bubble_fraction == pytest.approx((pipeline_size - 1) / (micro_batches + pipeline_size - 1))
+    assert result.compute_time == pytest.approx([micro_batches * 3.0] * pipeline_size)
+    # every rank holds all M activations before its first backward
+    assert result.memory.peak_live_micro_batches == (micro_batches,) * pipeline_size
+
+
+def test_looped_breadth_first_by_hand() -> None:
+    """Looped breadth-first, P = 2, L = 2, M = 4: stages 0, 2 on rank 0 and 1, 3 on rank 1; each stage is half a
+    rank's work, so f = 0.5 and b = 1 per stage and micro-batch; communication is free.
+
+    forward  rank 0: F0.0-F0.3 in [0, 2], F2.0-F2.3 in [2, 4] (F2.0 needs F1.0, done at 1)
+             rank 1: F1.m in [0.5 + 0.5m, 1 + 0.5m] (ends 2.5), F3.m in [2.5 + 0.5m, 3 + 0.5m] (ends 4.5)
+    backward rank 1: B3.m in [4.5 + m, 5.5 + m] (ends 8.5)
+             rank 0: B2.m waits for B3.m: [5.5 + m, 6.5 + m] (ends 9.5)
+             rank 1: B1.0-B1.2 in [8.5, 11.5] (free after B3.3), B1.3 in [11.5, 12.5]
+             rank 0: B0.m waits for B1.m: [9.5 + m, 10.5 + m], so the step ends at 13.5
+    busy: 2 ranks x L M (f + b) = 2 x 12 = 24, bubble = 1 - 24 / (2 x 13.5) = 1/9 = (P-1)/(LM + P-1);
+    GPipe with the same work per rank (f = 1, b = 2) takes (M + P - 1) x 3 = 15, bubble 1/5.
+    """
+    result = simulate(build_schedule("breadth_first", 2, 2, 4), CostModel(forward_time=0.5))
+    spans = _spans(result.events)
+    assert result.step_time == pytest.approx(13.5)
+    assert result.bubble_fraction == pytest.approx(1 / 9)
+    assert spans["F2.0"] == (2.0, 2.5) and spans["F3.3"] == (4.0, 4.5)
+    assert spans["B2.0"] == (5.5, 6.5) and spans["B1.3"] == (11.5, 12.5) and spans["B0.3"] == (12.5, 13.5)
+    assert result.memory.peak_live_micro_batches == (8, 8)  # L x M: every forward precedes every backward
+    gpipe = simulate(build_schedule("gpipe", 2, 1, 4), CostModel(forward_time=1.0))
+    assert gpipe.step_time == pytest.approx(15.0) and gpipe.bubble_fraction == pytest.approx(1 / 5)
+
+
+@pytest.mark.parametrize(("pipeline_size", "stages", "micro_batches"), [(2, 3, 4), (4, 2, 4), (4, 4, 8), (3, 2, 6)])
+def test_looped_breadth_first_bubble_formula(pipeline_size: int, stages: int, micro_batches: int) -> None:
+    """With M >= P and uniform stages, looping divides the GPipe bubble's fill and drain by L."""
+    schedule = build_schedule("breadth_first", pipeline_size, stages, micro_batches)
+    result = simulate(schedule, CostModel(forward_time=1.0 / stages))
+    expected = (pipeline_size - 1) / (stages * micro_batches + pipeline_size - 1)
+    assert result.bubble_fraction == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("pipeline_size", "micro_batches"), [(2, 4), (4, 4), (4, 8)])
+def test_one_f_one_b_peak_memory_and_time(pipeline_size: int, micro_batches: int) -> None:
+    """1F1B keeps P - r activations on rank r (GPipe keeps M) and takes as long as GPipe."""
+    result = simulate(build_schedule("1f1b", pipeline_size, 1, micro_batches), CostModel(forward_time=1.0))
+    assert result.memory.peak_live_micro_batches == tuple(pipeline_size - r for r in range(pipeline_size))
+    assert result.step_time == pytest.approx((micro_batches + pipeline_size - 1) * 3)
+
+
+def test_point_to_point_cost_adds_two_hops_per_boundary() -> None:
+    """GPipe with a transfer cost c = latency + bytes / bandwidth < f per hop: the first micro-batch crosses P - 1
+    boundaries forward and P - 1 backward, so step = (M + P - 1)(f + b) + 2 (P - 1) c."""
+    cost = CostModel(forward_time=1.0, p2p_latency=0.1, boundary_bytes=30.0, p2p_bandwidth=100.0)
+    result = simulate(build_schedule("gpipe", 4, 1, 6), cost)
+    assert result.step_time == pytest.approx((6 + 3) * 3 + 2 * 3 * 0.4)
+    sends = [e for e in result.events if e.category == "send_act"]
+    assert len(sends) == 3 * 6 and all(e.end - e.start == pytest.approx(0.3) for e in sends)
+
+
+def test_all_reduce_overlaps_backward_of_the_stages_below() -> None:
+    """P = 1, two stages, M = 2, f = 1, b = 2, D = 2, 1000 parameters per stage at 2 bytes, 1000 bytes/s.
+    The all-reduce takes 2 (D-1)/D x 2000 / 1000 = 2. Stage 1 ends its backward at 8: its all-reduce [8, 10]
+    hides under the backward of stage 0 [8, 12]; stage 0's all-reduce [12, 14] ends the step."""
+    cost = CostModel(forward_time=1.0, stage_params=1000, dp_size=2, dp_bandwidth=1000.0)
+    result = simulate(build_schedule("breadth_first", 1, 2, 2), cost)
+    reductions = sorted((e.start, e.end) for e in result.events if e.category == "all_reduce")
+    assert reductions == [(8.0, 10.0), (12.0, 14.0)]
+    assert result.step_time == pytest.approx(14.0)
+
+
+def test_fully_sharded_gathers_and_memory_by_hand() -> None:
+    """As above with ZeRO-3: all-gather and reduce-scatter take (D-1)/D x 2000 / 1000 = 1 each.
+
+    gather s0 [0, 1]; F0.0 [1, 2] prefetches s1: [1, 2]; F0.1 [2, 3]; F1.0 [3, 4], F1.1 [4, 5] (s1 stays gathered
+    for its backward); B1.0 [5, 7] prefetches s0 for its backward [5, 6]; B1.1 [7, 9]; reduce-scatter s1 [9, 10];
+    B0.0 [9, 11], B0.1 [11, 13]; reduce-scatter s0 [13, 14]: step 14.
+    Memory: resident 2000 x 16 / 2 = 16000 bytes; at B1.0 both stages are gathered (2 x 2000) and s1's unsharded
+    gradients are there (2000): peak 22000.
+    """
+    cost = CostModel(forward_time=1.0, stage_params=1000, dp_size=2, dp_bandwidth=1000.0, sharding="full")
+    result = simulate(build_schedule("breadth_first", 1, 2, 2), cost)
+    gathers = sorted((e.start, e.end) for e in result.events if e.category == "all_gather")
+    scatters = sorted((e.start, e.end) for e in result.events if e.category == "reduce_scatter")
+    assert gathers == [(0.0, 1.0), (1.0, 2.0), (5.0, 6.0)]
+    assert scatters == [(9.0, 10.0), (13.0, 14.0)]
+    assert result.step_time == pytest.approx(14.0)
+    assert result.memory.peak_bytes == (22000.0,)
+    assert estimate_memory(build_schedule("breadth_first", 1, 2, 2), cost) == result.memory
+
+
+@pytest.mark.parametrize(
+    ("sharding", "expected"),
+    [("none", (2000, 2000, 12000)), ("optimizer", (2000, 2000, 3000)), ("gradients", (2000, 500, 3000)),
+     ("full", (500, 500, 3000))],
+)  # fmt: skip
+def test_resident_bytes_by_sharding_mode(sharding: str, expected: tuple[int, int, int]) -> None:
+    cost = CostModel(forward_time=1.0, dp_size=4, sharding=sharding)
+    assert resident_bytes(1000, cost) == expected
+    assert resident_bytes(1000, CostModel(forward_time=1.0, dp_size=1, sharding=sharding)) == (2000, 2000, 12000)
+
+
+def test_activation_checkpointing_time_and_memory() -> None:
+    """GPipe P = 2, M = 4 with checkpointing: the backward recomputes the forward (b' = b + f = 3), ranks keep M
+    stage inputs (10 bytes) and rebuild one micro-batch's activations (1000) during a backward."""
+    base = {"forward_time": 1.0, "activation_bytes": 1000.0, "boundary_bytes": 10.0}
+    plain = simulate(build_schedule("gpipe", 2, 1, 4), CostModel(**base))
+    ckpt = simulate(build_schedule("gpipe", 2, 1, 4), CostModel(**base, activation_checkpointing=True))
+    assert plain.step_time == pytest.approx(5 * 3) and ckpt.step_time == pytest.approx(5 * 4)
+    assert plain.memory.peak_activation_bytes == (4000.0, 4000.0)
+    assert ckpt.memory.peak_activation_bytes == (1040.0, 1040.0)
+
+
+def test_depth_first_holds_fewer_activations_than_breadth_first() -> None:
+    schedule = {name: build_schedule(name, 4, 2, 8) for name in ("breadth_first", "depth_first")}
+    cost = CostModel(forward_time=0.5, activation_bytes=1.0)
+    live = {name: simulate(s, cost).memory.peak_live_micro_batches for name, s in schedule.items()}
+    assert live["breadth_first"] == (16, 16, 16, 16)
+    assert max(live["depth_first"]) < 16
+
+
+@pytest.mark.parametrize(
+    ("name", "sizes"),
+    [("breadth_first", (3, 2, 5)), ("depth_first", (4, 2, 8)), ("depth_first", (3, 1, 5)), ("gpipe", (4, 1, 3)),
+     ("1f1b", (4, 1, 6)), ("breadth_first", (1, 3, 2))],
+)  # fmt: skip
+def test_every_dependency_and_rank_order_is_respected(name: str, sizes: tuple[int, int, int]) -> None:
+    """Uneven stages and slow links: each rank's computes follow its action order without overlap, a forward starts
+    after the previous stage's forward (plus the transfer), a backward after the next stage's backward."""
+    num_stages = sizes[0] * sizes[1]
+    cost = CostModel(
+        forward_time=[1.0 + 0.3 * (s % 3) for s in range(num_stages)],
+        p2p_latency=0.2,
+        boundary_bytes=50.0,
+        p2p_bandwidth=100.0,
+        stage_params=100.0,
+        dp_size=2,
+        dp_bandwidth=50.0,
+        sharding="full",
+    )
+    schedule = build_schedule(name, *sizes)
+    result = simulate(schedule, cost)
+    spans = _spans(result.events)
+    for rank, actions in enumerate(schedule.actions):
+        computes = [spans[str(a)] for a in actions if a.kind.value in ("F", "B")]
+        assert len(computes) == 2 * sizes[1] * sizes[2]
+        assert all(a[1] <= b[0] + 1e-9 for a, b in itertools.pairwise(computes)), f"rank {rank}"
+    hop = 0.0 if sizes[0] == 1 else 0.2 + 0.5
+    for s in range(num_stages):
+        for m in range(sizes[2]):
+            assert spans[f"F{s}.{m}"][1] <= spans[f"B{s}.{m}"][0] + 1e-9
+            if s > 0:
+                assert spans[f"F{s - 1}.{m}"][1] + hop <= spans[f"F{s}.{m}"][0] + 1e-9
+            if s < num_stages - 1:
+                assert spans[f"B{s + 1}.{m}"][1] + hop <= spans[f"B{s}.{m}"][0] + 1e-9
+    assert result.step_time >= max(e.end for e in result.events) - 1e-9
+
+
+def test_forward_only_keeps_no_activations() -> None:
+    schedule = build_schedule("breadth_first", 2, 2, 4, forward_only=True)
+    result = simulate(schedule, CostModel(forward_time=0.5, activation_bytes=3.0, dp_size=2, sharding="optimizer"))
+    assert result.memory.peak_live_micro_batches == (1, 1) and result.memory.peak_activation_bytes == (3.0, 3.0)
+    assert not [e for e in result.events if e.category == "all_gather"]  # no optimizer step to gather after
+    assert result.step_time == pytest.approx(4.5)
+
+
+def test_cost_model_errors_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="one of none, optimizer, gradients, full"):
+        CostModel(forward_time=1.0, sharding="zero3")
+    with pytest.raises(ValueError, match="exactly 4"):
+        simulate(build_schedule("breadth_first", 2, 2, 2), CostModel(forward_time=[1.0, 2.0]))
+    with pytest.raises(ValueError, match="dp_size"):
+        CostModel(forward_time=1.0, dp_size=0)
+
+
+def test_per_rank_bubble_and_free_everything() -> None:
+    result = simulate(build_schedule("gpipe", 2, 1, 2), CostModel(forward_time=1.0, dp_bandwidth=math.inf))
+    assert result.rank_bubble_fractions == pytest.approx((1 / 3, 1 / 3))
+
+
+def test_plot_timeline_writes_a_png(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    cost = CostModel(forward_time=0.5, stage_params=1000, dp_size=2, dp_bandwidth=1000.0, sharding="full")
+    result = simulate(build_schedule("breadth_first", 2, 2, 4), cost)
+    path = plot_timeline(result.events, tmp_path / "timeline.png", "P=2 L=2 M=4")
+    assert path.stat().st_size > 10_000
