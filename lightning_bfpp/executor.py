@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,21 +22,13 @@ from lightning_bfpp.p2p import (
     check_stage_outputs,
 )
 from lightning_bfpp.schedule import Action, ActionKind, Schedule
+from lightning_bfpp.timeline import TimedEvent
 
 StageIO = Tensor | tuple[Tensor, ...]
 ForwardFn = Callable[[int, int, StageIO | None], StageIO]
 """``forward(stage, micro_batch, inputs)``: runs a stage; ``inputs`` is None for the first stage."""
 LastStageFn = Callable[[int, StageIO], Tensor | None]
 """``last(micro_batch, outputs)``: consumes the last stage's outputs; returns the loss to back-propagate, or None."""
-
-
-class TimedEvent(NamedTuple):
-    """One executed action (or a wait inside it) with ``time.perf_counter()`` start and end."""
-
-    name: str
-    category: str
-    start: float
-    end: float
 
 
 @dataclass

@@ -27,20 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from lightning_bfpp.schedule import Action, ActionKind, Schedule, ScheduleError
+from lightning_bfpp.schedule import _B, _F, _RA, _RD, _RG, _SA, _SG, Action, Schedule, ScheduleError
+from lightning_bfpp.timeline import TimedEvent, plot_rows
 
 SHARDING_MODES = ("none", "optimizer", "gradients", "full")
 """Data-parallel modes: plain replicas, and ZeRO-1 (optimizer state), ZeRO-2 (+ gradients), ZeRO-3 (+ parameters)."""
 
-_F, _B, _RA, _SA, _RG, _SG, _RD = (
-    ActionKind.FORWARD,
-    ActionKind.BACKWARD,
-    ActionKind.RECV_ACT,
-    ActionKind.SEND_ACT,
-    ActionKind.RECV_GRAD,
-    ActionKind.SEND_GRAD,
-    ActionKind.REDUCE_GRAD,
-)
 PerStage = float | Sequence[float]
 
 
@@ -384,45 +376,14 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
     return SimResult(step_time, tuple(busy), memory, tuple(sorted(events, key=lambda e: (e.rank, e.start))))
 
 
-COLORS = {
-    "forward": "#4c72b0",
-    "backward": "#dd8452",
-    "all_gather": "#8172b3",
-    "reduce_scatter": "#55a868",
-    "all_reduce": "#55a868",
-}
-
-
 def plot_timeline(events: Sequence[SimEvent], path: str | Path, title: str = "") -> Path:
     """Draws simulated events: one row per rank (compute on top, collectives in a thin strip under it); the gaps in
     the compute rows are the bubble. Needs matplotlib (``pip install -e ".[plot]"``)."""
+    by_rank: dict[int, list[TimedEvent]] = {}
+    for e in events:
+        if not e.category.startswith("send"):
+            by_rank.setdefault(e.rank, []).append(TimedEvent(e.name, e.category, e.start, e.end))
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
+        return plot_rows(by_rank, path, title or "simulated step", "time (units of the cost model, e.g. s)")
     except ImportError as error:
         raise ImportError('plot_timeline needs matplotlib: pip install -e ".[plot]"') from error
-    ranks = sorted({e.rank for e in events})
-    fig, ax = plt.subplots(figsize=(12, 0.7 * len(ranks) + 1.3))
-    for row, rank in enumerate(ranks):
-        for e in events:
-            if e.rank != rank or e.category.startswith("send"):
-                continue
-            compute = e.category in ("forward", "backward")
-            span = (row - 0.4, 0.6) if compute else (row + 0.22, 0.18)
-            ax.broken_barh([(e.start, e.end - e.start)], span, color=COLORS.get(e.category, "#937860"))
-            if compute:
-                ax.broken_barh([(e.start, e.end - e.start)], span, facecolor="none", edgecolor="white", linewidth=0.3)
-    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
-    ax.invert_yaxis()
-    ax.set_xlabel("time (units of the cost model, e.g. s)")
-    ax.set_title(title or "simulated step")
-    labels = {"forward": "forward", "backward": "backward", "all_gather": "all-gather", "all_reduce": "grad reduction"}
-    legend = [Patch(color=COLORS[k], label=label) for k, label in labels.items()]
-    ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
