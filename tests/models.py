@@ -73,7 +73,7 @@ class StackModel(PipelineModule):
                 return layer(h) + total
             if layer is self.first and self.tuple_io:
                 h = layer(inputs)
-                return h, torch.zeros_like(h[:, :1])
+                return h, torch.zeros_like(h[..., :1])
             return layer(inputs)
         return layer(*inputs, batch["mask"])
 

@@ -28,18 +28,36 @@ class OrderedData(pl.LightningDataModule):
     """The test data in a fixed order, split over the data-parallel replicas without shuffling, so that the global
     batch of step ``k`` is the same samples whatever the number of replicas."""
 
-    def __init__(self, batch_size: int, size: int) -> None:
+    def __init__(self, batch_size: int, size: int, variable_length: bool = False) -> None:
         super().__init__()
-        self.batch_size, self.size = batch_size, size
+        self.batch_size, self.size, self.variable_length = batch_size, size, variable_length
 
     def train_dataloader(self) -> DataLoader:
-        data = loader(self.batch_size, size=self.size).dataset
         replicas = self.trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
+        if self.variable_length:
+            return variable_length_batches(self.batch_size, replicas["num_replicas"], replicas["rank"])
+        data = loader(self.batch_size, size=self.size).dataset
         sampler = DistributedSampler(data, shuffle=False, drop_last=True, **replicas)
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self.train_dataloader()
+
+
+def variable_length_batches(batch_size: int, replicas: int, rank: int, steps: int = 8) -> DataLoader:
+    """Sequence batches whose length changes from step to step; replica ``rank`` gets its rows of each global batch."""
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for step in range(steps):
+        length, rows = 2 + step % 3, batch_size * replicas
+        x = torch.randn(rows, length, 4, generator=g, dtype=torch.float64)
+        batch = {
+            "x": x,
+            "y": torch.sin(x.sum(-1)),
+            "mask": (torch.rand(rows, length, 8, generator=g) > 0.2).to(torch.float64),
+        }
+        batches.append({k: v[rank * batch_size : (rank + 1) * batch_size] for k, v in batch.items()})
+    return DataLoader(batches, batch_size=None)
 
 
 class Recorder(pl.Callback):
@@ -83,7 +101,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         callbacks=[recorder],
         use_distributed_sampler=False,
     )
-    data = OrderedData(config["batch_size"], config.get("data_size", 96))
+    data = OrderedData(config["batch_size"], config.get("data_size", 96), config.get("variable_length", False))
     trainer.fit(model, datamodule=data)
     validated = trainer.validate(model, datamodule=data, verbose=False) if config.get("validate_after") else None
     result = {

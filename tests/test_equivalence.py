@@ -128,3 +128,17 @@ def test_validate_after_fit_keeps_the_partition(run_job) -> None:
     ref = reference(config, 1)
     for rank in result.ranks():
         assert rank["validated"][0]["val_loss"] == pytest.approx(ref["validated"][0]["val_loss"], rel=1e-9)
+
+
+@pytest.mark.parametrize("tuple_io", [False, True], ids=["tensor", "tuple"])
+def test_sequence_length_may_change_every_batch(run_job, tuple_io: bool) -> None:
+    """Shapes travel with each step: batches of sequence length 2, 3, 4, 2, ... train exactly as on one process."""
+    config = {
+        "devices": 4,
+        "strategy": {"pipeline_parallel_size": 2, "stages_per_rank": 2, "micro_batches": 2},
+        "model": {"num_blocks": 4, "tuple_io": tuple_io, "optimizer": "adam"},
+        "batch_size": 4,
+        "max_steps": 5,
+        "variable_length": True,
+    }
+    assert_matches(run_job(config, timeout=150), config, 2)

@@ -274,6 +274,10 @@ def run(cfg: DictConfig, build: Builder) -> dict[str, float]:
         f"{trainer_kwargs['accelerator']} x {trainer_kwargs['devices']} | precision {trainer_kwargs['precision']}"
     )
     info(f"run directory: {run_dir}")
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is not None:  # who starts the processes and gives the ranks (SLURMEnvironment under srun)
+        name = type(environment).__name__
+        info(f"{trainer.world_size} processes on {trainer.num_nodes} node(s), cluster environment {name}")
     if ckpt_path:
         info(f"resuming from {ckpt_path}")
 

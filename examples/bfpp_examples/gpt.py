@@ -19,6 +19,11 @@ from bfpp_examples.optim import adamw_warmup_cosine
 from lightning_bfpp import PipelineModule
 
 
+def _logits(outputs: Tensor) -> Tensor:
+    """``(B, T, vocab)`` logits as ``(B * T, vocab)``, in float32 or wider (bf16/fp16 upcast, float64 kept)."""
+    return outputs.flatten(0, 1).to(torch.promote_types(outputs.dtype, torch.float32))
+
+
 class Embedding(nn.Module):
     """Token plus learned position embedding: ``(B, T)`` ids to ``(B, T, C)``."""
 
@@ -130,13 +135,13 @@ class GPT(PipelineModule):
         return batch["input_ids"]
 
     def pipeline_loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        loss = F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"].flatten())
+        loss = F.cross_entropy(_logits(outputs), batch["labels"].flatten())
         self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     # ---------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = F.cross_entropy(self(batch).flatten(0, 1).float(), batch["labels"].flatten())
+        loss = F.cross_entropy(_logits(self(batch)), batch["labels"].flatten())
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
