@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-HIDDEN, BLOCKS, BATCH, MICRO, STAGES_PER_RANK, WARMUP = 512, 8, 256, 8, 2, 2
+HIDDEN, BLOCKS, BATCH, STAGES_PER_RANK, WARMUP = 512, 8, 256, 2, 2
+MICRO = int(os.environ.get("BFPP_BENCH_MICRO_BATCHES", "8"))  # M; the CLI sets it for the launched processes
 
 
 class MLPBlock(nn.Module):
@@ -91,7 +92,7 @@ def run_lightning(role: str, steps: int) -> None:
             pipeline_parallel_size=2,
             stages_per_rank=STAGES_PER_RANK,
             micro_batches=MICRO,
-            timeout=timedelta(minutes=5),
+            timeout=timedelta(seconds=float(os.environ.get("BFPP_BENCH_TIMEOUT", "300"))),
             timeline_dir=os.environ.get("BFPP_BENCH_TIMELINE"),
             timeline_batches=(WARMUP, WARMUP + 2),
         )
@@ -176,11 +177,13 @@ def main() -> None:
     parser.add_argument("--role", default=None)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--micro-batches", type=int, default=8, help="M for the pipelined runs (default 8)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.role is not None:
         (run_torch if args.role.startswith("torch") else run_lightning)(args.role, args.steps)
         return
+    os.environ["BFPP_BENCH_MICRO_BATCHES"] = str(args.micro_batches)  # read by the launched processes
     roles = ["single", "bfpp", "torch_loopedbfs", "torch_interleaved1f1b", "torch_gpipe", "bfpp_p1"]
     times: dict[str, list[float]] = {r: [] for r in roles}
     for repeat in range(args.repeats):

@@ -313,6 +313,7 @@ class BFPPStrategy(ParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None and self.partition is not None
         self.accelerator.setup(trainer)
+        self._check_ranks_agree()
         drop_remote_layers(self.lightning_module, self._layer_names, self.partition, self.pipeline_rank)
         self.lightning_module.__dict__[SPLIT_ATTRIBUTE] = (self.partition, self._layer_names)
         self.model = self.precision_plugin.convert_module(self.model)
@@ -324,6 +325,28 @@ class BFPPStrategy(ParallelStrategy):
         self._patch_gradient_clipping()
         self._reducer = StageGradientReducer(self._stage_parameters(), self.dp_group)
         self._executors.clear()
+
+    def _check_ranks_agree(self) -> None:
+        """One gather at set-up: every rank must run the same layout on the same layer stack, or the first transfer
+        would wait forever. Raised on every rank, naming the ranks that differ."""
+        assert self.partition is not None
+        mine = {
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "stages_per_rank": self.stages_per_rank,
+            "micro_batches": self.micro_batches,
+            "schedule": self.schedule_name,
+            "layers": len(self._layer_names),
+            "partition": self.partition.boundaries,
+        }
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        differing = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
+        if differing:
+            raise ValueError(
+                f"The ranks disagree on the pipeline: rank 0 has {everyone[0]}, but rank {differing[0]} has "
+                f"{everyone[differing[0]]} (ranks {differing} differ). Give every rank the same module and strategy "
+                "options (same code, config and seed)."
+            )
 
     @override
     def model_to_device(self) -> None:

@@ -73,6 +73,8 @@ class Recorder(pl.Callback):
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
+    local_overrides = config.get("rank_overrides", {}).get(os.environ.get("LOCAL_RANK", "0"), {})
+    config = {k: {**v, **local_overrides[k]} if k in local_overrides else v for k, v in config.items()}
     pl.seed_everything(config.get("seed", 1), verbose=False)
     model = MODELS[config.get("model_class", "StackModel")](**config.get("model", {}))
     strategy_kwargs = config.get("strategy")
