@@ -76,7 +76,7 @@ def plot_rows(
     fig, ax = plt.subplots(figsize=(12, 0.7 * len(ranks) + 1.3))
     seen: dict[str, str] = {}
     for row, rank in enumerate(ranks):
-        for e in events_by_rank[rank]:
+        for e in sorted(events_by_rank[rank], key=lambda e: e.category == "wait"):  # waits over their actions
             color = COLORS.get(e.category, OTHER)
             span = (row - 0.4, 0.6) if e.category in FULL_HEIGHT else (row + 0.22, 0.18)
             ax.broken_barh([((e.start - origin) * scale, (e.end - e.start) * scale)], span, color=color)
