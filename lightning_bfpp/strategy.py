@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 RANK_LAYOUTS = ("dp_contiguous", "pp_contiguous")
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+SUPPORTED_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
 SPLIT_ATTRIBUTE = "_bfpp_split"  # set on a module once its remote layers are dropped: (partition, layer names)
 
 
@@ -240,6 +241,12 @@ class BFPPStrategy(ParallelStrategy):
             raise ValueError(
                 "BFPPStrategy runs forward and backward itself and needs automatic optimization: remove "
                 "`self.automatic_optimization = False` from the module."
+            )
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        if precision not in SUPPORTED_PRECISIONS:
+            raise ValueError(
+                f"precision={precision!r} is not supported by BFPPStrategy (float16 needs loss scaling across the "
+                f"pipeline, which it does not do yet): use one of {', '.join(map(repr, SUPPORTED_PRECISIONS))}."
             )
         self._check_world_size()
         split: tuple[Partition, list[str]] | None = getattr(model, SPLIT_ATTRIBUTE, None)

@@ -34,6 +34,7 @@ CASES = [
     pytest.param({"strategy": {"schedule": "zigzag"}}, "schedule='zigzag' is not supported", id="unknown-schedule"),
     pytest.param({"model_class": "VectorLossModel"}, "pipeline_loss must return a scalar tensor", id="vector-loss"),
     pytest.param({"model_class": "DictOutputModel"}, "must return a tensor or a tuple of tensors", id="dict-output"),
+    pytest.param({"precision": "16-true"}, "precision='16-true' is not supported", id="unsupported-precision"),
     pytest.param(
         {"rank_overrides": {"1": {"strategy": {"micro_batches": 4}}}}, "The ranks disagree", id="ranks-disagree-on-M"
     ),
