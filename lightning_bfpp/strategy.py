@@ -140,6 +140,7 @@ class BFPPStrategy(ParallelStrategy):
         self._layer_names: list[str] = []
         self._executors: dict[tuple[bool, int], PipelineExecutor] = {}
         self._reducer: StageGradientReducer | None = None
+        self._stage_layers_cache: dict[int, list[tuple[int, nn.Module]]] | None = None
         self._ordered_recvs = False  # NCCL always posts receives in schedule order; tests force it on gloo
 
     # ---------------------------------------------------------------------------------------------- sizes and ranks
@@ -323,6 +324,7 @@ class BFPPStrategy(ParallelStrategy):
         self._check_ranks_agree()
         drop_remote_layers(self.lightning_module, self._layer_names, self.partition, self.pipeline_rank)
         self.lightning_module.__dict__[SPLIT_ATTRIBUTE] = (self.partition, self._layer_names)
+        self._stage_layers_cache = None
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.barrier()
@@ -360,17 +362,20 @@ class BFPPStrategy(ParallelStrategy):
         assert self.model is not None
         self.model.to(self.root_device)
 
+    @property
+    def _stage_layers(self) -> dict[int, list[tuple[int, nn.Module]]]:
+        """``(layer index, layer)`` of each local stage, looked up once per set-up (the step runs them often)."""
+        if self._stage_layers_cache is None:
+            assert self.partition is not None
+            module = self.lightning_module
+            self._stage_layers_cache = {
+                stage: [(i, module.get_submodule(self._layer_names[i])) for i in self.partition.layers_of(stage)]
+                for stage in self.partition.stages_of(self.pipeline_rank)
+            }
+        return self._stage_layers_cache
+
     def _stage_parameters(self) -> dict[int, list[nn.Parameter]]:
-        assert self.partition is not None
-        module = self.lightning_module
-        return {
-            stage: [
-                p
-                for i in self.partition.layers_of(stage)
-                for p in module.get_submodule(self._layer_names[i]).parameters()
-            ]
-            for stage in self.partition.stages_of(self.pipeline_rank)
-        }
+        return {s: [p for _, layer in layers for p in layer.parameters()] for s, layers in self._stage_layers.items()}
 
     def _patch_gradient_clipping(self) -> None:
         groups = [self.pp_group]
@@ -394,14 +399,13 @@ class BFPPStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------------------------------- running stages
     def _stage_forward(self, micro_batches: list[Any]) -> Any:
-        module, names, partition = self.lightning_module, self._layer_names, self.partition
-        assert partition is not None
+        module, stage_layers = self.lightning_module, self._stage_layers
 
         def forward(stage: int, m: int, inputs: StageIO | None) -> StageIO:
             batch = micro_batches[m]
             x = module.pipeline_input(batch) if stage == 0 else inputs
-            for index in partition.layers_of(stage):
-                x = module.pipeline_layer_forward(index, module.get_submodule(names[index]), x, batch)
+            for index, layer in stage_layers[stage]:
+                x = module.pipeline_layer_forward(index, layer, x, batch)
             return x
 
         return forward
