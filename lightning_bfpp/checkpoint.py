@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_bfpp.collectives import all_gather_objects
+
 META_FILENAME = "meta.pt"  # the name Lightning's ModelParallelStrategy uses too
 
 
@@ -156,7 +158,7 @@ def load_plain(
     param_names = {id(p): name for name, p in module.named_parameters()}
     local_groups = [[[param_names[id(p)] for p in g["params"]] for g in o.param_groups] for o in optimizers]
 
-    info = _all_gather((sorted(local), local_params, local_groups), group)
+    info = all_gather_objects((sorted(local), local_params, local_groups), group)
     held = set().union(*(set(keys) for keys, _, _ in info))
     errors = []
     missing = sorted(held - set(full))
@@ -171,7 +173,7 @@ def load_plain(
             all_params = set().union(*(set(params) for _, params, _ in info))
             order = {name: i for i, name in enumerate(k for k in full if k in all_params)}
             errors += _load_plain_optimizers(optimizers, optimizer_states, local_groups, info, order, module)
-    errors = sorted({e for rank_errors in _all_gather(errors, group) for e in rank_errors})
+    errors = sorted({e for rank_errors in all_gather_objects(errors, group) for e in rank_errors})
     if errors:
         raise RuntimeError(
             f"Cannot load the checkpoint {path} into the pipelined module: {'; '.join(errors)}. The file must be a "
@@ -226,11 +228,3 @@ def _load_plain_optimizers(
             if not errors:
                 optimizer.load_state_dict({"state": local_state, "param_groups": local_param_groups})
     return errors
-
-
-def _all_gather(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from lightning_bfpp.collectives import relay
+
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
 _capturing = 0  # > 0 while a last-stage hook runs under LogRecorder.capture
 
@@ -176,15 +178,6 @@ def _metrics(module: nn.Module) -> Iterator[tuple[str, Metric]]:
     for name, sub in module.named_modules():
         if isinstance(sub, Metric):
             yield name, sub
-
-
-def relay(payload: Any, group: dist.ProcessGroup | None, src: int) -> Any:
-    """Broadcasts a picklable ``payload`` from group rank ``src`` to every rank of ``group``."""
-    if group is None or dist.get_world_size(group) == 1:
-        return payload
-    box = [payload]
-    dist.broadcast_object_list(box, group=group, group_src=src)
-    return box[0]
 
 
 def replay(module: Any, calls: list[LogCall | MetricCounts], device: torch.device) -> None:

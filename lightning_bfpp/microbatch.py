@@ -61,13 +61,27 @@ def _take(value: Any, size: int, parts: int, index: int) -> Any:
     return value
 
 
-def concat_outputs(parts: list[Any]) -> Any:
-    """Joins per-micro-batch outputs (tensors, or dicts/lists/tuples of tensors) along dimension 0."""
+def merge_outputs(parts: list[Any]) -> Any:
+    """Merges what a hook returned for each micro-batch into the batch's result: tensors with a batch
+    dimension and lists are concatenated, scalar floating tensors and floats averaged, other scalars stacked, dicts
+    and tuples merged entry by entry, equal other values kept once."""
+    if not parts:
+        return None
     first = parts[0]
+    if len(parts) == 1 or first is None:
+        return first
     if isinstance(first, Tensor):
-        return torch.cat(parts) if first.dim() > 0 else torch.stack(parts)
+        if first.dim() > 0:
+            return torch.cat(parts)
+        stacked = torch.stack(parts)
+        return stacked.mean() if stacked.is_floating_point() else stacked
     if isinstance(first, Mapping):
-        return type(first)({k: concat_outputs([p[k] for p in parts]) for k in first})  # type: ignore[call-arg]
-    if isinstance(first, (list, tuple)):
-        return type(first)(concat_outputs(list(items)) for items in zip(*parts, strict=True))
-    return parts
+        return type(first)({k: merge_outputs([p[k] for p in parts]) for k in first})  # type: ignore[call-arg]
+    if isinstance(first, tuple):
+        merged = [merge_outputs(list(items)) for items in zip(*parts, strict=True)]
+        return type(first)(*merged) if hasattr(first, "_fields") else type(first)(merged)
+    if isinstance(first, list):
+        return [item for part in parts for item in part]
+    if isinstance(first, float):
+        return sum(parts) / len(parts)
+    return first if all(p == first for p in parts) else list(parts)

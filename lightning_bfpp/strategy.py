@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
@@ -32,10 +33,11 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_bfpp import checkpoint as bfpp_checkpoint
+from lightning_bfpp.collectives import all_gather_objects, relay
 from lightning_bfpp.executor import PipelineExecutor, StageIO
 from lightning_bfpp.grad_clip import clip_grad_norm_global
-from lightning_bfpp.log_relay import LogRecorder, PipelineMetricSync, install_metric_sync, relay, replay
-from lightning_bfpp.microbatch import batch_size_of, split_batch
+from lightning_bfpp.log_relay import LogRecorder, PipelineMetricSync, install_metric_sync, replay
+from lightning_bfpp.microbatch import batch_size_of, merge_outputs, split_batch
 from lightning_bfpp.module import missing_hooks
 from lightning_bfpp.p2p import PeerLink
 from lightning_bfpp.partition import PARTITIONS, Partition, build_partition, drop_remote_layers, layer_names
@@ -347,8 +349,7 @@ class BFPPStrategy(ParallelStrategy):
             "layers": len(self._layer_names),
             "partition": self.partition.boundaries,
         }
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine)
+        everyone = all_gather_objects(mine)
         differing = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
         if differing:
             raise ValueError(
@@ -457,7 +458,7 @@ class BFPPStrategy(ParallelStrategy):
             self._write_timeline(executor)
         if steps_optimizer:
             self._reducer.finish()
-        loss = self._relay_results(losses, recorder, module)
+        loss = self._relay_from_last_stage(torch.stack(losses).mean() if losses else None, recorder)
         call._call_callback_hooks(trainer, "on_before_backward", loss)
         call._call_lightning_module_hook(trainer, "on_before_backward", loss)
         call._call_callback_hooks(trainer, "on_after_backward")
@@ -467,23 +468,20 @@ class BFPPStrategy(ParallelStrategy):
     def _write_timeline(self, executor: PipelineExecutor) -> None:
         """Gathers every rank's recorded events; rank 0 writes the trace and the picture."""
         events, executor.events = wall_clock(executor.events or []), None
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, events)
+        gathered = all_gather_objects(events)
         if self.global_rank == 0:
             title = (
                 f"{self.schedule_name}: P={self.pipeline_parallel_size} L={self.stages_per_rank} M={self.micro_batches}"
             )
             write_timeline(dict(enumerate(gathered)), self.timeline_dir, title)  # type: ignore[arg-type]
 
-    def _relay_results(self, losses: list[Tensor], recorder: LogRecorder, module: pl.LightningModule) -> Tensor:
-        """Sends the batch loss and the logged values from the last stage to every rank of the pipeline."""
-        payload = None
-        if self.is_last_stage_rank:
-            loss = torch.stack(losses).mean() if losses else None
-            payload = (loss.cpu() if loss is not None else None, recorder.calls())
-        loss_cpu, calls = relay(payload, self.pp_group, self.pipeline_parallel_size - 1)
-        replay(module, calls, self.root_device)
-        return loss_cpu.to(self.root_device) if loss_cpu is not None else None  # type: ignore[return-value]
+    def _relay_from_last_stage(self, result: Any, recorder: LogRecorder) -> Any:
+        """Sends ``result`` (computed on the last stage; ignored elsewhere) and the calls ``recorder`` captured there to
+        every rank of the pipeline, replays the calls on every rank, and returns the result on this rank's device."""
+        payload = (move_data_to_device(result, "cpu"), recorder.calls()) if self.is_last_stage_rank else None
+        result, calls = relay(payload, self.pp_group, self.pipeline_parallel_size - 1)
+        replay(self.lightning_module, calls, self.root_device)
+        return move_data_to_device(result, self.root_device)
 
     # ---------------------------------------------------------------------------------------------- evaluation
     @override
@@ -549,12 +547,7 @@ class BFPPStrategy(ParallelStrategy):
         )
         with torch.no_grad(), context():
             executor.run(self._stage_forward(micro_batches), last)
-        payload = None
-        if self.is_last_stage_rank:
-            payload = (_to_cpu(_merge_results(results)), recorder.calls())
-        merged, calls = relay(payload, self.pp_group, self.pipeline_parallel_size - 1)
-        replay(module, calls, self.root_device)
-        return _to_device(merged, self.root_device)
+        return self._relay_from_last_stage(merge_outputs(results), recorder)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     # A checkpoint is a directory: a torch.distributed.checkpoint (DCP) checkpoint in which each rank writes the stages
@@ -672,41 +665,3 @@ def _check_positive(name: str, value: Any) -> None:
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, choices))}.")
-
-
-def _to_cpu(value: Any) -> Any:
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    return move_data_to_device(value, torch.device("cpu")) if value is not None else None
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    return move_data_to_device(value, device) if value is not None else None
-
-
-def _merge_results(parts: list[Any]) -> Any:
-    """Merges what an evaluation hook returned for each micro-batch into the batch's result: tensors with a batch
-    dimension and lists are concatenated, scalar floating tensors and floats averaged, other scalars stacked, dicts
-    and tuples merged entry by entry, equal other values kept once."""
-    if not parts:
-        return None
-    first = parts[0]
-    if len(parts) == 1 or first is None:
-        return first
-    if isinstance(first, Tensor):
-        if first.dim() > 0:
-            return torch.cat(parts)
-        stacked = torch.stack(parts)
-        return stacked.mean() if stacked.is_floating_point() else stacked
-    if isinstance(first, Mapping):
-        return type(first)({k: _merge_results([p[k] for p in parts]) for k in first})  # type: ignore[call-arg]
-    if isinstance(first, tuple):
-        merged = [_merge_results(list(items)) for items in zip(*parts, strict=True)]
-        return type(first)(*merged) if hasattr(first, "_fields") else type(first)(merged)
-    if isinstance(first, list):
-        return [item for part in parts for item in part]
-    if isinstance(first, float):
-        return sum(parts) / len(parts)
-    return first if all(p == first for p in parts) else list(parts)

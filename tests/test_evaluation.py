@@ -267,13 +267,13 @@ def test_recorder_combines_micro_batches_by_reduce_fx_and_replays_metrics() -> N
 
 
 def test_evaluation_results_merge_per_micro_batch() -> None:
-    from lightning_bfpp.strategy import _merge_results
+    from lightning_bfpp.microbatch import merge_outputs
 
     parts = [
         {"loss": torch.tensor(1.0), "pred": torch.ones(2, 3), "ids": ["a", "b"], "pair": (torch.zeros(2), 1.0)},
         {"loss": torch.tensor(3.0), "pred": torch.zeros(2, 3), "ids": ["c", "d"], "pair": (torch.ones(2), 2.0)},
     ]
-    merged = _merge_results(parts)
+    merged = merge_outputs(parts)
     assert float(merged["loss"]) == 2.0 and merged["pred"].shape == (4, 3) and merged["ids"] == ["a", "b", "c", "d"]
     assert torch.equal(merged["pair"][0], torch.tensor([0.0, 0.0, 1.0, 1.0])) and merged["pair"][1] == 1.5
-    assert _merge_results([None, None]) is None and _merge_results([]) is None
+    assert merge_outputs([None, None]) is None and merge_outputs([]) is None
