@@ -33,6 +33,7 @@ class BFPPStrategyConfig:
     partition_boundaries: Any = None
     rank_layout: str = "dp_contiguous"
     sharding: str = "none"
+    activation_checkpointing: str = "none"  # none | stage | layer
     process_group_backend: str | None = None
     timeout: float = 1800.0  # seconds
     timeline_dir: str | None = None

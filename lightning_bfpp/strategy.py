@@ -41,6 +41,7 @@ from lightning_bfpp.microbatch import batch_size_of, merge_outputs, split_batch
 from lightning_bfpp.module import missing_hooks
 from lightning_bfpp.p2p import PeerLink
 from lightning_bfpp.partition import PARTITIONS, Partition, build_partition, drop_remote_layers, layer_names
+from lightning_bfpp.recompute import ACTIVATION_CHECKPOINTING, run_layers
 from lightning_bfpp.schedule import SCHEDULES, Schedule, build_schedule, validate_in_order_matching
 from lightning_bfpp.sharding import SHARDING_MODES, StageGradientReducer
 from lightning_bfpp.timeline import wall_clock, write_timeline
@@ -76,6 +77,8 @@ class BFPPStrategy(ParallelStrategy):
             pipeline rank are neighbours, e.g. on one node: rank = pp_rank * D + dp_rank) or ``"pp_contiguous"``
             (the ranks of one pipeline are neighbours: rank = dp_rank * P + pp_rank).
         sharding: data-parallel sharding mode; ``"none"`` averages gradients over the replicas.
+        activation_checkpointing: ``"none"`` (default), ``"layer"`` (keep each layer's input, recompute the layer in
+            backward) or ``"stage"`` (keep each stage's input, recompute the whole stage); training only.
         process_group_backend: ``"gloo"``, ``"nccl"``, ...; default by device.
         timeout: timeout of every collective and point-to-point operation (``timedelta`` or seconds).
         timeline_dir: if set, records when every action runs on every rank during the training batches
@@ -95,6 +98,7 @@ class BFPPStrategy(ParallelStrategy):
         partition_boundaries: Sequence[int] | None = None,
         rank_layout: str = "dp_contiguous",
         sharding: str = "none",
+        activation_checkpointing: str = "none",
         process_group_backend: str | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         timeline_dir: str | None = None,
@@ -121,6 +125,7 @@ class BFPPStrategy(ParallelStrategy):
         _check_choice("partition", partition, PARTITIONS)
         _check_choice("rank_layout", rank_layout, RANK_LAYOUTS)
         _check_choice("sharding", sharding, SHARDING_MODES)
+        _check_choice("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)
         if partition_boundaries is not None and partition != "explicit":
             raise ValueError("partition_boundaries is only used with partition='explicit': set both or neither.")
         self._pipeline_parallel_size = pipeline_parallel_size
@@ -131,6 +136,7 @@ class BFPPStrategy(ParallelStrategy):
         self.partition_boundaries = partition_boundaries
         self.rank_layout = rank_layout
         self.sharding = sharding
+        self.activation_checkpointing = activation_checkpointing
         self._process_group_backend = process_group_backend
         self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self.timeline_dir = timeline_dir
@@ -400,14 +406,12 @@ class BFPPStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------------------------------- running stages
     def _stage_forward(self, micro_batches: list[Any]) -> Any:
-        module, stage_layers = self.lightning_module, self._stage_layers
+        module, stage_layers, checkpointing = self.lightning_module, self._stage_layers, self.activation_checkpointing
 
         def forward(stage: int, m: int, inputs: StageIO | None) -> StageIO:
             batch = micro_batches[m]
             x = module.pipeline_input(batch) if stage == 0 else inputs
-            for index, layer in stage_layers[stage]:
-                x = module.pipeline_layer_forward(index, layer, x, batch)
-            return x
+            return run_layers(module.pipeline_layer_forward, stage_layers[stage], x, batch, checkpointing)
 
         return forward
 

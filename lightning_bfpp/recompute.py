@@ -1,0 +1,58 @@
+"""Activation checkpointing of a stage: run its layers so that backward recomputes what the forward did not keep.
+
+``"none"`` keeps every activation autograd saves. ``"layer"`` keeps only each layer's inputs and recomputes the layer
+in backward; ``"stage"`` keeps only the stage's input and recomputes the whole stage. Both use non-reentrant
+:func:`torch.utils.checkpoint.checkpoint`, which also replays the random state (dropout masks are the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+ACTIVATION_CHECKPOINTING = ("none", "stage", "layer")
+
+StageIO = Tensor | tuple[Tensor, ...]
+LayerForward = Callable[[int, nn.Module, StageIO, Any], StageIO]
+"""``layer_forward(index, layer, inputs, batch)``: runs one layer (the module's ``pipeline_layer_forward``)."""
+
+
+def _recomputed(fn: Callable[[StageIO], StageIO], inputs: StageIO) -> StageIO:
+    """``fn(inputs)`` under a checkpoint; a tuple's tensors are passed one by one, so each is saved as an input."""
+    if isinstance(inputs, tuple):
+        return checkpoint(lambda *tensors: fn(tuple(tensors)), *inputs, use_reentrant=False)
+    return checkpoint(fn, inputs, use_reentrant=False)
+
+
+def run_layers(
+    layer_forward: LayerForward,
+    layers: Sequence[tuple[int, nn.Module]],
+    inputs: StageIO,
+    batch: Any,
+    mode: str = "none",
+) -> StageIO:
+    """Runs ``(index, layer)`` pairs in order from ``inputs``, checkpointed per ``mode`` (see the module docstring).
+
+    Without gradients (evaluation) nothing is saved, so every mode runs the layers plainly.
+    """
+    if mode not in ACTIVATION_CHECKPOINTING:
+        choices = ", ".join(map(repr, ACTIVATION_CHECKPOINTING))
+        raise ValueError(f"activation_checkpointing={mode!r} is not supported: choose one of {choices}.")
+
+    def run_all(x: StageIO) -> StageIO:
+        for index, layer in layers:
+            x = layer_forward(index, layer, x, batch)
+        return x
+
+    if mode == "none" or not torch.is_grad_enabled() or not layers:
+        return run_all(inputs)
+    if mode == "stage":
+        return _recomputed(run_all, inputs)
+    x = inputs
+    for index, layer in layers:
+        x = _recomputed(lambda y, index=index, layer=layer: layer_forward(index, layer, y, batch), x)
+    return x
