@@ -21,11 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 sys.path.insert(0, str(ROOT / "examples"))
 
-from bfpp_examples.app import ConfigError, check_config, check_pipeline, resolve_trainer  # noqa: E402
+from bfpp_examples.app import (  # noqa: E402
+    ConfigError,
+    check_config,
+    check_conflicts,
+    check_pipeline,
+    resolve_trainer,
+)
 from bfpp_examples.config import register_configs  # noqa: E402
 from bfpp_examples.convnet import SHAPES, make_shapes  # noqa: E402
 from bfpp_examples.gpt import GPT  # noqa: E402
 from bfpp_examples.text_data import RandomWindows, TextDataModule, load_tokens  # noqa: E402
+from conftest import run_script  # noqa: E402
 
 register_configs()
 
@@ -136,6 +143,41 @@ def test_pipeline_layout_is_checked_before_launch() -> None:
     cfg = compose_cfg("strategy.micro_batches=3")
     with pytest.raises(ConfigError, match=r"data\.batch_size=16 is not a multiple"):
         check_pipeline(cfg, model, resolve_trainer(cfg))
+
+
+CONFLICTS = {  # the overrides -> the two options the message must name
+    "group-and-field": (("schedule=depth_first", "strategy.schedule=gpipe"),) * 2,
+    "gpipe-with-looped-stages": (("schedule=gpipe",), ("schedule=gpipe", "strategy.stages_per_rank=2")),
+    "explicit-no-boundaries": (("partition=explicit",), ("partition=explicit", "partition.boundaries")),
+    "boundaries-not-explicit": (("partition.boundaries=[0,2,4,6,8]",), ("partition.boundaries=", "partition=uniform")),
+    "float16": (("trainer.precision=16-mixed",), ("trainer.precision=16-mixed", "strategy=bfpp")),
+    "single-on-two": (("strategy=single", "trainer.devices=2"), ("strategy=single", "trainer.devices=2")),
+}
+
+
+@pytest.mark.parametrize(("overrides", "named"), list(CONFLICTS.values()), ids=list(CONFLICTS))
+def test_conflicting_options_fail_naming_both(overrides: tuple[str, ...], named: tuple[str, str]) -> None:
+    cfg = compose_cfg(*overrides)
+    check_config(cfg)  # each option is valid alone
+    with pytest.raises(ConfigError) as error:
+        check_conflicts(cfg, overrides)
+    assert all(option in str(error.value) for option in named), str(error.value)
+
+
+def test_a_field_override_alone_is_no_conflict() -> None:
+    for overrides in [("strategy.schedule=depth_first",), ("schedule=depth_first", "strategy.schedule=depth_first")]:
+        check_conflicts(compose_cfg(*overrides), overrides)
+    check_conflicts(compose_cfg("schedule=gpipe", "strategy.stages_per_rank=1"), ("schedule=gpipe",))
+
+
+def test_conflicting_options_stop_the_job_before_it_starts(tmp_path: Path) -> None:
+    """The main job exits non-zero within seconds, before any process group exists, naming both options."""
+    code, output = run_script(
+        ROOT / "examples" / "train.py", ["schedule=gpipe", f"hydra.run.dir={tmp_path}"], timeout=60, cwd=ROOT
+    )
+    assert code != 0
+    assert "schedule=gpipe" in output and "strategy.stages_per_rank=2" in output, output[-3000:]
+    assert "Initializing distributed" not in output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choices")

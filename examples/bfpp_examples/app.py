@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,62 @@ def _unknown_keys(node: DictConfig, prefix: str) -> Iterator[tuple[str, type, se
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
             yield from _unknown_keys(child, f"{prefix}{key}.")
+
+
+# The groups that set one strategy field each: group -> (the group's key, the strategy field it sets).
+_GROUP_FIELDS = {
+    "schedule": ("name", "schedule"),
+    "partition": ("method", "partition"),
+    "sharding": ("mode", "sharding"),
+}
+_SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
+_UNSUPPORTED_PRECISIONS = ("16-mixed", "16-true", "16")
+
+
+def check_conflicts(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+    """Fails with a message naming both options when two options cannot work together (each may be fine alone).
+
+    ``overrides`` are the command line's overrides (``hydra.overrides.task``): a group chosen there and the strategy
+    field it sets, given a different value there too, conflict (``schedule=depth_first strategy.schedule=gpipe``).
+    Runs in every process before the trainer exists, so no rank reaches a collective.
+    """
+    schema = OmegaConf.get_type(cfg.strategy)
+    if schema is SingleStrategyConfig and str(cfg.trainer.devices) not in ("auto", "1"):
+        raise ConfigError(
+            f"strategy=single runs one process, but trainer.devices={cfg.trainer.devices}: drop trainer.devices, or "
+            "use strategy=bfpp or strategy=ddp for several processes."
+        )
+    if schema is not BFPPStrategyConfig:
+        return
+    given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[-1] for o in overrides}
+    s = cfg.strategy
+    for group, (key, field) in _GROUP_FIELDS.items():
+        if group in given and f"strategy.{field}" in given and s[field] != cfg[group][key]:
+            raise ConfigError(
+                f"{group}={given[group]} and strategy.{field}={given[f'strategy.{field}']} conflict: both choose the "
+                f"{field}; give only one of them."
+            )
+    if s.schedule in _SINGLE_STAGE_SCHEDULES and s.stages_per_rank != 1:
+        raise ConfigError(
+            f"schedule={s.schedule} runs one stage per pipeline rank, but strategy.stages_per_rank={s.stages_per_rank}:"
+            " add strategy.stages_per_rank=1, or choose schedule=breadth_first or schedule=depth_first for looped "
+            "stages."
+        )
+    if s.partition == "explicit" and s.partition_boundaries is None:
+        raise ConfigError(
+            "partition=explicit needs partition.boundaries, which is not set: add partition.boundaries=[0,...,<number "
+            "of layers>] (P*L+1 layer indices), or choose partition=uniform."
+        )
+    if s.partition != "explicit" and s.partition_boundaries is not None:
+        raise ConfigError(
+            f"partition.boundaries={list(s.partition_boundaries)} is only read by partition=explicit, but "
+            f"partition={s.partition}: add partition=explicit, or drop partition.boundaries."
+        )
+    if str(cfg.trainer.precision) in _UNSUPPORTED_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={cfg.trainer.precision} does not work with strategy=bfpp (float16 needs loss scaling "
+            "across the pipeline): use trainer.precision=bf16-mixed or 32-true, or strategy=ddp."
+        )
 
 
 # ------------------------------------------------------------------------------------------- trainer and strategy
@@ -237,6 +293,7 @@ def run(cfg: DictConfig, build: Builder) -> dict[str, float]:
     """Trains what ``build(cfg)`` returns as ``cfg`` says; returns the final metrics (for sweepers)."""
     check_config(cfg)
     hydra_cfg = HydraConfig.get()
+    check_conflicts(cfg, hydra_cfg.overrides.task)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     env_before = {key: os.environ.get(key) for key in _LAUNCHER_ENV}
     _single_job_argv(hydra_cfg)
