@@ -36,5 +36,6 @@ class BFPPStrategyConfig:
     activation_checkpointing: str = "none"  # none | stage | layer
     process_group_backend: str | None = None
     timeout: float = 1800.0  # seconds
+    nonfinite_loss: str = "raise"  # raise | skip
     timeline_dir: str | None = None
     timeline_batches: list[int] = field(default_factory=lambda: [2, 4])  # (first, stop)

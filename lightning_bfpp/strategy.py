@@ -26,7 +26,7 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -39,6 +39,7 @@ from lightning_bfpp.grad_clip import clip_grad_norm_global
 from lightning_bfpp.log_relay import LogRecorder, PipelineMetricSync, install_metric_sync, replay
 from lightning_bfpp.microbatch import batch_size_of, merge_outputs, split_batch
 from lightning_bfpp.module import missing_hooks
+from lightning_bfpp.nonfinite import NONFINITE_POLICIES, NonFiniteCheck, NonFiniteError
 from lightning_bfpp.p2p import PeerLink
 from lightning_bfpp.partition import PARTITIONS, Partition, build_partition, drop_remote_layers, layer_names
 from lightning_bfpp.recompute import ACTIVATION_CHECKPOINTING, run_layers
@@ -81,6 +82,10 @@ class BFPPStrategy(ParallelStrategy):
             backward) or ``"stage"`` (keep each stage's input, recompute the whole stage); training only.
         process_group_backend: ``"gloo"``, ``"nccl"``, ...; default by device.
         timeout: timeout of every collective and point-to-point operation (``timedelta`` or seconds).
+        nonfinite_loss: what to do when a micro-batch loss or a gradient holds a NaN or inf on any rank (checked with
+            one small all-reduce before each optimizer step): ``"raise"`` (default) ends every rank with an error
+            naming the step and the values; ``"skip"`` skips that optimizer step on every rank (gradients zeroed, a
+            warning on rank 0, counted in ``skipped_steps``).
         timeline_dir: if set, records when every action runs on every rank during the training batches
             ``timeline_batches = (first, stop)`` and writes ``timeline.json`` (Chrome trace) and ``timeline.png``
             there (rank 0, after batch ``stop - 1``).
@@ -101,6 +106,7 @@ class BFPPStrategy(ParallelStrategy):
         activation_checkpointing: str = "none",
         process_group_backend: str | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
+        nonfinite_loss: str = "raise",
         timeline_dir: str | None = None,
         timeline_batches: tuple[int, int] = (2, 4),
         accelerator: Accelerator | None = None,
@@ -125,6 +131,7 @@ class BFPPStrategy(ParallelStrategy):
         _check_choice("partition", partition, PARTITIONS)
         _check_choice("rank_layout", rank_layout, RANK_LAYOUTS)
         _check_choice("sharding", sharding, SHARDING_MODES)
+        _check_choice("nonfinite_loss", nonfinite_loss, NONFINITE_POLICIES)
         _check_choice("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)
         if partition_boundaries is not None and partition != "explicit":
             raise ValueError("partition_boundaries is only used with partition='explicit': set both or neither.")
@@ -150,6 +157,10 @@ class BFPPStrategy(ParallelStrategy):
         self._reducer: StageGradientReducer | None = None
         self._stage_layers_cache: dict[int, list[tuple[int, nn.Module]]] | None = None
         self._ordered_recvs = False  # NCCL always posts receives in schedule order; tests force it on gloo
+        self.nonfinite_loss = nonfinite_loss
+        self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite_loss="skip")
+        self._nonfinite: NonFiniteCheck | None = None
+        self._skip_optimizer_step = False
 
     # ---------------------------------------------------------------------------------------------- sizes and ranks
     @property
@@ -458,6 +469,9 @@ class BFPPStrategy(ParallelStrategy):
             executor.events = []
         with self.precision_plugin.train_step_context():
             losses = executor.run(self._stage_forward(micro_batches), last, 1.0 / (self.micro_batches * accumulate))
+        if self._nonfinite is None:
+            self._nonfinite = NonFiniteCheck(self.global_rank)
+        self._nonfinite.add_losses(batch_idx, losses)
         if recording and batch_number == self.timeline_batches[1] - 1:
             self._write_timeline(executor)
         if steps_optimizer:
@@ -467,7 +481,45 @@ class BFPPStrategy(ParallelStrategy):
         call._call_lightning_module_hook(trainer, "on_before_backward", loss)
         call._call_callback_hooks(trainer, "on_after_backward")
         call._call_lightning_module_hook(trainer, "on_after_backward")
+        if steps_optimizer:
+            self._check_nonfinite(batch_idx)
         return loss
+
+    def _check_nonfinite(self, batch_idx: int) -> None:
+        """Agrees on every rank whether a loss of this accumulation window or a gradient is non-finite; then raises,
+        or zeroes the gradients and marks the optimizer step to be skipped (see :meth:`optimizer_step`)."""
+        assert self._nonfinite is not None
+        module = self.lightning_module
+        trainer = module.trainer
+        found = self._nonfinite.check((n, p.grad) for n, p in module.named_parameters() if p.grad is not None)
+        if not found:
+            return
+        where = f"global step {trainer.global_step} (batch {batch_idx} of epoch {trainer.current_epoch})"
+        if self.nonfinite_loss == "raise":
+            raise NonFiniteError(
+                f"Non-finite values at {where}: {'; '.join(found)}. Look for the cause (learning rate, data, "
+                "initialisation), or skip such optimizer steps with BFPPStrategy(nonfinite_loss='skip') "
+                "(Hydra: strategy.nonfinite_loss=skip)."
+            )
+        for optimizer in trainer.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self._skip_optimizer_step = True
+        rank_zero_warn(
+            f"Skipped the optimizer step at {where}: {'; '.join(found)} ({self.skipped_steps} step(s) skipped so far)."
+        )
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        """With ``nonfinite_loss="skip"``, runs the training step (the closure) first and steps the optimizer only
+        if no rank found a non-finite loss or gradient."""
+        if self.nonfinite_loss != "skip":
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        result = closure()
+        if self._skip_optimizer_step:
+            self._skip_optimizer_step = False
+            return result
+        return super().optimizer_step(optimizer, lambda: result, model, **kwargs)
 
     def _write_timeline(self, executor: PipelineExecutor) -> None:
         """Gathers every rank's recorded events; rank 0 writes the trace and the picture."""

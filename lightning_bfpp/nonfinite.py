@@ -1,0 +1,68 @@
+"""Non-finite losses and gradients: found on whichever rank holds them, agreed on by every rank with one small
+all-reduce per optimizer step, so that every rank raises, or every rank skips the step, and the ranks never diverge."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_bfpp.collectives import all_gather_objects
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf in a micro-batch loss or a gradient (raised on every rank with ``nonfinite_loss="raise"``)."""
+
+
+class NonFiniteCheck:
+    """Collects the losses of the batches of one accumulation window, then checks them and the gradients.
+
+    Arguments:
+        rank: this process's global rank (named in the descriptions).
+        group: the process group that must agree (None: every process).
+    """
+
+    def __init__(self, rank: int, group: dist.ProcessGroup | None = None) -> None:
+        self.rank = rank
+        self.group = group
+        self._losses: list[tuple[int, Tensor]] = []
+
+    def add_losses(self, batch_idx: int, losses: Sequence[Tensor]) -> None:
+        """Records the micro-batch losses of one batch (empty on ranks without the last stage)."""
+        if losses:
+            self._losses.append((batch_idx, torch.stack([loss.detach() for loss in losses])))
+
+    def check(self, named_grads: Iterable[tuple[str, Tensor]]) -> list[str]:
+        """One all-reduce of two flags over the group; returns what was non-finite on any rank (the same list on every
+        rank; empty when everything is finite) and forgets the recorded losses."""
+        named = list(named_grads)
+        grads = [g.to_local() if hasattr(g, "to_local") else g for _, g in named]  # DTensor: the local shard
+        device = grads[0].device if grads else (self._losses[0][1].device if self._losses else torch.device("cpu"))
+        flags = torch.zeros(2, dtype=torch.int32, device=device)
+        if self._losses:
+            flags[0] = (~torch.isfinite(torch.cat([v for _, v in self._losses]))).any().to(device)
+        if grads:
+            norms = torch._foreach_norm(grads)  # NaN or inf exactly when the gradient holds one
+            flags[1] = (~torch.isfinite(torch.stack([n.to(device) for n in norms]))).any()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        found = flags.tolist()
+        losses, self._losses = self._losses, []
+        if not any(found):
+            return []
+        mine = [
+            f"the loss of micro-batch {m} of batch {batch} on global rank {self.rank} is {value:g}"
+            for batch, values in losses
+            for m, value in enumerate(values.tolist())
+            if not math.isfinite(value)
+        ]
+        bad = [name for (name, _), g in zip(named, grads, strict=True) if not torch.isfinite(g).all()]
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            mine.append(f"the gradients of {shown} on global rank {self.rank}")
+        return [line for lines in all_gather_objects(mine, self.group) for line in lines]

@@ -1,0 +1,149 @@
+"""Trains a test model with injected faults, from a JSON config: one process per rank, started by the test with
+``LOCAL_RANK``/``WORLD_SIZE`` set (as torchrun does), or called in-process for the one-process reference.
+
+Config keys (besides those of ``run_job.py``: ``devices``, ``strategy``, ``model``, ``batch_size``, ``max_steps``,
+``pg_timeout``, ``out_dir``):
+
+- ``faults``: ``nan_step`` (a NaN in the input of the first micro-batch of replica 0 at that global step),
+  ``grad_inf_step`` (an inf in the gradient of the first layer on the rank holding it, replica 0),
+  ``skip_steps`` (reference runs: no optimizer step at those global steps), ``kill_rank`` with ``kill_step`` (the
+  process SIGKILLs itself in the middle of that step's forward) or ``kill_save`` (inside its n-th checkpoint write).
+- ``checkpoint_dir``: save ``last.ckpt`` there after every step; ``ckpt_path``: resume from it (``"last"`` too).
+
+Each rank writes ``rank<r>.pt``: ``{global step: loss}`` as this rank saw it, its parameters, the skipped-step count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import StackModel
+from run_job import OrderedData
+
+from lightning_bfpp import BFPPStrategy
+
+
+class FaultModel(StackModel):
+    """:class:`StackModel` that can put a NaN or inf where a test asks for one, or kill its own process."""
+
+    def __init__(self, faults: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.faults = faults or {}
+
+    def _is_replica_zero(self) -> bool:
+        replicas = self.trainer.distributed_sampler_kwargs
+        return replicas is None or replicas["rank"] == 0
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer.global_step == self.faults.get("nan_step") and self._is_replica_zero():
+            batch = {**batch, "x": batch["x"].clone()}
+            batch["x"][0, 0] = float("nan")  # the first sample: the first micro-batch of replica 0
+        return batch
+
+    def pipeline_layer_forward(self, index: int, layer: Any, inputs: Any, batch: Any) -> Any:
+        f = self.faults
+        if self.trainer.global_step == f.get("kill_step", -1) and self.trainer.global_rank == f.get("kill_rank"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().pipeline_layer_forward(index, layer, inputs, batch)
+
+    def on_after_backward(self) -> None:
+        weight = getattr(self.first, "weight", None)  # None on ranks that do not hold the first layer
+        at_step = self.trainer.global_step == self.faults.get("grad_inf_step")
+        if at_step and self._is_replica_zero() and weight is not None and weight.grad is not None:
+            weight.grad[0, 0] = float("inf")
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self.trainer.global_step in self.faults.get("skip_steps", ()):
+            optimizer_closure()  # the reference for a skipped step: the batch runs, the parameters do not move
+            optimizer.zero_grad()
+            return
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+
+class LossRecorder(pl.Callback):
+    """``{global step: logged train_loss}`` of the batches this run trained."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses[self._step] = float(trainer.callback_metrics["train_loss"])  # averaged over the replicas
+
+
+def _kill_inside_checkpoint_writes(rank: int, save_index: int) -> None:
+    """SIGKILLs this process in its ``save_index``-th DCP write, after its own files are written."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    original, count = FileSystemWriter.write_data, [0]
+
+    def write_data(self: Any, plan: Any, planner: Any) -> Any:
+        count[0] += 1
+        result = original(self, plan, planner)
+        if count[0] == save_index and int(os.environ.get("LOCAL_RANK", "0")) == rank:
+            result.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    FileSystemWriter.write_data = write_data  # type: ignore[method-assign]
+
+
+def run(config: dict[str, Any]) -> dict[str, Any]:
+    pl.seed_everything(config.get("seed", 1), verbose=False)
+    faults = config.get("faults", {})
+    if "kill_save" in faults:
+        _kill_inside_checkpoint_writes(faults["kill_rank"], faults["kill_save"])
+    model = FaultModel(faults=faults, **config.get("model", {}))
+    strategy: Any = "auto"
+    if config.get("strategy") is not None:
+        strategy = BFPPStrategy(timeout=timedelta(seconds=config.get("pg_timeout", 30)), **config["strategy"])
+    recorder = LossRecorder()
+    callbacks: list[pl.Callback] = [recorder]
+    if config.get("checkpoint_dir"):
+        callbacks.append(
+            ModelCheckpoint(config["checkpoint_dir"], every_n_train_steps=1, save_top_k=0, save_last=True)
+        )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=config.get("devices", 1),
+        strategy=strategy,
+        precision="64-true",
+        max_steps=config.get("max_steps", 4),
+        limit_val_batches=0,
+        enable_checkpointing=bool(config.get("checkpoint_dir")),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+    )
+    data = OrderedData(config["batch_size"], config.get("data_size", 96))
+    trainer.fit(model, datamodule=data, ckpt_path=config.get("ckpt_path"))
+    result = {
+        "rank": trainer.global_rank,
+        "losses": recorder.losses,
+        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "skipped": getattr(trainer.strategy, "skipped_steps", None),
+    }
+    if config.get("out_dir"):
+        torch.save(result, Path(config["out_dir"]) / f"rank{trainer.global_rank}.pt")
+    return result
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    run(json.loads(Path(sys.argv[1]).read_text()))
