@@ -27,14 +27,30 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_bfpp.collectives import all_gather_objects
+from lightning_bfpp.tied import canonical_names
 
 META_FILENAME = "meta.pt"  # the name Lightning's ModelParallelStrategy uses too
 
 
+PARTIAL_SUFFIX = ".partial"  # `.<name>.partial`: a checkpoint being written (Lightning's search for `last` skips it)
+OLD_SUFFIX = ".old"  # `.<name>.old`: the checkpoint being replaced, for the moment between two renames
+
+
 def is_sharded_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a directory written by :func:`save_sharded` (DCP files plus ``meta.pt``)."""
+    """Whether ``path`` is a directory written by :func:`save_sharded` (DCP files plus ``meta.pt``, written last)."""
     path = Path(path)
     return path.is_dir() and (path / META_FILENAME).is_file()
+
+
+def is_incomplete_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint directory whose writing did not finish (no ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and not (path / META_FILENAME).is_file()
+
+
+def partial_path(path: Path) -> Path:
+    """The hidden sibling where the checkpoint for ``path`` is written before it is renamed into place."""
+    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
 
 
 def _options(**kwargs: Any) -> Any:
@@ -51,11 +67,29 @@ def model_state_dict(module: nn.Module) -> dict[str, Any]:
 
 
 def optimizer_state_dict(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
-    """The optimizer state of this rank's parameters, flattened and keyed by parameter name."""
+    """The optimizer state of this rank's parameters, flattened and keyed by parameter name (a tied parameter under
+    its canonical name, the one the unsplit module's ``named_parameters()`` reports)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
-    return get_optimizer_state_dict(module, optimizer, options=_options(flatten_optimizer_state_dict=True))
+    state = get_optimizer_state_dict(module, optimizer, options=_options(flatten_optimizer_state_dict=True))
+    return _rename_parameters(state, canonical_names(module))
+
+
+def _rename_parameters(state: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """Renames the parameter part of flattened optimizer keys (``state.<name>.<key>``, ``param_groups.<name>.<key>``)
+    by ``names``."""
+    if not names:
+        return state
+    renamed = {}
+    for key, value in state.items():
+        kind, _, rest = key.partition(".")
+        for old, new in names.items():
+            if rest.startswith(old + "."):
+                key = f"{kind}.{new}.{rest[len(old) + 1 :]}"
+                break
+        renamed[key] = value
+    return renamed
 
 
 def clear_path(path: Path, is_global_zero: bool, barrier: Any) -> None:
@@ -73,6 +107,34 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def save_sharded_atomic(checkpoint: dict[str, Any], path: Path, is_global_zero: bool, barrier: Any) -> None:
+    """Writes the checkpoint to :func:`partial_path` first; once every rank has written its part (a barrier), rank 0
+    renames it to ``path``, replacing what was there. A process killed during the write leaves ``path`` as it was
+    (and a partial directory that the next save removes and that is never loaded as a checkpoint)."""
+    partial = partial_path(path)
+    barrier()
+    if is_global_zero:
+        remove_path(partial)  # a leftover of a save that was killed
+    barrier()
+    save_sharded(checkpoint, partial, is_global_zero)
+    barrier()  # every rank's files are written; meta.pt (rank 0) is the last file
+    if is_global_zero:
+        replace_path(partial, path)
+    barrier()
+
+
+def replace_path(source: Path, target: Path) -> None:
+    """Renames ``source`` to ``target``; a ``target`` that exists is moved aside first and removed after."""
+    if not (target.exists() or target.is_symlink()):
+        source.rename(target)
+        return
+    old = target.with_name(f".{target.name}{OLD_SUFFIX}")
+    remove_path(old)
+    target.rename(old)
+    source.rename(target)
+    remove_path(old)
+
+
 def save_sharded(checkpoint: dict[str, Any], path: Path, is_global_zero: bool) -> None:
     """Writes ``checkpoint`` (a Lightning checkpoint dict whose ``state_dict`` and ``optimizer_states`` hold this
     rank's share, as returned by :func:`model_state_dict` and :func:`optimizer_state_dict`) to the directory
@@ -85,8 +147,9 @@ def save_sharded(checkpoint: dict[str, Any], path: Path, is_global_zero: bool) -
         state[f"optimizer_{index}"] = optimizer_state
     path.mkdir(parents=True, exist_ok=True)
     dcp.save(state, checkpoint_id=path)
-    if is_global_zero:
-        torch.save(checkpoint, path / META_FILENAME)
+    if is_global_zero:  # meta.pt marks a complete checkpoint: written last, and whole or not at all
+        torch.save(checkpoint, path / f"{META_FILENAME}.tmp")
+        (path / f"{META_FILENAME}.tmp").replace(path / META_FILENAME)
 
 
 def _checkpoint_keys(path: Path) -> set[str]:
@@ -121,10 +184,11 @@ def load_sharded(
         optimizer = getattr(optimizer, "_optimizer", optimizer)
         optimizer_state = {name: optimizer_state_dict(module, optimizer)}
         dcp.load(optimizer_state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=not strict))
+        local_names = {canonical: local for local, canonical in canonical_names(module).items()}
         set_optimizer_state_dict(
             module,
             optimizer,
-            optim_state_dict=optimizer_state[name],
+            optim_state_dict=_rename_parameters(optimizer_state[name], local_names),
             options=_options(flatten_optimizer_state_dict=True),
         )
     return torch.load(path / META_FILENAME, map_location="cpu", weights_only=weights_only)
@@ -152,10 +216,11 @@ def load_plain(
         raise KeyError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
     full: dict[str, Tensor] = checkpoint.pop("state_dict")
     local = module.state_dict()
-    local_params = [name for name, _ in module.named_parameters()]
+    canonical = canonical_names(module)  # tied copies: the plain checkpoint's optimizer state uses the first name
+    local_params = [canonical.get(name, name) for name, _ in module.named_parameters()]
     optimizer_states = checkpoint.pop("optimizer_states", None)
     optimizers = [getattr(o, "_optimizer", o) for o in optimizers]
-    param_names = {id(p): name for name, p in module.named_parameters()}
+    param_names = {id(p): canonical.get(name, name) for name, p in module.named_parameters()}
     local_groups = [[[param_names[id(p)] for p in g["params"]] for g in o.param_groups] for o in optimizers]
 
     info = all_gather_objects((sorted(local), local_params, local_groups), group)
@@ -193,7 +258,8 @@ def _load_plain_optimizers(
 ) -> list[str]:
     if len(states) != len(optimizers):
         return [f"the checkpoint has {len(states)} optimizer states, the module configures {len(optimizers)}"]
-    params = dict(module.named_parameters())
+    canonical = canonical_names(module)
+    params = {canonical.get(name, name): p for name, p in module.named_parameters()}
     errors = []
     for index, (optimizer, state) in enumerate(zip(optimizers, states, strict=True)):
         groups = state["param_groups"]

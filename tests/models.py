@@ -35,8 +35,23 @@ class TupleBlock(nn.Module):
         return h, total + h.mean(dim=-1, keepdim=True)
 
 
+class TiedHead(nn.Module):
+    """An output layer that reuses the input projection's weight (``width x in_features``), as an LM head reuses the
+    token embedding: ``(h @ W).sum(-1)``."""
+
+    def __init__(self, width: int, in_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(width, in_features))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return (h @ self.weight).sum(-1, keepdim=True) + self.bias
+
+
 class StackModel(PipelineModule):
-    """``num_blocks`` blocks between an input and an output projection: ``num_blocks + 2`` pipeline layers."""
+    """``num_blocks`` blocks between an input and an output projection: ``num_blocks + 2`` pipeline layers. With
+    ``tied``, the output layer uses the input projection's weight (the same parameter: ``head.weight`` is
+    ``first.weight``)."""
 
     def __init__(
         self,
@@ -47,6 +62,7 @@ class StackModel(PipelineModule):
         lr: float = 0.1,
         tuple_io: bool = False,
         wide_blocks: tuple[int, ...] = (),
+        tied: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -58,7 +74,9 @@ class StackModel(PipelineModule):
                 for i in range(num_blocks)
             ]
         )
-        self.head = nn.Linear(width, 1)
+        self.head = TiedHead(width, in_features) if tied else nn.Linear(width, 1)
+        if tied:
+            self.head.weight = self.first.weight
 
     def pipeline_layers(self) -> list[nn.Module]:
         return [self.first, *self.blocks, self.head]

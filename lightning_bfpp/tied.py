@@ -1,0 +1,211 @@
+"""Parameters shared by layers of different pipeline stages (tied weights), e.g. a token embedding on the first stage
+whose weight the LM head of the last stage reuses.
+
+Declare a tie as on one process, by assigning the same ``nn.Parameter`` to both layers
+(``self.head.weight = self.embedding.weight``): :func:`find_ties` sees it by identity before the layers of other
+ranks are dropped. A layer that uses another layer's weight must hold it as its own parameter (not read it through
+the other layer in ``forward``), since the other layer may live on another rank.
+
+After the split, every pipeline rank that holds a layer of the tie keeps its own copy. :class:`TiedGradients` sums
+the copies' gradients over those ranks after the backward of each optimizer step, so every copy gets the gradient
+of the unsplit module and the same update; the copies start equal (broadcast from the rank of the tie's first layer)
+and stay equal. The first name of a tie (the one ``named_parameters()`` of the unsplit module reports) is its
+canonical name: gradient clipping counts the tie once, and optimizer states are stored under that name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from lightning_bfpp.collectives import all_gather_objects
+from lightning_bfpp.partition import Partition
+
+TIES_ATTRIBUTE = "_bfpp_ties"  # set on a module when its ties are found: list[Tie]
+ALIASES_ATTRIBUTE = "_bfpp_tied_aliases"  # set on a split module: {local name: canonical name} of its tied copies
+
+
+@dataclass(frozen=True)
+class Tie:
+    """One parameter under several names of the unsplit module; ``names[0]`` is the canonical one."""
+
+    names: tuple[str, ...]
+    layers: tuple[int, ...]  # the layer index of each name
+
+    @property
+    def canonical(self) -> str:
+        return self.names[0]
+
+
+def find_ties(root: nn.Module, layer_names: Sequence[str]) -> list[Tie]:
+    """The parameters of ``root`` reachable under several names in different layers (by identity)."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in root.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    ties = []
+    for names in names_of.values():
+        inside = [(name, layer) for name in names if (layer := _layer_of(name, layer_names)) >= 0]
+        if len({layer for _, layer in inside}) > 1:
+            ties.append(Tie(tuple(n for n, _ in inside), tuple(layer for _, layer in inside)))
+    return ties
+
+
+def module_ties(module: nn.Module, layer_names: Sequence[str]) -> list[Tie]:
+    """The ties of ``module``: found once, while every layer is still there, and kept on the module for later runs."""
+    ties = module.__dict__.get(TIES_ATTRIBUTE)
+    if ties is None:
+        ties = module.__dict__[TIES_ATTRIBUTE] = find_ties(module, layer_names)
+    return ties
+
+
+def _layer_of(name: str, layer_names: Sequence[str]) -> int:
+    for index, layer in enumerate(layer_names):
+        if name.startswith(layer + "."):
+            return index
+    return -1  # outside the stack
+
+
+def check_ties_sharding(ties: Sequence[Tie], sharding: str) -> None:
+    """Tied weights are supported without data-parallel sharding only."""
+    if ties and sharding != "none":
+        raise ValueError(
+            f"The module ties parameters across layers ({[list(t.names) for t in ties]}), which sharding="
+            f"{sharding!r} does not support yet: use sharding='none', or untie them."
+        )
+
+
+def stage_of_layers(partition: Partition) -> dict[int, int]:
+    return {layer: stage for stage in range(partition.num_stages) for layer in partition.layers_of(stage)}
+
+
+def holders(tie: Tie, partition: Partition) -> tuple[int, ...]:
+    """The pipeline ranks holding a copy of ``tie``; the first holds its first layer."""
+    stage_of = stage_of_layers(partition)
+    ranks: list[int] = []
+    for layer in sorted(tie.layers):
+        rank = partition.rank_of(stage_of[layer])
+        if rank not in ranks:
+            ranks.append(rank)
+    return tuple(ranks)
+
+
+def local_names(tie: Tie, partition: Partition, rank: int) -> list[str]:
+    """The names of ``tie`` inside the layers pipeline ``rank`` holds."""
+    stage_of = stage_of_layers(partition)
+    return [n for n, layer in zip(tie.names, tie.layers, strict=True) if partition.rank_of(stage_of[layer]) == rank]
+
+
+def local_aliases(ties: Sequence[Tie], partition: Partition, rank: int) -> dict[str, str]:
+    """``{local name: canonical name}`` for the tied parameters pipeline ``rank`` holds under a non-canonical name
+    only (after the split, ``named_parameters()`` reports the first name it still reaches)."""
+    aliases = {}
+    for tie in ties:
+        local = local_names(tie, partition, rank)
+        if local and local[0] != tie.canonical:
+            aliases[local[0]] = tie.canonical
+    return aliases
+
+
+def set_aliases(module: nn.Module, ties: Sequence[Tie], partition: Partition, rank: int) -> None:
+    """Records on the split ``module`` the canonical names of the tied copies it holds under other names (read by
+    :func:`canonical_names` when checkpoints name optimizer states)."""
+    module.__dict__[ALIASES_ATTRIBUTE] = local_aliases(ties, partition, rank)
+
+
+def canonical_names(module: nn.Module) -> dict[str, str]:
+    """``{local name: canonical name}`` of the tied copies ``module`` holds under another name (empty if none)."""
+    return dict(module.__dict__.get(ALIASES_ATTRIBUTE, {}))
+
+
+def dedupe_stage_parameters(stage_params: dict[int, list[nn.Parameter]]) -> dict[int, list[nn.Parameter]]:
+    """Keeps a parameter shared by several local stages in the lowest of them only: its last backward is the rank's
+    last, so a data-parallel reduction started there sees the whole gradient."""
+    seen: set[int] = set()
+    out: dict[int, list[nn.Parameter]] = {}
+    for stage in sorted(stage_params):
+        out[stage] = []
+        for p in stage_params[stage]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[stage].append(p)
+    return out
+
+
+class TiedGradients:
+    """Sums the gradients of tied copies over the pipeline ranks that hold them, one bucket per set of ranks.
+
+    Built on every rank in the same order, after the split: it creates one process group per set of pipeline ranks
+    that share ties (one per data-parallel replica), with every rank taking part.
+
+    Arguments:
+        module: the split module (remote layers dropped).
+        ties: the module's ties (the same on every rank).
+        partition: the partition of the layer stack.
+        pipeline_rank: this rank's pipeline rank.
+        pp_group: this rank's pipeline process group.
+        timeout: timeout of the groups' collectives.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        ties: Sequence[Tie],
+        partition: Partition,
+        pipeline_rank: int,
+        pp_group: dist.ProcessGroup | None,
+        timeout: timedelta,
+    ) -> None:
+        params = dict(module.named_parameters(remove_duplicate=False))
+        by_ranks: dict[tuple[int, ...], list[Tie]] = {}
+        self.not_counted: set[int] = set()  # ids of local copies that gradient clipping must not count
+        for tie in ties:
+            ranks = holders(tie, partition)
+            if len(ranks) > 1:
+                by_ranks.setdefault(tuple(sorted(ranks)), []).append(tie)
+            if pipeline_rank in ranks and ranks[0] != pipeline_rank:
+                self.not_counted.update(id(params[n]) for n in tie.names if n in params)
+        self._copies: list[tuple[dist.ProcessGroup, nn.Parameter, int]] = []  # (group, local copy, source rank)
+        self._buckets: list[tuple[dist.ProcessGroup, list[nn.Parameter]]] = []
+        if not by_ranks:
+            return
+        mine = dist.get_process_group_ranks(pp_group) if pp_group is not None else [dist.get_rank()]
+        pipelines = sorted({tuple(r) for r in all_gather_objects(mine)})
+        for ranks, group_ties in sorted(by_ranks.items()):
+            group, _ = dist.new_subgroups_by_enumeration(
+                [[pipeline[r] for r in ranks] for pipeline in pipelines], timeout=timeout
+            )
+            if pipeline_rank not in ranks:
+                continue
+            for tie in group_ties:
+                local = local_names(tie, partition, pipeline_rank)[0]
+                self._copies.append((group, params[local], mine[holders(tie, partition)[0]]))
+            self._buckets.append((group, [p for g, p, _ in self._copies if g is group and p.requires_grad]))
+
+    @property
+    def active(self) -> bool:
+        return bool(self._copies)
+
+    @torch.no_grad()
+    def broadcast_from_first(self) -> None:
+        """Makes every copy equal to the copy on the rank of the tie's first layer."""
+        for group, param, source in self._copies:
+            dist.broadcast(param.data, src=source, group=group)
+
+    @torch.no_grad()
+    def sum_gradients(self) -> None:
+        """Sums the gradients of the local copies over the ranks holding the other copies (a missing gradient
+        counts as zero)."""
+        for group, params in self._buckets:
+            if not params:
+                continue
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=group)
+            for p, grad in zip(params, _unflatten_dense_tensors(flat, grads), strict=True):
+                p.grad = grad
