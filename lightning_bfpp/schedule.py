@@ -124,10 +124,10 @@ def _assemble(
     """Adds sends, receives and REDUCE_GRAD around each rank's compute order.
 
     Every send directly follows its compute, and REDUCE_GRAD(s) directly follows the last BACKWARD of s (and its
-    SEND_GRAD). With ``grouped_recvs`` all receives of a stage and direction are posted together right before the
-    first compute of that stage and direction. Otherwise each receive is posted one compute early (before the compute
-    that precedes its consumer), so the transfer overlaps that compute; a RECV_GRAD never moves before the FORWARD
-    of the same stage and micro-batch, because its buffers take the shapes of that forward's outputs.
+    SEND_GRAD). With ``grouped_recvs`` all receives of a run (consecutive computes of one stage and direction) are
+    posted together right before the run's first compute. Otherwise each receive is posted one compute early (before
+    the compute that precedes its consumer), so the transfer overlaps that compute; a RECV_GRAD never moves before the
+    FORWARD of the same stage and micro-batch, because its buffers take the shapes of that forward's outputs.
     """
     pipeline_size, stages_per_rank, num_micro_batches = sizes
     num_stages = pipeline_size * stages_per_rank
@@ -135,17 +135,13 @@ def _assemble(
     for compute in computes:
         last_backward = {a.stage: i for i, a in enumerate(compute) if a.kind is _B}
         out: list[Action] = [] if grouped_recvs or not compute else _recvs_for(compute[0], num_stages, pipeline_size)
-        seen: set[tuple[ActionKind, int]] = set()
         for i, action in enumerate(compute):
             late: list[Action] = []
-            if grouped_recvs and (action.kind, action.stage) not in seen:
-                seen.add((action.kind, action.stage))
-                out += [
-                    r
-                    for a in compute
-                    if (a.kind, a.stage) == (action.kind, action.stage)
-                    for r in _recvs_for(a, num_stages, pipeline_size)
-                ]
+            if grouped_recvs and (i == 0 or (compute[i - 1].kind, compute[i - 1].stage) != (action.kind, action.stage)):
+                run = i
+                while run < len(compute) and (compute[run].kind, compute[run].stage) == (action.kind, action.stage):
+                    out += _recvs_for(compute[run], num_stages, pipeline_size)
+                    run += 1
             elif not grouped_recvs and i + 1 < len(compute):
                 after = compute[i + 1]
                 if after.kind is _B and (after.stage, after.micro_batch) == (action.stage, action.micro_batch):
@@ -162,30 +158,65 @@ def _assemble(
 
 
 def _breadth_first_computes(
-    pipeline_size: int, stages_per_rank: int, num_micro_batches: int, forward_only: bool
+    pipeline_size: int, stages_per_rank: int, num_micro_batches: int, forward_only: bool, group_size: int | None = None
 ) -> list[list[Action]]:
+    """Breadth-first within groups of ``group_size`` consecutive micro-batches (all ``M`` by default), the groups one
+    after another (depth-first), as Fast-LLM's breadth_first_micro_batches x depth_first_micro_batches."""
+    size = group_size or num_micro_batches
     computes = []
     for rank in range(pipeline_size):
         stages = range(rank, pipeline_size * stages_per_rank, pipeline_size)
-        order = [Action(_F, s, m) for s in stages for m in range(num_micro_batches)]
-        if not forward_only:
-            # Backward runs the micro-batches in the same order as the forward (0..M-1): the last stage starts with
-            # micro-batch 0 right after its last forward, and gradients then stream upstream in the order they are
-            # produced, so every boundary carries micro-batch 0 first in both directions.
-            order += [Action(_B, s, m) for s in reversed(stages) for m in range(num_micro_batches)]
+        order = []
+        for group in (range(g, g + size) for g in range(0, num_micro_batches, size)):
+            order += [Action(_F, s, m) for s in stages for m in group]
+            if not forward_only:
+                # Backward runs the micro-batches in the same order as the forward: the last stage starts with the
+                # group's first micro-batch right after its last forward, and gradients then stream upstream in the
+                # order they are produced, so every boundary carries the same micro-batch first in both directions.
+                order += [Action(_B, s, m) for s in reversed(stages) for m in group]
         computes.append(order)
     return computes
 
 
+def check_micro_batch_groups(schedule: str, num_micro_batches: int | None, group_size: int | None) -> None:
+    """Checks ``breadth_first_micro_batches`` (the group size of memory-bounded breadth-first): ``None``, or a divisor
+    of ``num_micro_batches`` (when known) with ``schedule='breadth_first'``."""
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ScheduleError(f"breadth_first_micro_batches must be an integer >= 1 or None, got {group_size!r}")
+    if schedule != "breadth_first":
+        raise ScheduleError(
+            f"breadth_first_micro_batches={group_size} groups the micro-batches of schedule='breadth_first', not of "
+            f"schedule={schedule!r}: remove it, or use schedule='breadth_first'"
+        )
+    if num_micro_batches is not None and num_micro_batches % group_size:
+        valid = ", ".join(str(d) for d in range(1, num_micro_batches + 1) if num_micro_batches % d == 0)
+        raise ScheduleError(
+            f"breadth_first_micro_batches={group_size} must divide the number of micro-batches ({num_micro_batches}), "
+            f"which run in groups of that size: use one of {valid}, or change the number of micro-batches"
+        )
+
+
 def breadth_first(
-    pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, forward_only: bool = False
+    pipeline_size: int,
+    stages_per_rank: int,
+    num_micro_batches: int,
+    *,
+    forward_only: bool = False,
+    breadth_first_micro_batches: int | None = None,
 ) -> Schedule:
-    """Looped breadth-first: each rank runs all micro-batches through one local stage before the next one."""
+    """Looped breadth-first: each rank runs all micro-batches through one local stage before the next one.
+
+    With ``breadth_first_micro_batches=G`` (a divisor of ``M``), memory-bounded: micro-batches ``0..G-1`` go forward and
+    backward through every stage breadth-first, then ``G..2G-1``, and so on; each rank keeps the activations of at most
+    ``G`` micro-batches per local stage instead of ``M``, and runs each stage ``M / G`` times as often.
+    """
     _check_sizes(pipeline_size, stages_per_rank, num_micro_batches)
+    check_micro_batch_groups("breadth_first", num_micro_batches, breadth_first_micro_batches)
     sizes = (pipeline_size, stages_per_rank, num_micro_batches)
-    return _assemble(
-        "breadth_first", sizes, forward_only, _breadth_first_computes(*sizes, forward_only), grouped_recvs=True
-    )
+    computes = _breadth_first_computes(*sizes, forward_only, breadth_first_micro_batches)
+    return _assemble("breadth_first", sizes, forward_only, computes, grouped_recvs=True)
 
 
 def gpipe(pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, forward_only: bool = False) -> Schedule:
@@ -272,12 +303,21 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
 
 
 def build_schedule(
-    name: str, pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, forward_only: bool = False
+    name: str,
+    pipeline_size: int,
+    stages_per_rank: int,
+    num_micro_batches: int,
+    *,
+    forward_only: bool = False,
+    breadth_first_micro_batches: int | None = None,
 ) -> Schedule:
-    """Builds the schedule called ``name`` (see :data:`SCHEDULES`) and validates it."""
+    """Builds the schedule called ``name`` (see :data:`SCHEDULES`) and validates it; ``breadth_first_micro_batches``
+    is the group size of memory-bounded breadth-first (``name='breadth_first'`` only, see :func:`breadth_first`)."""
     if name not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
-    schedule = SCHEDULES[name](pipeline_size, stages_per_rank, num_micro_batches, forward_only=forward_only)
+    check_micro_batch_groups(name, num_micro_batches, breadth_first_micro_batches)
+    groups = {} if breadth_first_micro_batches is None else {"breadth_first_micro_batches": breadth_first_micro_batches}
+    schedule = SCHEDULES[name](pipeline_size, stages_per_rank, num_micro_batches, forward_only=forward_only, **groups)
     validate_schedule(schedule)
     return schedule
 

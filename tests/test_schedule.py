@@ -302,3 +302,61 @@ def test_out_of_order_receives_are_rejected_for_nccl() -> None:
     validate_schedule(swapped)  # fine for gloo, which matches by tag
     with pytest.raises(ScheduleError, match="in the order"):
         validate_in_order_matching(swapped)
+
+
+# memory-bounded breadth-first (groups of micro-batches) -------------------------------------------------------------
+GROUPED_SIZES = [(1, 2, 4), (2, 1, 4), (2, 2, 4), (3, 2, 6), (4, 2, 8), (2, 3, 6)]
+GROUPED_GRID = [(p, spr, m, g) for p, spr, m in GROUPED_SIZES for g in range(1, m + 1) if m % g == 0]
+
+
+def live_activations(actions: tuple[Action, ...]) -> tuple[int, int]:
+    """The peak number of micro-batches whose activations a rank keeps, over all its stages and per stage: a forward
+    creates them, the backward of the same stage and micro-batch frees them."""
+    live: dict[int, int] = {}
+    peak = peak_stage = 0
+    for action in computes(actions):
+        live[action.stage] = live.get(action.stage, 0) + (1 if action.kind is F else -1)
+        peak, peak_stage = max(peak, sum(live.values())), max(peak_stage, live[action.stage])
+    return peak, peak_stage
+
+
+@pytest.mark.parametrize("p,spr,m,g", GROUPED_GRID)
+def test_grouped_breadth_first_bounds_live_activations_by_the_group(p: int, spr: int, m: int, g: int) -> None:
+    schedule = build_schedule("breadth_first", p, spr, m, breadth_first_micro_batches=g)
+    validate_in_order_matching(schedule)  # also deadlock-free when receives are posted in order (NCCL)
+    for rank, actions in enumerate(schedule.actions):
+        stages = schedule.stages_of(rank)
+        assert live_activations(actions) == (spr * g, g)  # plain breadth-first: (spr * m, m)
+        expected = []
+        for start in range(0, m, g):
+            group = range(start, start + g)
+            expected += [Action(F, s, mb) for s in stages for mb in group]
+            expected += [Action(B, s, mb) for s in reversed(stages) for mb in group]
+        assert computes(actions) == expected
+        for s in stages:  # one reduction per stage, right after its last backward (of the last group) and its send
+            reduce = actions.index(Action(RD, s))
+            assert reduce > max(i for i, a in enumerate(actions) if a.kind is B and a.stage == s)
+            assert actions[reduce - 1] in (Action(B, s, m - 1), Action(ActionKind.SEND_GRAD, s, m - 1))
+
+
+@pytest.mark.parametrize("p,spr,m", LOOPED_GRID)
+@pytest.mark.parametrize("forward_only", [False, True])
+def test_one_group_of_all_micro_batches_is_plain_breadth_first(p: int, spr: int, m: int, forward_only: bool) -> None:
+    plain = build_schedule("breadth_first", p, spr, m, forward_only=forward_only)
+    assert build_schedule("breadth_first", p, spr, m, forward_only=forward_only, breadth_first_micro_batches=m) == plain
+    if not forward_only:
+        assert live_activations(plain.actions[0]) == (spr * m, m)
+
+
+def test_grouped_receives_are_posted_per_group() -> None:
+    actions = line(list(build_schedule("breadth_first", 2, 1, 4, breadth_first_micro_batches=2).actions[1]))
+    assert actions == "RA1.0 RA1.1 F1.0 F1.1 B1.0 SG1.0 B1.1 SG1.1 RA1.2 RA1.3 F1.2 F1.3 B1.2 SG1.2 B1.3 SG1.3 RD1"
+
+
+def test_group_size_errors_list_the_valid_sizes() -> None:
+    with pytest.raises(ScheduleError, match=r"=4 must divide the number of micro-batches \(6\).*use one of 1, 2, 3, 6"):
+        build_schedule("breadth_first", 2, 2, 6, breadth_first_micro_batches=4)
+    with pytest.raises(ScheduleError, match=r"schedule='depth_first': remove it, or use schedule='breadth_first'"):
+        build_schedule("depth_first", 2, 2, 4, breadth_first_micro_batches=2)
+    with pytest.raises(ScheduleError, match="must be an integer >= 1 or None, got 0"):
+        breadth_first(2, 2, 4, breadth_first_micro_batches=0)

@@ -39,6 +39,8 @@ class ScheduleConfig:
     """The pipeline schedule; ``strategy/bfpp.yaml`` reads ``name`` into ``strategy.schedule``."""
 
     name: str = "breadth_first"
+    # breadth_first only: micro-batches per group (a divisor of M), the groups run one after another; None: all M
+    breadth_first_micro_batches: int | None = None
 
 
 @dataclass
