@@ -35,6 +35,8 @@ from typing_extensions import override
 from lightning_bfpp import checkpoint as bfpp_checkpoint
 from lightning_bfpp.collectives import all_gather_objects, relay
 from lightning_bfpp.executor import PipelineExecutor, StageIO
+from lightning_bfpp.faults import explain_lost_rank
+from lightning_bfpp.gathering import add_parameter_gathering
 from lightning_bfpp.grad_clip import clip_grad_norm_global
 from lightning_bfpp.log_relay import LogRecorder, PipelineMetricSync, install_metric_sync, replay
 from lightning_bfpp.microbatch import batch_size_of, merge_outputs, split_batch
@@ -50,8 +52,10 @@ from lightning_bfpp.schedule import (
     check_micro_batch_groups,
     validate_in_order_matching,
 )
-from lightning_bfpp.sharding import SHARDING_MODES, StageGradientReducer
+from lightning_bfpp.sharding import FSDP_MODES, SHARDING_MODES, ShardedStages, StageGradientReducer
+from lightning_bfpp.tied import TiedGradients, check_ties_sharding, dedupe_stage_parameters, module_ties, set_aliases
 from lightning_bfpp.timeline import wall_clock, write_timeline
+from lightning_bfpp.zero import shard_optimizer_states
 
 if TYPE_CHECKING:
     from lightning.fabric.accelerators import Accelerator
@@ -59,6 +63,7 @@ if TYPE_CHECKING:
 RANK_LAYOUTS = ("dp_contiguous", "pp_contiguous")
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 SUPPORTED_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
+SHARDED_ATTRIBUTE = "_bfpp_sharded"  # set on a module once its stages are sharded with FSDP2
 SPLIT_ATTRIBUTE = "_bfpp_split"  # set on a module once its remote layers are dropped: (partition, layer names)
 
 
@@ -83,7 +88,11 @@ class BFPPStrategy(ParallelStrategy):
         rank_layout: which dimension is contiguous in global rank order: ``"dp_contiguous"`` (the replicas of a
             pipeline rank are neighbours, e.g. on one node: rank = pp_rank * D + dp_rank) or ``"pp_contiguous"``
             (the ranks of one pipeline are neighbours: rank = dp_rank * P + pp_rank).
-        sharding: data-parallel sharding mode; ``"none"`` averages gradients over the replicas.
+        sharding: data-parallel sharding mode: ``"none"`` averages gradients over the replicas (all-reduce);
+            ``"optimizer"`` (ZeRO-1) also shards the optimizer state (``ZeroRedundancyOptimizer``); ``"gradients"``
+            (ZeRO-2) shards parameters, gradients and optimizer state with FSDP2, gathering each stage's parameters
+            once per step; ``"full"`` (ZeRO-3) also frees them after the forward and gathers them again for the
+            backward. Gradients are reduced once per optimizer step, right after each stage's last backward.
         activation_checkpointing: ``"none"`` (default), ``"layer"`` (keep each layer's input, recompute the layer in
             backward) or ``"stage"`` (keep each stage's input, recompute the whole stage); training only.
         breadth_first_micro_batches: with ``schedule="breadth_first"``, run the micro-batches breadth-first in groups
@@ -167,7 +176,8 @@ class BFPPStrategy(ParallelStrategy):
         self.dp_group: dist.ProcessGroup | None = None
         self._layer_names: list[str] = []
         self._executors: dict[tuple[bool, int], PipelineExecutor] = {}
-        self._reducer: StageGradientReducer | None = None
+        self._data_parallel: StageGradientReducer | ShardedStages | None = None
+        self._tied: TiedGradients | None = None
         self._stage_layers_cache: dict[int, list[tuple[int, nn.Module]]] | None = None
         self._ordered_recvs = False  # NCCL always posts receives in schedule order; tests force it on gloo
         self.nonfinite_loss = nonfinite_loss
@@ -305,6 +315,8 @@ class BFPPStrategy(ParallelStrategy):
                 self.partition_method,
                 self.partition_boundaries,
             )
+        self._ties = module_ties(model, self._layer_names)  # tied weights, found before the split
+        check_ties_sharding(self._ties, self.sharding)
         self._build_schedule(self.micro_batches, forward_only=False)
         super().connect(model)
 
@@ -318,7 +330,7 @@ class BFPPStrategy(ParallelStrategy):
             )
 
     def _build_schedule(self, micro_batches: int, forward_only: bool) -> Schedule:
-        return build_schedule(
+        schedule = build_schedule(
             "breadth_first" if forward_only else self.schedule_name,
             self.pipeline_parallel_size,
             self.stages_per_rank,
@@ -326,6 +338,9 @@ class BFPPStrategy(ParallelStrategy):
             forward_only=forward_only,
             breadth_first_micro_batches=None if forward_only else self.breadth_first_micro_batches,
         )
+        if self.sharding in FSDP_MODES:
+            schedule = add_parameter_gathering(schedule, reshard_after_forward=self.sharding == "full")
+        return schedule
 
     @override
     def setup_environment(self) -> None:
@@ -360,13 +375,29 @@ class BFPPStrategy(ParallelStrategy):
         self._stage_layers_cache = None
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        self._setup_ties()
+        self._data_parallel = self._setup_data_parallel()
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            if self.sharding == "optimizer":
+                shard_optimizer_states(self, self.dp_group)
         self.setup_precision_plugin()
         self._patch_gradient_clipping()
-        self._reducer = StageGradientReducer(self._stage_parameters(), self.dp_group)
         self._executors.clear()
+
+    def _setup_data_parallel(self) -> StageGradientReducer | ShardedStages:
+        """Gradient averaging, or each local stage sharded with FSDP2 (once per module: a later fit or validate of
+        the same module reuses the sharded stages)."""
+        if self.sharding not in FSDP_MODES:
+            return StageGradientReducer(self._stage_parameters(), self.dp_group)
+        assert self.dp_group is not None
+        sharded = self.lightning_module.__dict__.get(SHARDED_ATTRIBUTE)
+        if sharded is None:
+            layers = {stage: [layer for _, layer in pairs] for stage, pairs in self._stage_layers.items()}
+            sharded = ShardedStages(layers, self.dp_group, self.root_device)
+            self.lightning_module.__dict__[SHARDED_ATTRIBUTE] = sharded
+        return sharded
 
     def _check_ranks_agree(self) -> None:
         """One gather at set-up: every rank must run the same layout on the same layer stack, or the first transfer
@@ -378,8 +409,10 @@ class BFPPStrategy(ParallelStrategy):
             "micro_batches": self.micro_batches,
             "schedule": self.schedule_name,
             "breadth_first_micro_batches": self.breadth_first_micro_batches,
+            "sharding": self.sharding,
             "layers": len(self._layer_names),
             "partition": self.partition.boundaries,
+            "tied": [tie.names for tie in self._ties],
         }
         everyone = all_gather_objects(mine)
         differing = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
@@ -408,13 +441,25 @@ class BFPPStrategy(ParallelStrategy):
         return self._stage_layers_cache
 
     def _stage_parameters(self) -> dict[int, list[nn.Parameter]]:
-        return {s: [p for _, layer in layers for p in layer.parameters()] for s, layers in self._stage_layers.items()}
+        params = {s: [p for _, layer in layers for p in layer.parameters()] for s, layers in self._stage_layers.items()}
+        return dedupe_stage_parameters(params)  # a parameter shared by local stages: in the lowest one only
+
+    def _setup_ties(self) -> None:
+        """Copies of tied weights: one process group per set of holding ranks, copies made equal (see tied.py)."""
+        assert self.partition is not None
+        module = self.lightning_module
+        set_aliases(module, self._ties, self.partition, self.pipeline_rank)
+        self._tied = TiedGradients(module, self._ties, self.partition, self.pipeline_rank, self.pp_group, self._timeout)
+        self._tied.broadcast_from_first()
 
     def _patch_gradient_clipping(self) -> None:
         groups = [self.pp_group]
+        shard_group = self.dp_group if self.sharding in FSDP_MODES else None  # gradients sharded over the replicas
 
         def clip_grad_by_norm(plugin: Precision, optimizer: Any, clip_val: float) -> None:
-            clip_grad_norm_global(list(plugin.main_params(optimizer)), clip_val, groups)
+            not_counted = self._tied.not_counted if self._tied is not None else ()  # tied copies count once
+            params = list(plugin.main_params(optimizer))
+            clip_grad_norm_global(params, clip_val, groups, not_counted, shard_group)
 
         self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
 
@@ -423,21 +468,26 @@ class BFPPStrategy(ParallelStrategy):
         if key not in self._executors:
             schedule = self._build_schedule(micro_batches, forward_only)
             link = PeerLink(self.pp_group, micro_batches, self.root_device) if self.pipeline_parallel_size > 1 else None
-            reducer = self._reducer.start if self._reducer is not None else None
             ordered = self._ordered_recvs or self._process_group_backend == "nccl"
             if ordered:
                 validate_in_order_matching(schedule)
-            self._executors[key] = PipelineExecutor(schedule, self.pipeline_rank, link, reducer, ordered_recvs=ordered)
+            self._executors[key] = PipelineExecutor(
+                schedule, self.pipeline_rank, link, self._data_parallel, ordered_recvs=ordered
+            )
         return self._executors[key]
 
     # ------------------------------------------------------------------------------------------- running stages
     def _stage_forward(self, micro_batches: list[Any]) -> Any:
         module, stage_layers, checkpointing = self.lightning_module, self._stage_layers, self.activation_checkpointing
+        data_parallel = self._data_parallel
+        assert data_parallel is not None
 
         def forward(stage: int, m: int, inputs: StageIO | None) -> StageIO:
             batch = micro_batches[m]
             x = module.pipeline_input(batch) if stage == 0 else inputs
-            return run_layers(module.pipeline_layer_forward, stage_layers[stage], x, batch, checkpointing)
+            return data_parallel.run(
+                stage, run_layers, module.pipeline_layer_forward, stage_layers[stage], x, batch, checkpointing
+            )
 
         return forward
 
@@ -451,6 +501,14 @@ class BFPPStrategy(ParallelStrategy):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        with self._explain_lost_rank(f"the training step of global step {self.lightning_module.trainer.global_step}"):
+            return self._training_step(*args, **kwargs)
+
+    def _explain_lost_rank(self, where: str) -> Any:
+        """A failed transfer or collective inside the block is re-raised naming the lost rank and the timeout."""
+        return explain_lost_rank(where, self.global_rank, self._timeout)
+
+    def _training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         module = self.lightning_module
         trainer = module.trainer
         batch = args[0] if args else kwargs["batch"]
@@ -462,8 +520,8 @@ class BFPPStrategy(ParallelStrategy):
         micro_batches = split_batch(batch, self.micro_batches)
         recorder = LogRecorder()
         steps_optimizer = not trainer.fit_loop._should_accumulate()
-        assert self._reducer is not None
-        self._reducer.enabled = steps_optimizer  # reduce gradients only on batches that step the optimizer
+        assert self._data_parallel is not None
+        self._data_parallel.enabled = steps_optimizer  # reduce gradients only on batches that step the optimizer
 
         def last(m: int, outputs: StageIO) -> Tensor:
             with recorder.capture(module):
@@ -490,7 +548,9 @@ class BFPPStrategy(ParallelStrategy):
         if recording and batch_number == self.timeline_batches[1] - 1:
             self._write_timeline(executor)
         if steps_optimizer:
-            self._reducer.finish()
+            self._data_parallel.finish()
+            if self._tied is not None:
+                self._tied.sum_gradients()  # after the data-parallel average, before clipping and the optimizer
         loss = self._relay_from_last_stage(torch.stack(losses).mean() if losses else None, recorder)
         call._call_callback_hooks(trainer, "on_before_backward", loss)
         call._call_lightning_module_hook(trainer, "on_before_backward", loss)
@@ -591,6 +651,10 @@ class BFPPStrategy(ParallelStrategy):
         return self._evaluation_step("predict_step", args, kwargs)
 
     def _evaluation_step(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with self._explain_lost_rank(f"a {hook.replace('_', ' ')}"):
+            return self._run_evaluation_step(hook, args, kwargs)
+
+    def _run_evaluation_step(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Runs the batch forward through the pipeline; on the last stage, calls the module's ``hook`` for each
         micro-batch with ``self(...)`` answering the pipeline's output, and relays its logs and merged results to
         every rank of the pipeline (so every rank returns, logs and hands callbacks the same)."""
@@ -647,15 +711,16 @@ class BFPPStrategy(ParallelStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Writes the sharded checkpoint directory ``filepath`` (every rank takes part); an existing file or directory
-        there is replaced."""
+        there is replaced. The write goes to a hidden sibling directory that is renamed to ``filepath`` only after
+        every rank has finished, so a process killed while saving leaves the previous checkpoint intact."""
         if storage_options is not None:
             raise TypeError(
                 f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported: the checkpoint is "
                 "written with torch.distributed.checkpoint, not with a CheckpointIO plugin."
             )
         path = Path(self.broadcast(str(filepath)))
-        bfpp_checkpoint.clear_path(path, self.is_global_zero, self.barrier)
-        bfpp_checkpoint.save_sharded(checkpoint, path, self.is_global_zero)
+        with self._explain_lost_rank(f"the save of the checkpoint {path}"):
+            bfpp_checkpoint.save_sharded_atomic(checkpoint, path, self.is_global_zero, self.barrier)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -668,6 +733,11 @@ class BFPPStrategy(ParallelStrategy):
             return bfpp_checkpoint.load_sharded(path, module, self.optimizers, strict, weights_only)
         if path.is_file():
             return bfpp_checkpoint.load_plain(path, module, self.optimizers, None, strict, weights_only)
+        if bfpp_checkpoint.is_incomplete_checkpoint(path):
+            raise FileNotFoundError(
+                f"{path} is an incomplete checkpoint (it has no {bfpp_checkpoint.META_FILENAME}, which is written "
+                "last): its save did not finish. Resume from an earlier checkpoint."
+            )
         raise FileNotFoundError(
             f"{path} is neither a bfpp checkpoint directory (with {bfpp_checkpoint.META_FILENAME}) nor a Lightning "
             "checkpoint file."
@@ -699,17 +769,19 @@ class BFPPStrategy(ParallelStrategy):
     def barrier(self, name: str | None = None) -> None:
         if not _distributed_is_initialized():
             return
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[self.root_device.index])
-        else:
-            dist.barrier()
+        with self._explain_lost_rank(f"a barrier{f' ({name})' if name else ''}"):
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[self.root_device.index])
+            else:
+                dist.barrier()
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not _distributed_is_initialized():
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src)
+        with self._explain_lost_rank("a broadcast"):
+            dist.broadcast_object_list(box, src)
         return box[0]
 
     @override
@@ -724,7 +796,7 @@ class BFPPStrategy(ParallelStrategy):
     @override
     def teardown(self) -> None:
         self._executors.clear()
-        self._reducer = None
+        self._data_parallel = None
         super().teardown()
 
 
