@@ -22,6 +22,15 @@ DTYPES = (
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
 )  # fmt: skip
 KIND_ACT, KIND_GRAD, KIND_HEADER = 0, 1, 2
+KIND_NAMES = ("activations", "gradients", "the shapes of the activations")
+
+
+class TransferError(RuntimeError):
+    """A send or receive to or from global rank ``peer`` failed: that process died, or did not answer in time."""
+
+    def __init__(self, message: str, peer: int) -> None:
+        super().__init__(message)
+        self.peer = peer
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,7 @@ class PeerLink:
         self.num_micro_batches = num_micro_batches
         self.device = device
         self._global_ranks = [dist.get_global_rank(group, r) for r in range(dist.get_world_size(group))]
-        self._pending_sends: list[tuple[dist.Work, Tensor]] = []
+        self._pending_sends: list[tuple[dist.Work, Tensor, str, int]] = []
 
     def _tag(self, kind: int, stage: int, micro_batch: int, index: int) -> int:
         return ((stage * self.num_micro_batches + micro_batch) * 3 + kind) * MAX_TENSORS + index
@@ -98,7 +107,7 @@ class PeerLink:
             buffer = tensor.detach().contiguous()
             tag = self._tag(kind, stage, micro_batch, index)
             work = dist.isend(buffer, self._global_ranks[peer], group=self.group, tag=tag)
-            self._pending_sends.append((work, buffer))
+            self._pending_sends.append((work, buffer, _label(kind, stage, micro_batch), self._global_ranks[peer]))
 
     def recv(self, metas: Sequence[TensorMeta], kind: int, stage: int, micro_batch: int, peer: int) -> PendingRecv:
         """Posts the receives of one message; :meth:`PendingRecv.wait` returns the tensors."""
@@ -108,7 +117,7 @@ class PeerLink:
             tag = self._tag(kind, stage, micro_batch, index)
             works.append(dist.irecv(buffer, self._global_ranks[peer], group=self.group, tag=tag))
             buffers.append(buffer)
-        return PendingRecv(works, buffers)
+        return PendingRecv(works, buffers, _label(kind, stage, micro_batch), self._global_ranks[peer])
 
     def send_header(self, meta: StageIOMeta, stage: int, peer: int) -> None:
         self.send([meta.encode(self.device)], KIND_HEADER, stage, 0, peer)
@@ -117,18 +126,31 @@ class PeerLink:
         return self.recv([TensorMeta(torch.int64, (HEADER_LEN,))], KIND_HEADER, stage, 0, peer)
 
     def wait_sends(self) -> None:
-        for work, _ in self._pending_sends:
-            work.wait()
+        for work, _, label, peer in self._pending_sends:
+            _wait(work, f"sending {label} to global rank {peer}", peer)
         self._pending_sends.clear()
 
 
 class PendingRecv:
     """Receives posted for one message."""
 
-    def __init__(self, works: list[dist.Work], buffers: list[Tensor]) -> None:
-        self.works, self.buffers = works, buffers
+    def __init__(self, works: list[dist.Work], buffers: list[Tensor], label: str = "", peer: int = -1) -> None:
+        self.works, self.buffers, self.label, self.peer = works, buffers, label, peer
 
     def wait(self) -> list[Tensor]:
         for work in self.works:
-            work.wait()
+            _wait(work, f"receiving {self.label} from global rank {self.peer}", self.peer)
         return self.buffers
+
+
+def _label(kind: int, stage: int, micro_batch: int) -> str:
+    if kind == KIND_HEADER:
+        return f"{KIND_NAMES[kind]} of stage {stage}"
+    return f"{KIND_NAMES[kind]} of stage {stage}, micro-batch {micro_batch}"
+
+
+def _wait(work: dist.Work, what: str, peer: int) -> None:
+    try:
+        work.wait()
+    except RuntimeError as error:
+        raise TransferError(f"{what} failed: {error}", peer) from error

@@ -29,8 +29,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import StackModel
-from run_job import OrderedData
+from models import RegressionData, StackModel
+from torch.utils.data import DataLoader
 
 from lightning_bfpp import BFPPStrategy
 
@@ -70,6 +70,25 @@ class FaultModel(StackModel):
             optimizer.zero_grad()
             return
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+
+class StepData(pl.LightningDataModule):
+    """Global batch ``k`` is rows ``[k * B, (k + 1) * B)`` of the regression data (wrapping around), each replica
+    taking its contiguous share. The loader starts at the trainer's global step, so a resumed run reads the batches
+    the uninterrupted run would have read."""
+
+    def __init__(self, batch_size: int, size: int = 96, steps: int = 64) -> None:
+        super().__init__()
+        self.batch_size, self.size, self.steps = batch_size, size, steps
+
+    def train_dataloader(self) -> DataLoader:
+        replicas = self.trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
+        data, rows = RegressionData(size=self.size), self.batch_size * replicas["num_replicas"]
+        first, batches = self.trainer.global_step, []
+        for k in range(first, first + self.steps):
+            index = [(k * rows + replicas["rank"] * self.batch_size + i) % self.size for i in range(self.batch_size)]
+            batches.append({"x": data.x[index], "y": data.y[index], "mask": data.mask[index]})
+        return DataLoader(batches, batch_size=None)
 
 
 class LossRecorder(pl.Callback):
@@ -131,7 +150,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         callbacks=callbacks,
         use_distributed_sampler=False,
     )
-    data = OrderedData(config["batch_size"], config.get("data_size", 96))
+    data = StepData(config["batch_size"], config.get("data_size", 96))
     trainer.fit(model, datamodule=data, ckpt_path=config.get("ckpt_path"))
     result = {
         "rank": trainer.global_rank,

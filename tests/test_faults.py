@@ -81,3 +81,53 @@ def test_nonfinite_loss_skips_the_step_on_every_rank(tmp_path: Path) -> None:
             assert losses[step] == pytest.approx(expected["losses"][step], rel=1e-9, abs=1e-12)
     unskipped = reference(replicas=2)["state"]  # the check can fail: without the skip, the parameters differ
     assert any(not torch.allclose(unskipped[n], v) for n, v in expected["state"].items())
+
+
+# -------------------------------------------------------------------------------------------------------- lost ranks
+def assert_survivors_fail_fast(exits: list[Any], killed: int) -> None:
+    """The killed rank ended by SIGKILL; every other rank ended non-zero within 60 s of it, naming what happened."""
+    assert exits[killed].returncode == -9, exits[killed].output[-3000:]
+    for rank, ended in enumerate(exits):
+        if rank == killed:
+            continue
+        assert ended.returncode not in (0, None), f"rank {rank} exit {ended.returncode}:\n{ended.output[-3000:]}"
+        assert ended.seconds - exits[killed].seconds < 60
+        assert "RankLostError" in ended.output and "timeout of 20 s" in ended.output, ended.output[-3000:]
+
+
+def resume_and_compare(config: dict[str, Any], work: Path, first_step: int) -> None:
+    """Resumes from ``last`` with the same layout; the resumed steps and the final parameters are those of one
+    uninterrupted process."""
+    exits = start({**config, "ckpt_path": "last"}, work)
+    assert all(e.returncode == 0 for e in exits), [e.output[-3000:] for e in exits if e.returncode != 0]
+    state, results = merged(work / "out", config["devices"])
+    expected = reference()
+    assert_state_close(state, expected["state"])
+    for result in results:
+        assert sorted(result["losses"]) == list(range(first_step, BASE["max_steps"]))
+        for step, loss in result["losses"].items():
+            assert loss == pytest.approx(expected["losses"][step], rel=1e-9, abs=1e-12), step
+
+
+def test_a_killed_rank_ends_the_others_and_the_job_resumes_exactly(tmp_path: Path) -> None:
+    """Rank 1 is SIGKILLed in the middle of step 2's forward; rank 0 (waiting for its activations or gradients) ends
+    within seconds naming global rank 1; the job resumes from the checkpoint of step 2 and ends like one process."""
+    config = {**P2, "checkpoint_dir": str(tmp_path / "checkpoints")}
+    exits = start({**config, "faults": {"kill_rank": 1, "kill_step": 2}}, tmp_path / "killed")
+    assert_survivors_fail_fast(exits, killed=1)
+    assert "lost global rank 1 during the training step of global step 2" in exits[0].output, exits[0].output[-3000:]
+    resume_and_compare(config, tmp_path / "resumed", first_step=2)
+
+
+def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    """Rank 1 is SIGKILLed inside its second checkpoint write (last.ckpt of step 2, replacing that of step 1): the
+    last checkpoint stays the complete one of step 1, the partial write is never picked, and resuming from it ends
+    like one process."""
+    checkpoints = tmp_path / "checkpoints"
+    config = {**P2, "checkpoint_dir": str(checkpoints)}
+    exits = start({**config, "faults": {"kill_rank": 1, "kill_save": 2}}, tmp_path / "killed")
+    assert_survivors_fail_fast(exits, killed=1)
+    assert "during the save of the checkpoint" in exits[0].output, exits[0].output[-3000:]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".last.ckpt.partial", "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt" / "meta.pt", weights_only=False)["global_step"] == 1
+    resume_and_compare(config, tmp_path / "resumed", first_step=1)

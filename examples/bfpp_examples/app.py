@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bfpp_examples.config import SingleStrategyConfig
+from lightning_bfpp.checkpoint import is_incomplete_checkpoint
 from lightning_bfpp.config import BFPPStrategyConfig
 from lightning_bfpp.partition import build_partition
 from lightning_bfpp.schedule import build_schedule
@@ -238,7 +239,8 @@ def resolve_ckpt_path(value: str | None, run_dir: Path, checkpoint_dir: Path, sw
     if value == "last":
         siblings = [] if sweep else list(run_dir.parent.glob("*/checkpoints/last.ckpt"))
         candidates = [*siblings, checkpoint_dir / "last.ckpt"]
-        found = [p for p in candidates if p.exists()]  # a file, or a directory for sharded checkpoints
+        # a file, or a directory for sharded checkpoints (one whose save did not finish is skipped)
+        found = [p for p in candidates if p.exists() and not is_incomplete_checkpoint(p)]
         if not found:
             where = checkpoint_dir if sweep else f"{run_dir.parent}/*/checkpoints/"
             log.warning(f"ckpt_path=last: no last.ckpt in {where}: training from scratch.")
