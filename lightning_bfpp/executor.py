@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -29,6 +30,22 @@ ForwardFn = Callable[[int, int, StageIO | None], StageIO]
 """``forward(stage, micro_batch, inputs)``: runs a stage; ``inputs`` is None for the first stage."""
 LastStageFn = Callable[[int, StageIO], Tensor | None]
 """``last(micro_batch, outputs)``: consumes the last stage's outputs; returns the loss to back-propagate, or None."""
+
+
+class DataParallelHooks(Protocol):
+    """What the data-parallel mode does at the points of the schedule that concern parameters and gradients."""
+
+    def gather(self, stage: int) -> None:
+        """GATHER: start gathering ``stage``'s sharded parameters (the stage's compute waits for them)."""
+
+    def reshard(self, stage: int) -> None:
+        """RESHARD: free ``stage``'s gathered parameters."""
+
+    def before_backward(self, stage: int, last: bool) -> None:
+        """Right before a backward of ``stage``; ``last`` for its last micro-batch of the step."""
+
+    def backward_done(self, stage: int) -> None:
+        """REDUCE_GRAD: every backward of ``stage`` has run; start reducing its gradients."""
 
 
 @dataclass
@@ -76,8 +93,8 @@ class PipelineExecutor:
         schedule: the validated global schedule.
         rank: this process's pipeline rank.
         link: the point-to-point link to the other pipeline ranks (None when ``pipeline_size == 1``).
-        on_stage_backward_done: called with a stage index at its ``REDUCE_GRAD`` action, to start the
-            data-parallel gradient reduction of that stage.
+        data_parallel: what the data-parallel mode does at the schedule's GATHER, RESHARD and REDUCE_GRAD actions and
+            around each backward (see :class:`DataParallelHooks`); None when there is nothing to do.
         ordered_recvs: post every receive at its place in the schedule, waiting for a boundary's shapes at its first
             receive (NCCL matches messages in issue order); otherwise receives whose shapes are not known yet are
             posted when the stage first needs them (gloo matches by tag).
@@ -88,13 +105,13 @@ class PipelineExecutor:
         schedule: Schedule,
         rank: int,
         link: PeerLink | None,
-        on_stage_backward_done: Callable[[int], None] | None = None,
+        data_parallel: DataParallelHooks | None = None,
         ordered_recvs: bool = False,
     ) -> None:
         self.schedule = schedule
         self.rank = rank
         self.link = link
-        self.on_stage_backward_done = on_stage_backward_done
+        self.data_parallel = data_parallel
         self.ordered_recvs = ordered_recvs
         self.events: list[TimedEvent] | None = None  # set to a list to record when each action runs
         self.actions: tuple[Action, ...] = schedule.actions[rank]
@@ -107,7 +124,11 @@ class PipelineExecutor:
             ActionKind.BACKWARD: self._backward,
             ActionKind.SEND_GRAD: self._send_grad,
             ActionKind.REDUCE_GRAD: self._reduce_grad,
+            ActionKind.GATHER: self._gather,
+            ActionKind.RESHARD: self._reshard,
         }
+        # the micro-batch of each stage's last backward: gradients are synchronised after it
+        self._last_backward = {a.stage: a.micro_batch for a in self.actions if a.kind is ActionKind.BACKWARD}
 
     def run(self, forward: ForwardFn, last: LastStageFn, loss_scale: float = 1.0) -> list[Tensor]:
         """Runs the step; returns the detached losses of the micro-batches (empty unless this rank holds the last
@@ -235,6 +256,8 @@ class PipelineExecutor:
         key = (stage, m)
         outputs = state.outputs.pop(key)
         state.output_is_tuple.pop(key, None)
+        if self.data_parallel is not None:
+            self.data_parallel.before_backward(stage, self._last_backward[stage] == m)
         if stage == self.last_stage:
             torch.autograd.backward(outputs[0])
         else:
@@ -261,5 +284,14 @@ class PipelineExecutor:
         self.link.send(grads, KIND_GRAD, stage, m, self._peer(stage - 1))
 
     def _reduce_grad(self, action: Action) -> None:
-        if self.on_stage_backward_done is not None:
-            self.on_stage_backward_done(action.stage)
+        if self.data_parallel is not None:
+            self.data_parallel.backward_done(action.stage)
+
+    # parameters ------------------------------------------------------------------------------------------------
+    def _gather(self, action: Action) -> None:
+        if self.data_parallel is not None:
+            self.data_parallel.gather(action.stage)
+
+    def _reshard(self, action: Action) -> None:
+        if self.data_parallel is not None:
+            self.data_parallel.reshard(action.stage)

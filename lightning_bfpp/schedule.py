@@ -23,6 +23,8 @@ class ActionKind(str, enum.Enum):
     RECV_GRAD = "RG"  # post the receive of the gradient of stage s's output, micro-batch m, from the rank of s+1
     SEND_GRAD = "SG"  # send the gradient of stage s's input, micro-batch m, to the rank of s-1
     REDUCE_GRAD = "RD"  # start the data-parallel gradient reduction of stage s (micro_batch is -1)
+    GATHER = "AG"  # start all-gathering the sharded parameters of stage s (micro_batch is -1; see gathering.py)
+    RESHARD = "FR"  # free the gathered parameters of stage s (micro_batch is -1; see gathering.py)
 
 
 _F, _B, _RA, _SA, _RG, _SG, _RD = (
@@ -47,6 +49,10 @@ class Action:
     def __str__(self) -> str:
         suffix = "" if self.micro_batch < 0 else f".{self.micro_batch}"
         return f"{self.kind.value}{self.stage}{suffix}"
+
+
+PARAMETER_KINDS = frozenset({ActionKind.GATHER, ActionKind.RESHARD})
+"""Actions that move parameters, not activations: present only with sharded parameters."""
 
 
 class ScheduleError(ValueError):
@@ -364,6 +370,8 @@ def _structure_problems(schedule: Schedule) -> list[str]:
             if not isinstance(action, Action) or not isinstance(action.kind, ActionKind):
                 problems.append(f"{at}: {action!r} is not an Action")
                 continue
+            if action.kind in PARAMETER_KINDS:
+                continue  # optional; checked by gathering.validate_gathering
             if not 0 <= action.stage < schedule.num_stages:
                 problems.append(f"{at}: {action} names stage {action.stage}, outside 0..{schedule.num_stages - 1}")
                 continue

@@ -15,10 +15,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from collective_count import count_fsdp_collectives
 from models import MODELS, loader
 
 from lightning_bfpp import BFPPStrategy
@@ -63,13 +65,48 @@ def variable_length_batches(batch_size: int, replicas: int, rank: int, steps: in
 class Recorder(pl.Callback):
     """Keeps, per training batch, the returned loss and the logged ``train_loss`` as this rank sees them."""
 
-    def __init__(self) -> None:
+    def __init__(self, record_initial: bool = False) -> None:
         self.losses: list[float] = []
         self.logged: list[float] = []
+        self.record_initial = record_initial
+        self.initial: dict[str, torch.Tensor] | None = None
+        self.param_bytes: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if self.record_initial:  # the weights before the first step, and the bytes of this rank's parameters
+            self.initial = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+            self.param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.losses.append(float(outputs["loss"]))
         self.logged.append(float(trainer.callback_metrics["train_loss"]))
+
+
+class SavedBytes(pl.Callback):
+    """Adds up the bytes of the non-parameter tensors autograd saves for backward during the training steps."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._hooks: Any = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        params = {p.untyped_storage().data_ptr() for p in pl_module.parameters()}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.untyped_storage().data_ptr() not in params:
+                self.total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._hooks.__exit__(None, None, None)
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter sharded over the data-parallel replicas (every replica must call this)."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +122,8 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         strategy = BFPPStrategy(timeout=timedelta(seconds=config.get("pg_timeout", 60)), **strategy_kwargs)
         strategy._ordered_recvs = config.get("ordered_recvs", False)
         strategy.timeline_dir = config.get("timeline_dir")
-    recorder = Recorder()
+    recorder = Recorder(config.get("record_initial", False))
+    saved = SavedBytes() if config.get("count_saved_bytes") else None  # what the training steps keep for backward
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=config.get("devices", 1),
@@ -100,18 +138,23 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
-        callbacks=[recorder],
+        callbacks=[recorder] + ([saved] if saved else []),
         use_distributed_sampler=False,
     )
     data = OrderedData(config["batch_size"], config.get("data_size", 96), config.get("variable_length", False))
+    collectives = count_fsdp_collectives(trainer.strategy) if config.get("count_collectives") else None
     trainer.fit(model, datamodule=data)
     validated = trainer.validate(model, datamodule=data, verbose=False) if config.get("validate_after") else None
     result = {
         "rank": trainer.global_rank,
         "losses": recorder.losses,
         "logged": recorder.logged,
-        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state": {k: full_tensor(v).detach().cpu().clone() for k, v in model.state_dict().items()},
         "validated": validated,
+        "saved_bytes": saved.total if saved else None,
+        "initial": recorder.initial,
+        "param_bytes": recorder.param_bytes,
+        "collectives": dict(collectives) if collectives is not None else None,
     }
     out_dir = config.get("out_dir")
     if out_dir:

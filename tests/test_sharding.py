@@ -1,0 +1,71 @@
+"""Sharded data parallelism (ZeRO-1/2/3) matches one process, and breadth-first gathers each stage's parameters
+and reduces its gradients a fixed number of times per step, whatever the number of micro-batches."""
+
+from __future__ import annotations
+
+import pytest
+from test_equivalence import assert_matches
+
+from lightning_bfpp.gathering import add_parameter_gathering, gathers_per_stage
+from lightning_bfpp.schedule import build_schedule
+
+
+def sharded_config(sharding: str, accumulate: int = 1, **strategy) -> dict:
+    return {
+        "devices": 4,
+        "strategy": {"pipeline_parallel_size": 2, "stages_per_rank": 2, "micro_batches": 4, "sharding": sharding,
+                     **strategy},
+        "model": {"num_blocks": 4, "optimizer": "adam"},
+        "batch_size": 8,
+        "max_steps": 3,
+        "accumulate": accumulate,
+    }
+
+
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["step", "accumulate2"])
+@pytest.mark.parametrize("sharding", ["optimizer", "gradients", "full"])
+def test_sharded_training_matches_one_process(run_job, sharding: str, accumulate: int) -> None:
+    """P=2 x D=2: every sharding mode trains exactly like the unsplit module on one process."""
+    config = sharded_config(sharding, accumulate)
+    assert_matches(run_job(config, timeout=180), config, 2)
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4, 8])
+def test_breadth_first_gathers_each_stage_at_most_twice(micro_batches: int) -> None:
+    for stages_per_rank in (1, 2, 3):
+        full = add_parameter_gathering(build_schedule("breadth_first", 2, stages_per_rank, micro_batches))
+        assert max(gathers_per_stage(full).values()) <= 2
+        once = add_parameter_gathering(
+            build_schedule("breadth_first", 2, stages_per_rank, micro_batches), reshard_after_forward=False
+        )
+        assert set(gathers_per_stage(once).values()) == {1}
+
+
+def counted_collectives(run_job, schedule: str, micro_batches: int, steps: int = 2) -> dict[tuple[str, int], float]:
+    """Per optimizer step, the all-gathers and reduce-scatters of each stage (ZeRO-3, P=2 x L=2 x D=2)."""
+    config = sharded_config("full", schedule=schedule, micro_batches=micro_batches)
+    config.update(batch_size=2 * micro_batches, max_steps=steps, count_collectives=True, model={"num_blocks": 4})
+    counts: dict[tuple[str, int], float] = {}
+    for rank in run_job(config, timeout=180).ranks():
+        for (kind, stage), n in rank["collectives"].items():
+            assert stage >= 0, f"a {kind} not issued by a stage's FSDP group"
+            counts[(kind, stage)] = max(counts.get((kind, stage), 0), n / steps)
+    return counts
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_collectives_per_stage_and_step_breadth_first(run_job, micro_batches: int) -> None:
+    """Breadth-first gathers each stage once for its forwards and once for its backwards (the last stage of each
+    rank, whose backwards follow its forwards, once) and reduce-scatters it once, whatever M."""
+    counts = counted_collectives(run_job, "breadth_first", micro_batches)
+    gathers = {("all_gather", 0): 2, ("all_gather", 1): 2, ("all_gather", 2): 1, ("all_gather", 3): 1}
+    assert counts == {**gathers, **{("reduce_scatter", stage): 1 for stage in range(4)}}
+
+
+def test_depth_first_gathers_once_per_run(run_job) -> None:
+    """Depth-first (interleaved 1F1B) alternates stages every P micro-batches, so it gathers much more often."""
+    counts = counted_collectives(run_job, "depth_first", 4)
+    expected = gathers_per_stage(add_parameter_gathering(build_schedule("depth_first", 2, 2, 4)))
+    assert {stage: counts[("all_gather", stage)] for stage in range(4)} == dict(expected)
+    assert sum(expected.values()) > 6  # breadth-first: 2 + 2 + 1 + 1
+    assert all(counts[("reduce_scatter", stage)] == 1 for stage in range(4))
