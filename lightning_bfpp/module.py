@@ -6,7 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor, nn
+
+from lightning_bfpp.materialize import check_materialized, materialize_layers
 
 StageIO = Tensor | tuple[Tensor, ...]
 
@@ -25,6 +28,15 @@ class PipelineModule(pl.LightningModule):
 
     Optionally override :meth:`pipeline_layer_forward` to pass side inputs of the batch (masks, positions) to a
     layer. Every pipeline stage sees the current (micro-)batch, so side inputs need no plumbing.
+
+    Tied weights: give two layers the same ``nn.Parameter`` (``self.head.weight = self.embed.weight``), as on one
+    device; under ``strategy="bfpp"`` each rank holding one of them keeps a copy and the copies are trained as one.
+
+    Large models: create the layers on the meta device (``with torch.device("meta"): ...`` in ``__init__``) and,
+    if ``reset_parameters()`` of their submodules is not the initialization you want, override
+    :meth:`pipeline_init_layer`. Under ``strategy="bfpp"`` each rank materializes only the layers it holds; on one
+    device :meth:`configure_model` materializes them all. Both initialize layer ``i`` under the same seed (from the
+    run's seed and ``i``), so the initial weights are the same on every layout.
     """
 
     def pipeline_layers(self) -> Sequence[nn.Module]:
@@ -43,6 +55,28 @@ class PipelineModule(pl.LightningModule):
     def pipeline_loss(self, outputs: StageIO, batch: Any) -> Tensor:
         """The scalar loss of ``batch`` from the last layer's ``outputs``, averaged over the batch."""
         raise NotImplementedError(f"{type(self).__name__} must implement `pipeline_loss(outputs, batch)`.")
+
+    def pipeline_init_layer(self, index: int, layer: nn.Module) -> None:
+        """Initializes layer ``index`` of the stack after it has been materialized from the meta device (its tensors
+        hold garbage until then). Called under a random seed derived from the run's seed and ``index``, so use the
+        global generator (``nn.init.*``). The default calls ``reset_parameters()`` of every submodule that has one;
+        override it to initialize other parameters or buffers. A parameter shared with an earlier layer (a tied
+        weight) keeps that layer's values whatever this hook does to it."""
+        for submodule in layer.modules():
+            reset = getattr(submodule, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
+    def configure_model(self) -> None:
+        """Materializes the layers created on the meta device (see :meth:`pipeline_init_layer`), except under
+        ``BFPPStrategy``, which materializes only the layers of each rank. Call ``super().configure_model()`` if you
+        override it."""
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        if getattr(strategy, "materializes_pipeline_layers", False):
+            return
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        materialize_layers(self, list(enumerate(self.pipeline_layers())), device)
+        check_materialized(self)
 
     def forward(self, batch: Any) -> StageIO:
         """Runs the whole layer stack on ``batch`` (the one-device path)."""

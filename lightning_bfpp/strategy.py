@@ -39,6 +39,7 @@ from lightning_bfpp.faults import explain_lost_rank
 from lightning_bfpp.gathering import add_parameter_gathering
 from lightning_bfpp.grad_clip import clip_grad_norm_global
 from lightning_bfpp.log_relay import LogRecorder, PipelineMetricSync, install_metric_sync, replay
+from lightning_bfpp.materialize import check_materialized, materialize_layers
 from lightning_bfpp.microbatch import batch_size_of, merge_outputs, split_batch
 from lightning_bfpp.module import missing_hooks
 from lightning_bfpp.nonfinite import NONFINITE_POLICIES, NonFiniteCheck, NonFiniteError
@@ -55,7 +56,7 @@ from lightning_bfpp.schedule import (
 from lightning_bfpp.sharding import FSDP_MODES, SHARDING_MODES, ShardedStages, StageGradientReducer
 from lightning_bfpp.tied import TiedGradients, check_ties_sharding, dedupe_stage_parameters, module_ties, set_aliases
 from lightning_bfpp.timeline import wall_clock, write_timeline
-from lightning_bfpp.zero import shard_optimizer_states
+from lightning_bfpp.zero import adopt_local_options, shard_optimizer_states
 
 if TYPE_CHECKING:
     from lightning.fabric.accelerators import Accelerator
@@ -111,6 +112,7 @@ class BFPPStrategy(ParallelStrategy):
     """
 
     strategy_name = "bfpp"
+    materializes_pipeline_layers = True  # meta layers: each rank materializes its own in setup (PipelineModule)
 
     def __init__(
         self,
@@ -373,6 +375,7 @@ class BFPPStrategy(ParallelStrategy):
         drop_remote_layers(self.lightning_module, self._layer_names, self.partition, self.pipeline_rank)
         self.lightning_module.__dict__[SPLIT_ATTRIBUTE] = (self.partition, self._layer_names)
         self._stage_layers_cache = None
+        self._materialize_local_layers()
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self._setup_ties()
@@ -443,6 +446,12 @@ class BFPPStrategy(ParallelStrategy):
     def _stage_parameters(self) -> dict[int, list[nn.Parameter]]:
         params = {s: [p for _, layer in layers for p in layer.parameters()] for s, layers in self._stage_layers.items()}
         return dedupe_stage_parameters(params)  # a parameter shared by local stages: in the lowest one only
+
+    def _materialize_local_layers(self) -> None:
+        """Layers created on the meta device: this rank's get storage and their initialization (materialize.py)."""
+        module = self.lightning_module
+        materialize_layers(module, [pair for pairs in self._stage_layers.values() for pair in pairs], self.root_device)
+        check_materialized(module)
 
     def _setup_ties(self) -> None:
         """Copies of tied weights: one process group per set of holding ranks, copies made equal (see tied.py)."""
@@ -543,7 +552,7 @@ class BFPPStrategy(ParallelStrategy):
         with self.precision_plugin.train_step_context():
             losses = executor.run(self._stage_forward(micro_batches), last, 1.0 / (self.micro_batches * accumulate))
         if self._nonfinite is None:
-            self._nonfinite = NonFiniteCheck(self.global_rank)
+            self._nonfinite = NonFiniteCheck(self.global_rank, self.root_device)
         self._nonfinite.add_losses(batch_idx, losses)
         if recording and batch_number == self.timeline_batches[1] - 1:
             self._write_timeline(executor)
@@ -730,9 +739,15 @@ class BFPPStrategy(ParallelStrategy):
         module = self.lightning_module
         strict = module.strict_loading
         if bfpp_checkpoint.is_sharded_checkpoint(path):
-            return bfpp_checkpoint.load_sharded(path, module, self.optimizers, strict, weights_only)
-        if path.is_file():
-            return bfpp_checkpoint.load_plain(path, module, self.optimizers, None, strict, weights_only)
+            checkpoint = bfpp_checkpoint.load_sharded(path, module, self.optimizers, strict, weights_only)
+        elif path.is_file():
+            checkpoint = bfpp_checkpoint.load_plain(path, module, self.optimizers, None, strict, weights_only)
+        else:
+            checkpoint = None
+        if checkpoint is not None:
+            for optimizer in self.optimizers:
+                adopt_local_options(optimizer)  # ZeRO-1: the options restored into the local optimizer
+            return checkpoint
         if bfpp_checkpoint.is_incomplete_checkpoint(path):
             raise FileNotFoundError(
                 f"{path} is an incomplete checkpoint (it has no {bfpp_checkpoint.META_FILENAME}, which is written "

@@ -47,6 +47,10 @@ class TiedHead(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return (h @ self.weight).sum(-1, keepdim=True) + self.bias
 
+    def reset_parameters(self) -> None:  # of a tied weight, the first layer's initialization wins
+        nn.init.normal_(self.weight, std=0.5)
+        nn.init.zeros_(self.bias)
+
 
 class StackModel(PipelineModule):
     """``num_blocks`` blocks between an input and an output projection: ``num_blocks + 2`` pipeline layers. With
@@ -177,6 +181,22 @@ class DictOutputModel(StackModel):
         return out if layer is self.head else {"h": out}
 
 
+class MetaStackModel(StackModel):
+    """:class:`StackModel` built on the meta device: the layers hold no memory until they are materialized and
+    initialized (``pipeline_init_layer``: ``reset_parameters()``, plus a layer-dependent shift of the biases)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        with torch.device("meta"):
+            super().__init__(**kwargs)
+
+    def pipeline_init_layer(self, index: int, layer: nn.Module) -> None:
+        super().pipeline_init_layer(index, layer)
+        for name, p in layer.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.01 * index)
+
+
 MODELS = {
-    cls.__name__: cls for cls in (StackModel, NoHooksModel, ManualOptimizationModel, VectorLossModel, DictOutputModel)
+    cls.__name__: cls
+    for cls in (StackModel, MetaStackModel, NoHooksModel, ManualOptimizationModel, VectorLossModel, DictOutputModel)
 }

@@ -15,7 +15,7 @@ from models import StackModel
 from test_equivalence import assert_matches, reference
 
 from lightning_bfpp.partition import Partition
-from lightning_bfpp.tied import Tie, find_ties, holders, local_aliases
+from lightning_bfpp.tied import Tie, check_ties_sharding, find_ties, holders, local_aliases
 
 
 def test_ties_are_found_by_identity() -> None:
@@ -28,6 +28,9 @@ def test_ties_are_found_by_identity() -> None:
     assert holders(tie, partition) == (0, 1)
     assert local_aliases([tie], partition, 0) == {}
     assert local_aliases([tie], partition, 1) == {"head.weight": "first.weight"}
+    check_ties_sharding([tie], "none")
+    with pytest.raises(ValueError, match="sharding='full' does not support"):
+        check_ties_sharding([tie], "full")
 
 
 @pytest.mark.parametrize(
