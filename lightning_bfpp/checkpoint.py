@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from lightning_bfpp.collectives import all_gather_objects
 from lightning_bfpp.tied import canonical_names
+from lightning_bfpp.zero import local_optimizer
 
 META_FILENAME = "meta.pt"  # the name Lightning's ModelParallelStrategy uses too
 
@@ -71,7 +72,7 @@ def optimizer_state_dict(module: nn.Module, optimizer: Optimizer) -> dict[str, A
     its canonical name, the one the unsplit module's ``named_parameters()`` reports)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
+    optimizer = local_optimizer(optimizer)  # a LightningOptimizer's, or ZeRO-1's local optimizer: this rank's share
     state = get_optimizer_state_dict(module, optimizer, options=_options(flatten_optimizer_state_dict=True))
     return _rename_parameters(state, canonical_names(module))
 
@@ -181,7 +182,7 @@ def load_sharded(
         name = f"optimizer_{index}"
         if not any(key.startswith(name + ".") for key in keys):
             continue  # saved with weights only
-        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        optimizer = local_optimizer(optimizer)
         optimizer_state = {name: optimizer_state_dict(module, optimizer)}
         dcp.load(optimizer_state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=not strict))
         local_names = {canonical: local for local, canonical in canonical_names(module).items()}

@@ -21,9 +21,14 @@ def zero_optimizer(optimizer: Optimizer, group: dist.ProcessGroup | None) -> Zer
 
 
 def local_optimizer(optimizer: Any) -> Any:
-    """The optimizer that holds this rank's state: the local one of a ``ZeroRedundancyOptimizer``, else itself."""
+    """The optimizer that holds this rank's state: the local one of a ``ZeroRedundancyOptimizer`` (with the wrapper's
+    current options, e.g. a learning rate an LR scheduler changed since the last step), else itself."""
     optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
-    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    if not isinstance(optimizer, ZeroRedundancyOptimizer):
+        return optimizer
+    for wrapper_group, local_group in zip(optimizer.param_groups, optimizer.optim.param_groups, strict=True):
+        local_group.update({k: v for k, v in wrapper_group.items() if k != "params"})
+    return optimizer.optim
 
 
 def shard_optimizer_states(strategy: Any, group: dist.ProcessGroup | None) -> None:
@@ -34,3 +39,13 @@ def shard_optimizer_states(strategy: Any, group: dist.ProcessGroup | None) -> No
         if id(scheduler.optimizer) in replaced:
             scheduler.optimizer = replaced[id(scheduler.optimizer)]
     strategy.optimizers = [replaced[id(o)] for o in strategy.optimizers]
+
+
+def adopt_local_options(optimizer: Any) -> None:
+    """After the local optimizer of a ``ZeroRedundancyOptimizer`` was loaded from a checkpoint: copies its restored
+    options (learning rate, ...) to the wrapper's parameter groups, which ``step()`` copies back to the local one."""
+    optimizer = getattr(optimizer, "_optimizer", optimizer)
+    if not isinstance(optimizer, ZeroRedundancyOptimizer):
+        return
+    for wrapper_group, local_group in zip(optimizer.param_groups, optimizer.optim.param_groups, strict=True):
+        wrapper_group.update({k: v for k, v in local_group.items() if k != "params"})

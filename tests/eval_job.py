@@ -33,6 +33,7 @@ from torchmetrics.classification import BinaryAccuracy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import RegressionData, StackModel
+from run_job import full_tensor
 
 from lightning_bfpp import BFPPStrategy
 
@@ -256,7 +257,7 @@ def run_stage(cfg: dict[str, Any], stage: dict[str, Any], devices: int) -> dict[
         pbar=recorder.pbar,
         written=writer.batches,
         written_epoch=writer.epoch,
-        state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        state={k: full_tensor(v).detach().cpu().clone() for k, v in model.state_dict().items()},
         epoch=trainer.current_epoch,
         global_step=trainer.global_step,
     )

@@ -3,7 +3,13 @@ and reduces its gradients a fixed number of times per step, whatever the number 
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
+from conftest import TESTS_DIR, run_script
+from eval_job import run
+from test_checkpoint import DATA, _assert_state_equal, _merged, _stage
 from test_equivalence import assert_matches
 
 from lightning_bfpp.gathering import add_parameter_gathering, gathers_per_stage
@@ -69,3 +75,34 @@ def test_depth_first_gathers_once_per_run(run_job) -> None:
     assert {stage: counts[("all_gather", stage)] for stage in range(4)} == dict(expected)
     assert sum(expected.values()) > 6  # breadth-first: 2 + 2 + 1 + 1
     assert all(counts[("reduce_scatter", stage)] == 1 for stage in range(4))
+
+
+def test_checkpoint_resumes_exactly_under_any_sharding_mode(tmp_path) -> None:
+    """A checkpoint saved under ZeRO-3 (P=2 x D=2) resumes exactly under ZeRO-3, ZeRO-1 and plain replicas, and one
+    saved under ZeRO-1 under ZeRO-2: the files hold each parameter and its optimizer state once, by name, whatever
+    the sharding (Adam and an LR scheduler, whose learning rate must survive too)."""
+    root = tmp_path / "root"
+    base = {"devices": 1, "root_dir": str(root), "data": DATA, "out_dir": None}
+    ref = run({**base, "stages": [_stage("full", None, [["fit", None]], 2)]})["full"]
+    layout = {"pipeline_parallel_size": 2, "stages_per_rank": 1, "micro_batches": 2}
+    stages = [
+        _stage("first", {**layout, "sharding": "full"}, [["fit", None], ["save", "sharded.ckpt"]], 1),
+        *(
+            _stage(mode, {**layout, "sharding": mode}, [["fit", "sharded.ckpt"]], 2)
+            for mode in ("full", "optimizer", "none")
+        ),
+        _stage("first-zero1", {**layout, "sharding": "optimizer"}, [["fit", None], ["save", "zero1.ckpt"]], 1),
+        _stage("gradients", {**layout, "sharding": "gradients"}, [["fit", "zero1.ckpt"]], 2),
+    ]
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = {**base, "devices": 4, "out_dir": str(out), "stages": stages, "pg_timeout": 60}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    code, output = run_script(TESTS_DIR / "eval_job.py", [str(tmp_path / "config.json")], timeout=300)
+    assert code == 0, output[-6000:]
+    for mode in ("full", "optimizer", "none", "gradients"):
+        results = [torch.load(out / f"{mode}.rank{r}.pt", weights_only=False) for r in range(4)]
+        _assert_state_equal(_merged(results), ref["state"], mode)
+        for result in results:
+            logged = [step["train_loss"] for step in result["train"]]
+            assert logged == pytest.approx([step["train_loss"] for step in ref["train"][2:]], rel=1e-9), mode
