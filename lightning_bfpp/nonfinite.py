@@ -24,11 +24,13 @@ class NonFiniteCheck:
 
     Arguments:
         rank: this process's global rank (named in the descriptions).
+        device: where the flags are reduced (the device of the process group's backend).
         group: the process group that must agree (None: every process).
     """
 
-    def __init__(self, rank: int, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, rank: int, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
         self.rank = rank
+        self.device = device
         self.group = group
         self._losses: list[tuple[int, Tensor]] = []
 
@@ -42,13 +44,12 @@ class NonFiniteCheck:
         rank; empty when everything is finite) and forgets the recorded losses."""
         named = list(named_grads)
         grads = [g.to_local() if hasattr(g, "to_local") else g for _, g in named]  # DTensor: the local shard
-        device = grads[0].device if grads else (self._losses[0][1].device if self._losses else torch.device("cpu"))
-        flags = torch.zeros(2, dtype=torch.int32, device=device)
+        flags = torch.zeros(2, dtype=torch.int32, device=self.device)
         if self._losses:
-            flags[0] = (~torch.isfinite(torch.cat([v for _, v in self._losses]))).any().to(device)
+            flags[0] = (~torch.isfinite(torch.cat([v for _, v in self._losses]))).any().to(self.device)
         if grads:
             norms = torch._foreach_norm(grads)  # NaN or inf exactly when the gradient holds one
-            flags[1] = (~torch.isfinite(torch.stack([n.to(device) for n in norms]))).any()
+            flags[1] = (~torch.isfinite(torch.stack([n.to(self.device) for n in norms]))).any()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         found = flags.tolist()

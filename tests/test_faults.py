@@ -14,6 +14,8 @@ import torch
 from fault_job import run
 from launch import launch_ranks
 
+from lightning_bfpp.nonfinite import NonFiniteCheck
+
 TESTS = Path(__file__).resolve().parent
 JOB = TESTS / "fault_job.py"
 BASE = {"model": {"num_blocks": 2}, "batch_size": 4, "max_steps": 4, "pg_timeout": 20}
@@ -52,6 +54,20 @@ def start(config: dict[str, Any], work: Path, timeout: float = 120) -> list[Any]
 
 
 # ------------------------------------------------------------------------------------------------ non-finite values
+def test_nonfinite_check_names_what_it_found() -> None:
+    """In-process (no process group): the losses of an accumulation window and the gradients are checked together."""
+    check = NonFiniteCheck(rank=3, device=torch.device("cpu"))
+    finite = [("a.weight", torch.ones(2, 2)), ("b.bias", torch.zeros(2))]
+    check.add_losses(0, [torch.tensor(1.0), torch.tensor(2.0)])
+    assert check.check(finite) == []
+    check.add_losses(4, [torch.tensor(1.0), torch.tensor(float("nan"))])
+    check.add_losses(5, [torch.tensor(1.0), torch.tensor(1.0)])
+    assert check.check(finite) == ["the loss of micro-batch 1 of batch 4 on global rank 3 is nan"]
+    assert check.check(finite) == []  # the window's losses are forgotten after a check
+    found = check.check([*finite, ("c.weight", torch.tensor([1.0, float("-inf")]))])
+    assert found == ["the gradients of c.weight on global rank 3"]
+
+
 def test_nonfinite_gradient_raises_on_every_rank(tmp_path: Path) -> None:
     """An inf in one gradient on global rank 0 (first stage, replica 0): every rank raises, naming step and value."""
     exits = start({**P2D2, "faults": {"grad_inf_step": 1}}, tmp_path)
