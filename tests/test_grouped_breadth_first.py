@@ -32,6 +32,25 @@ def test_grouped_training_matches_one_process_with_in_order_receives(run_job) ->
     assert_matches(run_job(config, timeout=150), config, 1)
 
 
+def test_memory_tools_together_with_full_sharding_match_one_process(run_job) -> None:
+    """P=2 x D=2, ZeRO-3: parameters gathered per run of each group, every layer recomputed in backward."""
+    config = {
+        "devices": 4,
+        "strategy": {
+            "pipeline_parallel_size": 2,
+            "stages_per_rank": 2,
+            "micro_batches": 4,
+            "breadth_first_micro_batches": 2,
+            "activation_checkpointing": "layer",
+            "sharding": "full",
+        },
+        "model": {"num_blocks": 4, "optimizer": "adam"},
+        "batch_size": 8,
+        "max_steps": 2,
+    }
+    assert_matches(run_job(config, timeout=180), config, 2)
+
+
 def test_group_size_must_divide_the_micro_batches() -> None:
     with pytest.raises(ValueError, match=r"breadth_first_micro_batches=3 must divide .* \(4\).*use one of 1, 2, 4"):
         BFPPStrategy(micro_batches=4, breadth_first_micro_batches=3)
