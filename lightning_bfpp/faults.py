@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from lightning_bfpp.nonfinite import NonFiniteError
 from lightning_bfpp.p2p import TransferError
 
 # what gloo, NCCL and the c10d store say when a peer is gone or a wait ran out of time
@@ -23,6 +24,8 @@ def is_communication_failure(error: BaseException) -> bool:
     """Whether ``error`` comes from a transfer or a collective that could not complete."""
     if isinstance(error, (TransferError, RankLostError)):
         return True
+    if isinstance(error, NonFiniteError):  # agreed on by every rank: not a lost one
+        return False
     dist_error = getattr(dist, "DistError", None)
     if dist_error is not None and isinstance(error, dist_error):
         return True
