@@ -27,6 +27,8 @@ COLORS = {
     "all_reduce": "#55a868",
     "reduce_scatter": "#55a868",
     "all_gather": "#8172b3",
+    "gather": "#8172b3",
+    "reshard": "#c4ad66",
 }
 FULL_HEIGHT = ("forward", "backward", "wait")  # other categories are drawn as a thin strip under the row
 OTHER = "#937860"  # sends and receive posts

@@ -110,7 +110,7 @@ def test_strategy_instantiates_with_the_configured_values() -> None:
         ("trainer.max_step=3", "trainer.max_step"),
         ("strategy.stages_per_rank=two", "strategy.stages_per_rank"),
         ("data.batch_size=1.5", "data.batch_size"),
-        ("sharding=full", "sharding"),
+        ("sharding=zero4", "sharding"),
         ("schedule=bfs", "schedule"),
     ],
 )
@@ -128,7 +128,8 @@ def test_added_unknown_keys_are_rejected() -> None:
 
 
 def test_strategy_rejects_bad_choices_with_its_message() -> None:
-    for override, message in [("strategy.schedule=nope", "schedule='nope'"), ("strategy.sharding=full", "sharding")]:
+    bad = [("strategy.schedule=nope", "schedule='nope'"), ("strategy.sharding=zero4", "sharding='zero4'")]
+    for override, message in bad:
         cfg = compose_cfg(override)
         with pytest.raises(Exception, match=message):
             instantiate(cfg.strategy, _convert_="all")
@@ -236,3 +237,9 @@ def test_shapes_are_balanced_and_deterministic() -> None:
     assert torch.bincount(labels, minlength=len(SHAPES)).min() > 60
     assert all((images[labels == c].flatten(1).amax(1) > 0).all() for c in range(len(SHAPES)))
     assert torch.equal(make_shapes(10, 16, 0.3, seed=1)[0], make_shapes(10, 16, 0.3, seed=1)[0])
+
+
+@pytest.mark.parametrize("mode", ["none", "optimizer", "gradients", "full"])
+def test_sharding_group_selects_the_mode(mode: str) -> None:
+    cfg = compose_cfg(f"sharding={mode}")
+    assert instantiate(cfg.strategy, _convert_="all").sharding == mode
