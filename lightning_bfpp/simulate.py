@@ -10,9 +10,9 @@ data-parallel collectives, which overlaps compute:
 - ``RD(s)`` launches the stage's gradient reduction on the communication stream: an all-reduce without sharding, a
   reduce-scatter with ZeRO-1/2/3. The step ends when every compute and every collective is done.
 - ZeRO-1/2 (``optimizer``/``gradients``) all-gather each stage's updated parameters before its first forward; ZeRO-3
-  (``full``) also before its first backward unless the stage is still gathered, and frees a stage after its last
-  forward and after its reduction. Gathers are prefetched one ahead: the next gather is issued when the compute
-  that waits for the previous one starts.
+  (``full``) gathers a stage for each run of its consecutive computes and frees it after the run, as the executor
+  does (:mod:`lightning_bfpp.gathering`). Gathers are prefetched one ahead: the next gather is issued when the
+  compute that waits for the previous one starts.
 
 Memory follows each rank's action order: an activation lives from its forward to its backward (with activation
 checkpointing only the stage input is kept, and the stage's activations are rebuilt during the backward).
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from lightning_bfpp.gathering import compute_runs
 from lightning_bfpp.schedule import _B, _F, _RA, _RD, _RG, _SA, _SG, Action, Schedule, ScheduleError
 from lightning_bfpp.timeline import TimedEvent, plot_rows
 
@@ -163,19 +164,20 @@ def _walk_rank(schedule: Schedule, rank: int, cost: CostModel) -> tuple[list[_Ga
     params = _per_stage(cost.stage_params, num_stages, "stage_params")
     actions = schedule.actions[rank]
     first_f: dict[int, int] = {}
-    last_f: dict[int, int] = {}
     first_b: dict[int, int] = {}
     for i, a in enumerate(actions):
         if a.kind is _F:
             first_f.setdefault(a.stage, i)
-            last_f[a.stage] = i
         elif a.kind is _B:
             first_b.setdefault(a.stage, i)
     points: list[tuple[int, int, str]] = []
-    if mode == "full" or (mode != "none" and not schedule.forward_only):  # ZeRO-1/2 gather after the optimizer step
-        points = [(i, s, "fwd") for s, i in first_f.items()]
-        points += [(i, s, "bwd") for s, i in first_b.items()] if mode == "full" else []
-        points.sort()
+    run_end: dict[int, tuple[int, str]] = {}
+    if mode == "full":  # ZeRO-3: gathered for each run of a stage's computes, freed after it (as gathering.py does)
+        runs = compute_runs(actions)
+        points = [(first, s, f"run {k}") for k, (s, first, _) in enumerate(runs)]
+        run_end = {last: (s, f"run {k}") for k, (s, _, last) in enumerate(runs)}
+    elif mode != "none" and not schedule.forward_only:  # ZeRO-1/2: the updated parameters, before the first forward
+        points = sorted((i, s, "fwd") for s, i in first_f.items())
     gathers: list[_Gather] = []
     holds: dict[int, set[str]] = {}
     live = peak_live = 0
@@ -210,8 +212,6 @@ def _walk_rank(schedule: Schedule, rank: int, cost: CostModel) -> tuple[list[_Ga
             peak_dyn = max(peak_dyn, act_now + dyn)
             if schedule.forward_only:  # nothing is kept for a backward
                 live, act_now = live - 1, act_now - keep[s]
-            if i == last_f[s]:
-                release(s, "fwd")
         elif a.kind is _B:
             if mode in ("gradients", "full") and i == first_b[s]:
                 dyn += params[s] * cost.grad_bytes  # the stage's unsharded gradients until its reduce-scatter
@@ -219,10 +219,10 @@ def _walk_rank(schedule: Schedule, rank: int, cost: CostModel) -> tuple[list[_Ga
             peak_act = max(peak_act, act_now + rebuilt)
             peak_dyn = max(peak_dyn, act_now + rebuilt + dyn)
             live, act_now = live - 1, act_now - keep[s]
-        elif a.kind is _RD:
-            release(s, "bwd")
-            if mode in ("gradients", "full"):
-                dyn -= params[s] * cost.grad_bytes
+        elif a.kind is _RD and mode in ("gradients", "full"):
+            dyn -= params[s] * cost.grad_bytes  # reduce-scattered
+        if i in run_end:
+            release(*run_end[i])
     return gathers, (peak_live, peak_act, peak_dyn)
 
 

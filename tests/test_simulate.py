@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 
 import pytest
 
+from lightning_bfpp.gathering import add_parameter_gathering, gathers_per_stage
 from lightning_bfpp.schedule import build_schedule
 from lightning_bfpp.simulate import CostModel, SimEvent, estimate_memory, plot_timeline, resident_bytes, simulate
 
@@ -91,9 +93,10 @@ def test_all_reduce_overlaps_backward_of_the_stages_below() -> None:
 def test_fully_sharded_gathers_and_memory_by_hand() -> None:
     """As above with ZeRO-3: all-gather and reduce-scatter take (D-1)/D x 2000 / 1000 = 1 each.
 
-    gather s0 [0, 1]; F0.0 [1, 2] prefetches s1: [1, 2]; F0.1 [2, 3]; F1.0 [3, 4], F1.1 [4, 5] (s1 stays gathered
-    for its backward); B1.0 [5, 7] prefetches s0 for its backward [5, 6]; B1.1 [7, 9]; reduce-scatter s1 [9, 10];
-    B0.0 [9, 11], B0.1 [11, 13]; reduce-scatter s0 [13, 14]: step 14.
+    The runs of computes are s0's forwards, s1's forwards and backwards (one run: s1 stays gathered), s0's backwards;
+    each run's gather is issued when the previous run starts computing. gather s0 [0, 1]; F0.0 [1, 2] prefetches s1:
+    [1, 2]; F0.1 [2, 3]; F1.0 [3, 4] prefetches s0 for its backward: [3, 4]; F1.1 [4, 5]; B1.0 [5, 7]; B1.1 [7, 9];
+    reduce-scatter s1 [9, 10]; B0.0 [9, 11], B0.1 [11, 13]; reduce-scatter s0 [13, 14]: step 14.
     Memory: resident 2000 x 16 / 2 = 16000 bytes; at B1.0 both stages are gathered (2 x 2000) and s1's unsharded
     gradients are there (2000): peak 22000.
     """
@@ -101,7 +104,7 @@ def test_fully_sharded_gathers_and_memory_by_hand() -> None:
     result = simulate(build_schedule("breadth_first", 1, 2, 2), cost)
     gathers = sorted((e.start, e.end) for e in result.events if e.category == "all_gather")
     scatters = sorted((e.start, e.end) for e in result.events if e.category == "reduce_scatter")
-    assert gathers == [(0.0, 1.0), (1.0, 2.0), (5.0, 6.0)]
+    assert gathers == [(0.0, 1.0), (1.0, 2.0), (3.0, 4.0)]
     assert scatters == [(9.0, 10.0), (13.0, 14.0)]
     assert result.step_time == pytest.approx(14.0)
     assert result.memory.peak_bytes == (22000.0,)
@@ -203,3 +206,14 @@ def test_plot_timeline_writes_a_png(tmp_path) -> None:
     result = simulate(build_schedule("breadth_first", 2, 2, 4), cost)
     path = plot_timeline(result.events, tmp_path / "timeline.png", "P=2 L=2 M=4")
     assert path.stat().st_size > 10_000
+
+
+def test_fully_sharded_gathers_follow_the_executed_schedule() -> None:
+    """The simulator gathers a stage exactly where the executor does (gathering.py): once per run of computes."""
+    cost = CostModel(forward_time=1.0, stage_params=1000, dp_size=2, dp_bandwidth=1000.0, sharding="full")
+    for name in ("breadth_first", "depth_first"):
+        schedule = build_schedule(name, 2, 2, 4)
+        simulated = Counter(
+            int(e.name.split()[-1]) for e in simulate(schedule, cost).events if e.category == "all_gather"
+        )
+        assert simulated == gathers_per_stage(add_parameter_gathering(schedule)), name
