@@ -72,11 +72,11 @@ def _layer_of(name: str, layer_names: Sequence[str]) -> int:
 
 
 def check_ties_sharding(ties: Sequence[Tie], sharding: str) -> None:
-    """Tied weights are supported without data-parallel sharding only."""
-    if ties and sharding != "none":
+    """Tied weights need replicated parameters: sharding ``none`` or ``optimizer`` (ZeRO-1)."""
+    if ties and sharding not in ("none", "optimizer"):
         raise ValueError(
             f"The module ties parameters across layers ({[list(t.names) for t in ties]}), which sharding="
-            f"{sharding!r} does not support yet: use sharding='none', or untie them."
+            f"{sharding!r} does not support yet: use sharding='none' or 'optimizer', or untie them."
         )
 
 

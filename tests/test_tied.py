@@ -34,16 +34,22 @@ def test_ties_are_found_by_identity() -> None:
 
 
 @pytest.mark.parametrize(
-    ("layout", "optimizer"),
-    [pytest.param((2, 1, 1, 2), "sgd", id="P2-L1-M2"), pytest.param((2, 2, 2, 4), "adam", id="P2-L2-D2-M4")],
+    ("layout", "optimizer", "sharding"),
+    [
+        pytest.param((2, 1, 1, 2), "sgd", "none", id="P2-L1-M2"),
+        pytest.param((2, 2, 2, 4), "adam", "optimizer", id="P2-L2-D2-M4-zero1"),
+    ],
 )
-def test_tied_weights_train_as_on_one_process(run_job, layout: tuple[int, int, int, int], optimizer: str) -> None:
-    """Gradient accumulation and clipping by norm (the tie counted once): every parameter equals the one-process
-    run, and the first rank's ``first.weight`` is bitwise the last rank's ``head.weight``."""
+def test_tied_weights_train_as_on_one_process(
+    run_job, layout: tuple[int, int, int, int], optimizer: str, sharding: str
+) -> None:
+    """Gradient accumulation and clipping by norm (the tie counted once), also with the optimizer state sharded
+    (ZeRO-1): every parameter equals the one-process run, and the first rank's ``first.weight`` is bitwise the last
+    rank's ``head.weight``."""
     P, L, D, M = layout
     config = {
         "devices": P * D,
-        "strategy": {"pipeline_parallel_size": P, "stages_per_rank": L, "micro_batches": M},
+        "strategy": {"pipeline_parallel_size": P, "stages_per_rank": L, "micro_batches": M, "sharding": sharding},
         "model": {"num_blocks": 2 * P * L - 2, "optimizer": optimizer, "tied": True},
         "batch_size": 2 * M,
         "max_steps": 3,
