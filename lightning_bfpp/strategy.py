@@ -468,7 +468,7 @@ class BFPPStrategy(ParallelStrategy):
         def clip_grad_by_norm(plugin: Precision, optimizer: Any, clip_val: float) -> None:
             not_counted = self._tied.not_counted if self._tied is not None else ()  # tied copies count once
             params = list(plugin.main_params(optimizer))
-            clip_grad_norm_global(params, clip_val, groups, not_counted, shard_group)
+            clip_grad_norm_global(params, clip_val, groups, not_counted, shard_group, self.root_device)
 
         self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
 

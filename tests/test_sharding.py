@@ -10,7 +10,7 @@ import torch
 from conftest import TESTS_DIR, run_script
 from eval_job import run
 from test_checkpoint import DATA, _assert_state_equal, _merged, _stage
-from test_equivalence import assert_matches
+from test_equivalence import assert_matches, reference
 
 from lightning_bfpp.gathering import add_parameter_gathering, gathers_per_stage
 from lightning_bfpp.schedule import build_schedule
@@ -31,9 +31,22 @@ def sharded_config(sharding: str, accumulate: int = 1, **strategy) -> dict:
 @pytest.mark.parametrize("accumulate", [1, 2], ids=["step", "accumulate2"])
 @pytest.mark.parametrize("sharding", ["optimizer", "gradients", "full"])
 def test_sharded_training_matches_one_process(run_job, sharding: str, accumulate: int) -> None:
-    """P=2 x D=2: every sharding mode trains exactly like the unsplit module on one process."""
-    config = sharded_config(sharding, accumulate)
-    assert_matches(run_job(config, timeout=180), config, 2)
+    """P=2 x D=2: every sharding mode trains exactly like the unsplit module on one process, also with gradient
+    clipping by norm (over shards and pipeline), and validates like it afterwards (the forward-only schedule gathers
+    and frees each stage too)."""
+    config = {**sharded_config(sharding, accumulate), "validate_after": accumulate == 1}
+    if accumulate > 1:
+        config["clip_val"] = 0.05
+    result = run_job(config, timeout=180)
+    assert_matches(result, config, 2)
+    if accumulate > 1:  # the threshold is low enough to change the run
+        unclipped = reference({**config, "clip_val": None}, 2)
+        assert not torch.allclose(unclipped["state"]["head.weight"], result.rank(3)["state"]["head.weight"])
+    if config["validate_after"]:  # val_loss is logged per replica (no sync_dist): replicas hold half the rows each
+        losses = [rank["validated"][0]["val_loss"] for rank in result.ranks()]  # rank = pipeline rank * 2 + replica
+        assert losses[:2] == losses[2:]  # both pipeline ranks of a replica report its loss
+        expected = reference(config, 2)["validated"][0]["val_loss"]
+        assert sum(losses[:2]) / 2 == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("micro_batches", [2, 4, 8])
