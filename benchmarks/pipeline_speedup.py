@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--micro-batches", type=int, default=8, help="M for the pipelined runs (default 8)")
+    parser.add_argument("--overhead-only", action="store_true", help="only the one-rank overhead, in paired runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.role is not None:
@@ -185,6 +186,8 @@ def main() -> None:
         return
     os.environ["BFPP_BENCH_MICRO_BATCHES"] = str(args.micro_batches)  # read by the launched processes
     roles = ["single", "bfpp", "torch_loopedbfs", "torch_interleaved1f1b", "torch_gpipe", "bfpp_p1"]
+    if args.overhead_only:
+        roles = ["single", "bfpp_p1"]
     times: dict[str, list[float]] = {r: [] for r in roles}
     for repeat in range(args.repeats):
         for role in roles if repeat % 2 == 0 else roles[::-1]:  # alternate the order between repeats
@@ -197,6 +200,11 @@ def main() -> None:
     print("\nconfiguration            median step (ms)  speedup vs one process")
     for role in roles:
         print(f"{role:24s} {statistics.median(times[role]) * 1e3:17.1f}  {paired('single', role):10.3f}x")
+    if args.overhead_only:
+        pairs = ", ".join(f"{x / y:.3f}" for x, y in zip(times["bfpp_p1"], times["single"], strict=True))
+        print(f"pairs: {pairs}")
+        print(f"single_rank_overhead={paired('bfpp_p1', 'single'):.3f}")
+        return
     speedup = paired("single", "bfpp")
     vs_torch = paired("bfpp", "torch_loopedbfs")
     overhead = paired("bfpp_p1", "single")
