@@ -318,7 +318,7 @@ class BFPPStrategy(ParallelStrategy):
                 self.partition_boundaries,
             )
         self._ties = module_ties(model, self._layer_names)  # tied weights, found before the split
-        check_ties_sharding(self._ties, self.sharding)
+        check_ties_sharding(self._ties, self.sharding, self.partition)
         self._build_schedule(self.micro_batches, forward_only=False)
         super().connect(model)
 
@@ -466,7 +466,7 @@ class BFPPStrategy(ParallelStrategy):
         shard_group = self.dp_group if self.sharding in FSDP_MODES else None  # gradients sharded over the replicas
 
         def clip_grad_by_norm(plugin: Precision, optimizer: Any, clip_val: float) -> None:
-            not_counted = self._tied.not_counted if self._tied is not None else ()  # tied copies count once
+            not_counted = self._tied.not_counted() if self._tied is not None else ()  # tied copies count once
             params = list(plugin.main_params(optimizer))
             clip_grad_norm_global(params, clip_val, groups, not_counted, shard_group, self.root_device)
 

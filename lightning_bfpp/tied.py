@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
 from lightning_bfpp.collectives import all_gather_objects
 from lightning_bfpp.partition import Partition
@@ -71,13 +72,20 @@ def _layer_of(name: str, layer_names: Sequence[str]) -> int:
     return -1  # outside the stack
 
 
-def check_ties_sharding(ties: Sequence[Tie], sharding: str) -> None:
-    """Tied weights need replicated parameters: sharding ``none`` or ``optimizer`` (ZeRO-1)."""
-    if ties and sharding not in ("none", "optimizer"):
-        raise ValueError(
-            f"The module ties parameters across layers ({[list(t.names) for t in ties]}), which sharding="
-            f"{sharding!r} does not support yet: use sharding='none' or 'optimizer', or untie them."
-        )
+def check_ties_sharding(ties: Sequence[Tie], sharding: str, partition: Partition) -> None:
+    """With sharded parameters (``gradients``, ``full``), each stage is one FSDP group, so the layers of a tie must
+    lie on different pipeline ranks (one copy per rank)."""
+    if sharding in ("none", "optimizer"):
+        return
+    for tie in ties:
+        for rank in range(partition.pipeline_size):
+            local = local_names(tie, partition, rank)
+            if len(local) > 1:
+                raise ValueError(
+                    f"The tied parameters {local} lie in two stages of pipeline rank {rank}, which sharding="
+                    f"{sharding!r} cannot shard twice: place the tied layers on different pipeline ranks (another "
+                    "pipeline_parallel_size, stages_per_rank or partition), or use sharding='none' or 'optimizer'."
+                )
 
 
 def stage_of_layers(partition: Partition) -> dict[int, int]:
@@ -137,6 +145,10 @@ def dedupe_stage_parameters(stage_params: dict[int, list[nn.Parameter]]) -> dict
     return out
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 class TiedGradients:
     """Sums the gradients of tied copies over the pipeline ranks that hold them, one bucket per set of ranks.
 
@@ -161,17 +173,19 @@ class TiedGradients:
         pp_group: dist.ProcessGroup | None,
         timeout: timedelta,
     ) -> None:
+        # Parameters are looked up by name when used: sharding (FSDP) replaces them after this set-up.
+        self._module = module
         params = dict(module.named_parameters(remove_duplicate=False))
         by_ranks: dict[tuple[int, ...], list[Tie]] = {}
-        self.not_counted: set[int] = set()  # ids of local copies that gradient clipping must not count
+        self._not_counted: list[str] = []  # local copies that gradient clipping must not count
         for tie in ties:
             ranks = holders(tie, partition)
             if len(ranks) > 1:
                 by_ranks.setdefault(tuple(sorted(ranks)), []).append(tie)
             if pipeline_rank in ranks and ranks[0] != pipeline_rank:
-                self.not_counted.update(id(params[n]) for n in tie.names if n in params)
-        self._copies: list[tuple[dist.ProcessGroup, nn.Parameter, int]] = []  # (group, local copy, source rank)
-        self._buckets: list[tuple[dist.ProcessGroup, list[nn.Parameter]]] = []
+                self._not_counted += [n for n in tie.names if n in params]
+        self._copies: list[tuple[dist.ProcessGroup, str, int]] = []  # (group, local copy's name, source rank)
+        self._buckets: list[tuple[dist.ProcessGroup, list[str]]] = []
         if not by_ranks:
             return
         mine = dist.get_process_group_ranks(pp_group) if pp_group is not None else [dist.get_rank()]
@@ -184,28 +198,37 @@ class TiedGradients:
                 continue
             for tie in group_ties:
                 local = local_names(tie, partition, pipeline_rank)[0]
-                self._copies.append((group, params[local], mine[holders(tie, partition)[0]]))
-            self._buckets.append((group, [p for g, p, _ in self._copies if g is group and p.requires_grad]))
+                self._copies.append((group, local, mine[holders(tie, partition)[0]]))
+            self._buckets.append((group, [n for g, n, _ in self._copies if g is group and params[n].requires_grad]))
 
     @property
     def active(self) -> bool:
         return bool(self._copies)
 
     @torch.no_grad()
+    def not_counted(self) -> set[int]:
+        """Ids of the local copies that gradient clipping must not count (another rank counts the tie)."""
+        return {id(self._module.get_parameter(n)) for n in self._not_counted}
+
     def broadcast_from_first(self) -> None:
-        """Makes every copy equal to the copy on the rank of the tie's first layer."""
-        for group, param, source in self._copies:
-            dist.broadcast(param.data, src=source, group=group)
+        """Makes every copy equal to the copy on the rank of the tie's first layer (a sharded copy: shard by shard,
+        the replicas of every holding rank having the same shard)."""
+        for group, name, source in self._copies:
+            dist.broadcast(_local(self._module.get_parameter(name).data), src=source, group=group)
 
     @torch.no_grad()
     def sum_gradients(self) -> None:
         """Sums the gradients of the local copies over the ranks holding the other copies (a missing gradient
         counts as zero)."""
-        for group, params in self._buckets:
-            if not params:
+        for group, names in self._buckets:
+            if not names:
                 continue
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            params = [self._module.get_parameter(n) for n in names]
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [_local(p.grad) for p in params]  # a sharded gradient: this replica's shard, the same on each copy
             flat = _flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=group)
-            for p, grad in zip(params, _unflatten_dense_tensors(flat, grads), strict=True):
-                p.grad = grad
+            for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+                grad.copy_(summed)

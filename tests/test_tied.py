@@ -28,9 +28,12 @@ def test_ties_are_found_by_identity() -> None:
     assert holders(tie, partition) == (0, 1)
     assert local_aliases([tie], partition, 0) == {}
     assert local_aliases([tie], partition, 1) == {"head.weight": "first.weight"}
-    check_ties_sharding([tie], "none")
-    with pytest.raises(ValueError, match="sharding='full' does not support"):
-        check_ties_sharding([tie], "full")
+    for sharding in ("none", "optimizer", "gradients", "full"):  # one copy on each rank: every mode
+        check_ties_sharding([tie], sharding, partition)
+    one_rank = Partition((0, 1, 2, 3, 4), pipeline_size=1)  # both copies in stages of one rank: one FSDP group each
+    check_ties_sharding([tie], "optimizer", one_rank)
+    with pytest.raises(ValueError, match=r"lie in two stages of pipeline rank 0, which sharding='full' cannot"):
+        check_ties_sharding([tie], "full", one_rank)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +41,7 @@ def test_ties_are_found_by_identity() -> None:
     [
         pytest.param((2, 1, 1, 2), "sgd", "none", id="P2-L1-M2"),
         pytest.param((2, 2, 2, 4), "adam", "optimizer", id="P2-L2-D2-M4-zero1"),
+        pytest.param((2, 1, 2, 2), "adam", "full", id="P2-L1-D2-M2-zero3"),
     ],
 )
 def test_tied_weights_train_as_on_one_process(
