@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             f"memory soak {verdict}: P=2 x D=2, {args.steps} steps, largest RSS growth over the last {measured} steps "
             f"{max(growth):.2f}% (limit {args.limit:g}%), {survivors} tensors outlived their step"
         )
+    dist.barrier()
+    dist.destroy_process_group()  # a clean exit: no gloo thread left to abort the process at interpreter exit
     return 0 if ok else 1
 
 
