@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
 from lightning_bfpp.collectives import all_gather_objects
@@ -234,7 +235,7 @@ def load_plain(
     if strict and unexpected:
         errors.append(f"the module has no {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     if not errors:
-        module.load_state_dict({k: v for k, v in full.items() if k in local}, strict=False)
+        module.load_state_dict({k: like(v, local[k]) for k, v in full.items() if k in local}, strict=False)
         if optimizers and optimizer_states is not None:
             all_params = set().union(*(set(params) for _, params, _ in info))
             order = {name: i for i, name in enumerate(k for k in full if k in all_params)}
@@ -247,6 +248,15 @@ def load_plain(
             "the matching entries only."
         )
     return checkpoint
+
+
+def like(value: Any, target: Tensor) -> Any:
+    """``value`` (a whole tensor of the unsplit module, the same on every replica) laid out as ``target``: this
+    replica's shard when ``target`` is sharded (a DTensor, ZeRO-2/3), else ``value`` itself. No communication."""
+    if isinstance(target, DTensor) and isinstance(value, Tensor) and tuple(value.shape) == tuple(target.shape):
+        value = value.to(device=target.device, dtype=target.dtype)
+        return distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+    return value
 
 
 def _load_plain_optimizers(
@@ -287,7 +297,7 @@ def _load_plain_optimizers(
                     shapes = {tuple(v.shape) for v in saved.values() if isinstance(v, Tensor) and v.dim() > 0}
                     if shapes - {tuple(params[name].shape)}:
                         errors.append(f"optimizer {index}: the state saved for {name!r} has shapes {sorted(shapes)}")
-                    local_state[local_index] = saved
+                    local_state[local_index] = {k: like(v, params[name]) for k, v in saved.items()}
                 indices.append(local_index)
                 local_index += 1
             local_param_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})

@@ -93,10 +93,12 @@ def test_depth_first_gathers_once_per_run(run_job) -> None:
 def test_checkpoint_resumes_exactly_under_any_sharding_mode(tmp_path) -> None:
     """A checkpoint saved under ZeRO-3 (P=2 x D=2) resumes exactly under ZeRO-3, ZeRO-1 and plain replicas, and one
     saved under ZeRO-1 under ZeRO-2: the files hold each parameter and its optimizer state once, by name, whatever
-    the sharding (Adam and an LR scheduler, whose learning rate must survive too)."""
+    the sharding (Adam and an LR scheduler, whose learning rate must survive too). A plain one-file checkpoint of
+    the unsplit module loads into ZeRO-3 (each replica takes its shards)."""
     root = tmp_path / "root"
     base = {"devices": 1, "root_dir": str(root), "data": DATA, "out_dir": None}
     ref = run({**base, "stages": [_stage("full", None, [["fit", None]], 2)]})["full"]
+    run({**base, "stages": [_stage("first", None, [["fit", None], ["save", "plain.ckpt"]], 1)]})
     layout = {"pipeline_parallel_size": 2, "stages_per_rank": 1, "micro_batches": 2}
     stages = [
         _stage("first", {**layout, "sharding": "full"}, [["fit", None], ["save", "sharded.ckpt"]], 1),
@@ -106,6 +108,7 @@ def test_checkpoint_resumes_exactly_under_any_sharding_mode(tmp_path) -> None:
         ),
         _stage("first-zero1", {**layout, "sharding": "optimizer"}, [["fit", None], ["save", "zero1.ckpt"]], 1),
         _stage("gradients", {**layout, "sharding": "gradients"}, [["fit", "zero1.ckpt"]], 2),
+        _stage("full-from-plain", {**layout, "sharding": "full"}, [["fit", "plain.ckpt"]], 2),
     ]
     out = tmp_path / "out"
     out.mkdir()
@@ -113,7 +116,7 @@ def test_checkpoint_resumes_exactly_under_any_sharding_mode(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     code, output = run_script(TESTS_DIR / "eval_job.py", [str(tmp_path / "config.json")], timeout=300)
     assert code == 0, output[-6000:]
-    for mode in ("full", "optimizer", "none", "gradients"):
+    for mode in ("full", "optimizer", "none", "gradients", "full-from-plain"):
         results = [torch.load(out / f"{mode}.rank{r}.pt", weights_only=False) for r in range(4)]
         _assert_state_equal(_merged(results), ref["state"], mode)
         for result in results:
