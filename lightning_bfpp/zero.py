@@ -1,7 +1,13 @@
-"""ZeRO-1: the optimizer state sharded over the data-parallel replicas with ``ZeroRedundancyOptimizer``."""
+"""ZeRO-1: the optimizer state sharded over the data-parallel replicas with ``ZeroRedundancyOptimizer``.
+
+The wrapper's parameter groups hold the options (learning rate, ...) that LR schedulers change; its local optimizer,
+which holds this replica's state, gets them copied at each ``step()``. Checkpoints save and load the local optimizer,
+so the options are copied to it before a save and back to the wrapper after a load.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
@@ -12,23 +18,36 @@ from torch.optim import Optimizer
 def zero_optimizer(optimizer: Optimizer, group: dist.ProcessGroup | None) -> ZeroRedundancyOptimizer:
     """A ``ZeroRedundancyOptimizer`` of the same class, parameter groups and options as ``optimizer``: each replica
     keeps the state of its share of the parameters, steps it, and broadcasts the updated parameters."""
-    groups = [dict(g) for g in optimizer.param_groups]
-    params = [{**g, "params": list(g["params"])} for g in groups]
-    zero = ZeroRedundancyOptimizer(
-        params, optimizer_class=type(optimizer), process_group=group, **optimizer.defaults
-    )
-    return zero
+    groups = [{**g, "params": list(g["params"])} for g in optimizer.param_groups]
+    return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer), process_group=group, **optimizer.defaults)
+
+
+def _zero(optimizer: Any) -> ZeroRedundancyOptimizer | None:
+    optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
+    return optimizer if isinstance(optimizer, ZeroRedundancyOptimizer) else None
+
+
+def _copy_options(sources: Sequence[dict[str, Any]], targets: Sequence[dict[str, Any]]) -> None:
+    for source, target in zip(sources, targets, strict=True):
+        target.update({k: v for k, v in source.items() if k != "params"})
 
 
 def local_optimizer(optimizer: Any) -> Any:
-    """The optimizer that holds this rank's state: the local one of a ``ZeroRedundancyOptimizer`` (with the wrapper's
+    """The optimizer that holds this rank's state: the local one of a ``ZeroRedundancyOptimizer`` (given the wrapper's
     current options, e.g. a learning rate an LR scheduler changed since the last step), else itself."""
-    optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
-    if not isinstance(optimizer, ZeroRedundancyOptimizer):
-        return optimizer
-    for wrapper_group, local_group in zip(optimizer.param_groups, optimizer.optim.param_groups, strict=True):
-        local_group.update({k: v for k, v in wrapper_group.items() if k != "params"})
-    return optimizer.optim
+    zero = _zero(optimizer)
+    if zero is None:
+        return getattr(optimizer, "_optimizer", optimizer)
+    _copy_options(zero.param_groups, zero.optim.param_groups)
+    return zero.optim
+
+
+def adopt_local_options(optimizer: Any) -> None:
+    """After the local optimizer of a ``ZeroRedundancyOptimizer`` was loaded from a checkpoint: copies its restored
+    options to the wrapper's parameter groups (``step()`` would otherwise overwrite them with the wrapper's)."""
+    zero = _zero(optimizer)
+    if zero is not None:
+        _copy_options(zero.optim.param_groups, zero.param_groups)
 
 
 def shard_optimizer_states(strategy: Any, group: dist.ProcessGroup | None) -> None:
@@ -39,13 +58,3 @@ def shard_optimizer_states(strategy: Any, group: dist.ProcessGroup | None) -> No
         if id(scheduler.optimizer) in replaced:
             scheduler.optimizer = replaced[id(scheduler.optimizer)]
     strategy.optimizers = [replaced[id(o)] for o in strategy.optimizers]
-
-
-def adopt_local_options(optimizer: Any) -> None:
-    """After the local optimizer of a ``ZeroRedundancyOptimizer`` was loaded from a checkpoint: copies its restored
-    options (learning rate, ...) to the wrapper's parameter groups, which ``step()`` copies back to the local one."""
-    optimizer = getattr(optimizer, "_optimizer", optimizer)
-    if not isinstance(optimizer, ZeroRedundancyOptimizer):
-        return
-    for wrapper_group, local_group in zip(optimizer.param_groups, optimizer.optim.param_groups, strict=True):
-        wrapper_group.update({k: v for k, v in local_group.items() if k != "params"})
