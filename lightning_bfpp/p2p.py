@@ -96,7 +96,7 @@ class PeerLink:
         self.num_micro_batches = num_micro_batches
         self.device = device
         self._global_ranks = [dist.get_global_rank(group, r) for r in range(dist.get_world_size(group))]
-        self._pending_sends: list[tuple[dist.Work, Tensor, str, int]] = []
+        self._pending_sends: list[tuple[dist.Work, Tensor, tuple[int, int, int], int]] = []
 
     def _tag(self, kind: int, stage: int, micro_batch: int, index: int) -> int:
         return ((stage * self.num_micro_batches + micro_batch) * 3 + kind) * MAX_TENSORS + index
@@ -107,7 +107,7 @@ class PeerLink:
             buffer = tensor.detach().contiguous()
             tag = self._tag(kind, stage, micro_batch, index)
             work = dist.isend(buffer, self._global_ranks[peer], group=self.group, tag=tag)
-            self._pending_sends.append((work, buffer, _label(kind, stage, micro_batch), self._global_ranks[peer]))
+            self._pending_sends.append((work, buffer, (kind, stage, micro_batch), self._global_ranks[peer]))
 
     def recv(self, metas: Sequence[TensorMeta], kind: int, stage: int, micro_batch: int, peer: int) -> PendingRecv:
         """Posts the receives of one message; :meth:`PendingRecv.wait` returns the tensors."""
@@ -117,7 +117,7 @@ class PeerLink:
             tag = self._tag(kind, stage, micro_batch, index)
             works.append(dist.irecv(buffer, self._global_ranks[peer], group=self.group, tag=tag))
             buffers.append(buffer)
-        return PendingRecv(works, buffers, _label(kind, stage, micro_batch), self._global_ranks[peer])
+        return PendingRecv(works, buffers, (kind, stage, micro_batch), self._global_ranks[peer])
 
     def send_header(self, meta: StageIOMeta, stage: int, peer: int) -> None:
         self.send([meta.encode(self.device)], KIND_HEADER, stage, 0, peer)
@@ -126,20 +126,22 @@ class PeerLink:
         return self.recv([TensorMeta(torch.int64, (HEADER_LEN,))], KIND_HEADER, stage, 0, peer)
 
     def wait_sends(self) -> None:
-        for work, _, label, peer in self._pending_sends:
-            _wait(work, f"sending {label} to global rank {peer}", peer)
+        for work, _, message, peer in self._pending_sends:
+            _wait(work, "sending", message, peer)
         self._pending_sends.clear()
 
 
 class PendingRecv:
     """Receives posted for one message."""
 
-    def __init__(self, works: list[dist.Work], buffers: list[Tensor], label: str = "", peer: int = -1) -> None:
-        self.works, self.buffers, self.label, self.peer = works, buffers, label, peer
+    def __init__(
+        self, works: list[dist.Work], buffers: list[Tensor], message: tuple[int, int, int], peer: int
+    ) -> None:
+        self.works, self.buffers, self.message, self.peer = works, buffers, message, peer
 
     def wait(self) -> list[Tensor]:
         for work in self.works:
-            _wait(work, f"receiving {self.label} from global rank {self.peer}", self.peer)
+            _wait(work, "receiving", self.message, self.peer)
         return self.buffers
 
 
@@ -149,8 +151,11 @@ def _label(kind: int, stage: int, micro_batch: int) -> str:
     return f"{KIND_NAMES[kind]} of stage {stage}, micro-batch {micro_batch}"
 
 
-def _wait(work: dist.Work, what: str, peer: int) -> None:
+def _wait(work: dist.Work, action: str, message: tuple[int, int, int], peer: int) -> None:
+    """Waits for a transfer; a failure names the message (``(kind, stage, micro_batch)``, formatted only then)."""
     try:
         work.wait()
     except RuntimeError as error:
+        direction = "to" if action == "sending" else "from"
+        what = f"{action} {_label(*message)} {direction} global rank {peer}"
         raise TransferError(f"{what} failed: {error}", peer) from error
