@@ -35,6 +35,7 @@ class BFPPStrategyConfig:
     sharding: str = "none"
     activation_checkpointing: str = "none"  # none | stage | layer
     breadth_first_micro_batches: int | None = None  # group size of memory-bounded breadth-first; None: all M
+    weight_gradients: str = "per_micro_batch"  # per_micro_batch | batched
     process_group_backend: str | None = None
     timeout: float = 1800.0  # seconds
     nonfinite_loss: str = "raise"  # raise | skip

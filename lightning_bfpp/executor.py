@@ -48,6 +48,19 @@ class DataParallelHooks(Protocol):
         """REDUCE_GRAD: every backward of ``stage`` has run; start reducing its gradients."""
 
 
+class DeferredWeightGradients(Protocol):
+    """Weight gradients computed once per run of a stage's backwards (see :mod:`lightning_bfpp.weight_grad`)."""
+
+    def flush(self, stage: int) -> None:
+        """Adds the weight gradients of ``stage``'s finished backwards to ``.grad``."""
+
+    def flush_all(self) -> None:
+        """:meth:`flush` for every stage."""
+
+    def discard(self) -> None:
+        """Drops what a failed step left deferred."""
+
+
 @dataclass
 class StepState:
     """Everything one step keeps alive; dropped when the step ends. Keys are (stage, micro_batch)."""
@@ -70,6 +83,23 @@ class StepState:
         """Tensors or receives that a complete step should have consumed: activations, gradients, pending recvs."""
         names = ("inputs", "outputs", "output_grads", "input_grads", "act_recvs", "grad_recvs", "unposted")
         return [f"{name}{sorted(getattr(self, name))}" for name in names if getattr(self, name)]
+
+
+def _weight_gradient_flushes(actions: tuple[Action, ...]) -> dict[int, int]:
+    """``{position: stage}``: the deferred weight gradients of ``stage`` are added right before the action at
+    ``position``, the first compute or gradient reduction after the last backward of a run of ``stage``'s backwards
+    (so that the run's input-gradient sends go first); a run that ends the list is flushed at the end of the step."""
+    flushes: dict[int, int] = {}
+    pending: int | None = None
+    for i, action in enumerate(actions):
+        if action.kind not in (ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.REDUCE_GRAD):
+            continue
+        if pending is not None and not (action.kind is ActionKind.BACKWARD and action.stage == pending):
+            flushes[i] = pending
+            pending = None
+        if action.kind is ActionKind.BACKWARD:
+            pending = action.stage
+    return flushes
 
 
 def _as_tuple(value: StageIO) -> tuple[Tensor, ...]:
@@ -98,6 +128,8 @@ class PipelineExecutor:
         ordered_recvs: post every receive at its place in the schedule, waiting for a boundary's shapes at its first
             receive (NCCL matches messages in issue order); otherwise receives whose shapes are not known yet are
             posted when the stage first needs them (gloo matches by tag).
+        weight_gradients: deferred weight gradients, flushed after the last backward of each run of a stage's
+            backwards, once its input gradient is sent (right before the rank's next compute or gradient reduction).
     """
 
     def __init__(
@@ -107,12 +139,14 @@ class PipelineExecutor:
         link: PeerLink | None,
         data_parallel: DataParallelHooks | None = None,
         ordered_recvs: bool = False,
+        weight_gradients: DeferredWeightGradients | None = None,
     ) -> None:
         self.schedule = schedule
         self.rank = rank
         self.link = link
         self.data_parallel = data_parallel
         self.ordered_recvs = ordered_recvs
+        self.weight_gradients = weight_gradients
         self.events: list[TimedEvent] | None = None  # set to a list to record when each action runs
         self.actions: tuple[Action, ...] = schedule.actions[rank]
         self.last_stage = schedule.num_stages - 1
@@ -129,21 +163,32 @@ class PipelineExecutor:
         }
         # the micro-batch of each stage's last backward: gradients are synchronised after it
         self._last_backward = {a.stage: a.micro_batch for a in self.actions if a.kind is ActionKind.BACKWARD}
+        # positions of the actions before which the deferred weight gradients of a stage are added (None: none)
+        self._flush_before = _weight_gradient_flushes(self.actions) if weight_gradients is not None else {}
 
     def run(self, forward: ForwardFn, last: LastStageFn, loss_scale: float = 1.0) -> list[Tensor]:
         """Runs the step; returns the detached losses of the micro-batches (empty unless this rank holds the last
         stage). Gradients accumulate into the parameters' ``.grad``, scaled by ``loss_scale``."""
         self._forward_fn, self._last_fn, self._loss_scale = forward, last, loss_scale
         self._state = StepState()
+        completed = False
         try:
+            flushes = self._flush_before
             if self.events is None:
-                for action in self.actions:
+                for i, action in enumerate(self.actions):
+                    if i in flushes:
+                        self._flush_weight_gradients(flushes[i])
                     self._handlers[action.kind](action)
             else:
-                for action in self.actions:
+                for i, action in enumerate(self.actions):
+                    if i in flushes:
+                        self._flush_weight_gradients(flushes[i])
                     start = time.perf_counter()
                     self._handlers[action.kind](action)
                     self.events.append(TimedEvent(str(action), action.kind.name.lower(), start, time.perf_counter()))
+            if self.weight_gradients is not None and torch.is_grad_enabled():
+                self.weight_gradients.flush_all()
+            completed = True
             if self.link is not None:
                 self.link.wait_sends()
             leftovers = self._state.leftovers()
@@ -151,8 +196,21 @@ class PipelineExecutor:
                 raise RuntimeError(f"The schedule left {leftovers} behind on pipeline rank {self.rank}: it is invalid.")
             return [self._state.losses[m] for m in sorted(self._state.losses)]
         finally:
+            if not completed and self.weight_gradients is not None:
+                self.weight_gradients.discard()
             self._state = StepState()
             self._forward_fn = self._last_fn = None  # type: ignore[assignment]
+
+    def _flush_weight_gradients(self, stage: int) -> None:
+        assert self.weight_gradients is not None
+        if not torch.is_grad_enabled():
+            return
+        if self.events is None:
+            self.weight_gradients.flush(stage)
+            return
+        start = time.perf_counter()
+        self.weight_gradients.flush(stage)
+        self.events.append(TimedEvent(f"W{stage}", "backward", start, time.perf_counter()))
 
     def _wait(self, pending: PendingRecv, label: str) -> list[Tensor]:
         if self.events is None:

@@ -134,9 +134,7 @@ class PeerLink:
 class PendingRecv:
     """Receives posted for one message."""
 
-    def __init__(
-        self, works: list[dist.Work], buffers: list[Tensor], message: tuple[int, int, int], peer: int
-    ) -> None:
+    def __init__(self, works: list[dist.Work], buffers: list[Tensor], message: tuple[int, int, int], peer: int) -> None:
         self.works, self.buffers, self.message, self.peer = works, buffers, message, peer
 
     def wait(self) -> list[Tensor]:

@@ -54,6 +54,7 @@ from lightning_bfpp.sharding import FSDP_MODES, SHARDING_MODES, ShardedStages, S
 from lightning_bfpp.strategy_checkpoints import ShardedCheckpoints
 from lightning_bfpp.tied import TiedGradients, check_ties_sharding, dedupe_stage_parameters, module_ties, set_aliases
 from lightning_bfpp.timeline import wall_clock, write_timeline
+from lightning_bfpp.weight_grad import WEIGHT_GRADIENTS, WeightGradientBatcher
 from lightning_bfpp.zero import shard_optimizer_states
 
 if TYPE_CHECKING:
@@ -98,6 +99,10 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
             of this many (a divisor of ``M``), the groups one after another: each rank keeps the activations of one
             group instead of all ``M`` micro-batches, at the price of a pass over the stages per group (pipeline
             fill and drain, and parameter gathers when sharded). ``None`` (default): one group of all ``M``.
+        weight_gradients: ``"per_micro_batch"`` (default; autograd's weight gradient in every backward) or
+            ``"batched"``: each ``nn.Linear`` computes its weight gradient once per run of its stage's backwards, as
+            one matrix product over all the run's micro-batches (faster where small products are slow; keeps each
+            Linear's inputs and output gradients until the run ends). Sharding ``none`` or ``optimizer`` only.
         process_group_backend: ``"gloo"``, ``"nccl"``, ...; default by device.
         timeout: timeout of every collective and point-to-point operation (``timedelta`` or seconds).
         nonfinite_loss: what to do when a micro-batch loss or a gradient holds a NaN or inf on any rank (checked with
@@ -124,6 +129,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         sharding: str = "none",
         activation_checkpointing: str = "none",
         breadth_first_micro_batches: int | None = None,
+        weight_gradients: str = "per_micro_batch",
         process_group_backend: str | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         nonfinite_loss: str = "raise",
@@ -153,7 +159,14 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         _check_choice("sharding", sharding, SHARDING_MODES)
         _check_choice("nonfinite_loss", nonfinite_loss, NONFINITE_POLICIES)
         _check_choice("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)
+        _check_choice("weight_gradients", weight_gradients, WEIGHT_GRADIENTS)
         check_micro_batch_groups(schedule, micro_batches, breadth_first_micro_batches)
+        if weight_gradients == "batched" and sharding in FSDP_MODES:
+            raise ValueError(
+                f"weight_gradients='batched' does not work with sharding={sharding!r}: FSDP reduces a stage's "
+                "gradients inside its last backward, before the batched weight gradients exist. Use "
+                "sharding='none' or 'optimizer', or weight_gradients='per_micro_batch'."
+            )
         if partition_boundaries is not None and partition != "explicit":
             raise ValueError("partition_boundaries is only used with partition='explicit': set both or neither.")
         self._pipeline_parallel_size = pipeline_parallel_size
@@ -166,6 +179,8 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         self.sharding = sharding
         self.activation_checkpointing = activation_checkpointing
         self.breadth_first_micro_batches = breadth_first_micro_batches
+        self.weight_gradients = weight_gradients
+        self._weight_gradient_batcher: WeightGradientBatcher | None = None
         self._process_group_backend = process_group_backend
         self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self.timeline_dir = timeline_dir
@@ -378,6 +393,9 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         self.model_to_device()
         self._setup_ties()
         self._data_parallel = self._setup_data_parallel()
+        if self.weight_gradients == "batched" and self._weight_gradient_batcher is None:
+            stage_layers = {stage: [layer for _, layer in pairs] for stage, pairs in self._stage_layers.items()}
+            self._weight_gradient_batcher = WeightGradientBatcher(stage_layers)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -479,7 +497,12 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
             if ordered:
                 validate_in_order_matching(schedule)
             self._executors[key] = PipelineExecutor(
-                schedule, self.pipeline_rank, link, self._data_parallel, ordered_recvs=ordered
+                schedule,
+                self.pipeline_rank,
+                link,
+                self._data_parallel,
+                ordered_recvs=ordered,
+                weight_gradients=None if forward_only else self._weight_gradient_batcher,
             )
         return self._executors[key]
 
@@ -731,6 +754,9 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
     @override
     def teardown(self) -> None:
         self._executors.clear()
+        if self._weight_gradient_batcher is not None:
+            self._weight_gradient_batcher.remove()
+            self._weight_gradient_batcher = None
         self._data_parallel = None
         super().teardown()
 

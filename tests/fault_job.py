@@ -133,9 +133,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     recorder = LossRecorder()
     callbacks: list[pl.Callback] = [recorder]
     if config.get("checkpoint_dir"):
-        callbacks.append(
-            ModelCheckpoint(config["checkpoint_dir"], every_n_train_steps=1, save_top_k=0, save_last=True)
-        )
+        callbacks.append(ModelCheckpoint(config["checkpoint_dir"], every_n_train_steps=1, save_top_k=0, save_last=True))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=config.get("devices", 1),

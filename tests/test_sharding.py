@@ -19,8 +19,13 @@ from lightning_bfpp.schedule import build_schedule
 def sharded_config(sharding: str, accumulate: int = 1, **strategy) -> dict:
     return {
         "devices": 4,
-        "strategy": {"pipeline_parallel_size": 2, "stages_per_rank": 2, "micro_batches": 4, "sharding": sharding,
-                     **strategy},
+        "strategy": {
+            "pipeline_parallel_size": 2,
+            "stages_per_rank": 2,
+            "micro_batches": 4,
+            "sharding": sharding,
+            **strategy,
+        },
         "model": {"num_blocks": 4, "optimizer": "adam"},
         "batch_size": 8,
         "max_steps": 3,
