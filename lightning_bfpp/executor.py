@@ -166,10 +166,18 @@ class PipelineExecutor:
         # positions of the actions before which the deferred weight gradients of a stage are added (None: none)
         self._flush_before = _weight_gradient_flushes(self.actions) if weight_gradients is not None else {}
 
-    def run(self, forward: ForwardFn, last: LastStageFn, loss_scale: float = 1.0) -> list[Tensor]:
+    def run(
+        self,
+        forward: ForwardFn,
+        last: LastStageFn,
+        loss_scale: float = 1.0,
+        before_first_backward: Callable[[], None] | None = None,
+    ) -> list[Tensor]:
         """Runs the step; returns the detached losses of the micro-batches (empty unless this rank holds the last
-        stage). Gradients accumulate into the parameters' ``.grad``, scaled by ``loss_scale``."""
+        stage). Gradients accumulate into the parameters' ``.grad``, scaled by ``loss_scale``;
+        ``before_first_backward`` (e.g. zeroing the gradients) runs right before the step's first backward."""
         self._forward_fn, self._last_fn, self._loss_scale = forward, last, loss_scale
+        self._before_first_backward = before_first_backward
         self._state = StepState()
         completed = False
         try:
@@ -200,6 +208,7 @@ class PipelineExecutor:
                 self.weight_gradients.discard()
             self._state = StepState()
             self._forward_fn = self._last_fn = None  # type: ignore[assignment]
+            self._before_first_backward = None
 
     def _flush_weight_gradients(self, stage: int) -> None:
         assert self.weight_gradients is not None
@@ -314,6 +323,9 @@ class PipelineExecutor:
         key = (stage, m)
         outputs = state.outputs.pop(key)
         state.output_is_tuple.pop(key, None)
+        if self._before_first_backward is not None:
+            self._before_first_backward()
+            self._before_first_backward = None
         if self.data_parallel is not None:
             self.data_parallel.before_backward(stage, self._last_backward[stage] == m)
         if stage == self.last_stage:

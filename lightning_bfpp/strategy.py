@@ -544,9 +544,18 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         batch = args[0] if args else kwargs["batch"]
         batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
         accumulate = trainer.accumulate_grad_batches
-        if batch_idx % accumulate == 0:
+
+        def zero_grad() -> None:
             for optimizer in trainer.optimizers:
                 module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
+
+        # On accelerators the gradients are freed before the forwards (a lower peak). On CPU they are freed right
+        # before the first backward, as Lightning's own loop does: freeing them first leaves glibc's heap top free
+        # during the forwards, which it returns to the system and page-faults back in every step (measured: 2.6x the
+        # page faults and ~8% slower steps on one process).
+        zero_late = batch_idx % accumulate == 0 and self.root_device.type == "cpu"
+        if batch_idx % accumulate == 0 and not zero_late:
+            zero_grad()
         micro_batches = split_batch(batch, self.micro_batches)
         recorder = LogRecorder()
         steps_optimizer = not trainer.fit_loop._should_accumulate()
@@ -571,7 +580,12 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         if recording and executor.events is None:
             executor.events = []
         with self.precision_plugin.train_step_context():
-            losses = executor.run(self._stage_forward(micro_batches), last, 1.0 / (self.micro_batches * accumulate))
+            losses = executor.run(
+                self._stage_forward(micro_batches),
+                last,
+                1.0 / (self.micro_batches * accumulate),
+                before_first_backward=zero_grad if zero_late else None,
+            )
         if self._nonfinite is None:
             self._nonfinite = NonFiniteCheck(self.global_rank, self.root_device)
         self._nonfinite.add_losses(batch_idx, losses)
