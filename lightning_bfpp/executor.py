@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -54,9 +54,6 @@ class DeferredWeightGradients(Protocol):
     def flush(self, stage: int) -> None:
         """Adds the weight gradients of ``stage``'s finished backwards to ``.grad``."""
 
-    def flush_all(self) -> None:
-        """:meth:`flush` for every stage."""
-
     def discard(self) -> None:
         """Drops what a failed step left deferred."""
 
@@ -88,7 +85,7 @@ class StepState:
 def _weight_gradient_flushes(actions: tuple[Action, ...]) -> dict[int, int]:
     """``{position: stage}``: the deferred weight gradients of ``stage`` are added right before the action at
     ``position``, the first compute or gradient reduction after the last backward of a run of ``stage``'s backwards
-    (so that the run's input-gradient sends go first); a run that ends the list is flushed at the end of the step."""
+    (so that the run's input-gradient sends go first); position ``len(actions)``: at the end of the step."""
     flushes: dict[int, int] = {}
     pending: int | None = None
     for i, action in enumerate(actions):
@@ -99,6 +96,8 @@ def _weight_gradient_flushes(actions: tuple[Action, ...]) -> dict[int, int]:
             pending = None
         if action.kind is ActionKind.BACKWARD:
             pending = action.stage
+    if pending is not None:
+        flushes[len(actions)] = pending
     return flushes
 
 
@@ -163,8 +162,15 @@ class PipelineExecutor:
         }
         # the micro-batch of each stage's last backward: gradients are synchronised after it
         self._last_backward = {a.stage: a.micro_batch for a in self.actions if a.kind is ActionKind.BACKWARD}
-        # positions of the actions before which the deferred weight gradients of a stage are added (None: none)
-        self._flush_before = _weight_gradient_flushes(self.actions) if weight_gradients is not None else {}
+        # what run() does, in order, built once: (function, argument, timeline label, timeline category)
+        self._program: list[tuple[Callable[[Any], None], Any, str, str]] = []
+        flushes = _weight_gradient_flushes(self.actions) if weight_gradients is not None else {}
+        for i, action in enumerate((*self.actions, None)):
+            if i in flushes:
+                assert weight_gradients is not None
+                self._program.append((weight_gradients.flush, flushes[i], f"W{flushes[i]}", "backward"))
+            if action is not None:
+                self._program.append((self._handlers[action.kind], action, str(action), action.kind.name.lower()))
 
     def run(
         self,
@@ -181,21 +187,14 @@ class PipelineExecutor:
         self._state = StepState()
         completed = False
         try:
-            flushes = self._flush_before
             if self.events is None:
-                for i, action in enumerate(self.actions):
-                    if i in flushes:
-                        self._flush_weight_gradients(flushes[i])
-                    self._handlers[action.kind](action)
+                for fn, arg, _, _ in self._program:
+                    fn(arg)
             else:
-                for i, action in enumerate(self.actions):
-                    if i in flushes:
-                        self._flush_weight_gradients(flushes[i])
+                for fn, arg, label, category in self._program:
                     start = time.perf_counter()
-                    self._handlers[action.kind](action)
-                    self.events.append(TimedEvent(str(action), action.kind.name.lower(), start, time.perf_counter()))
-            if self.weight_gradients is not None and torch.is_grad_enabled():
-                self.weight_gradients.flush_all()
+                    fn(arg)
+                    self.events.append(TimedEvent(label, category, start, time.perf_counter()))
             completed = True
             if self.link is not None:
                 self.link.wait_sends()
@@ -209,17 +208,6 @@ class PipelineExecutor:
             self._state = StepState()
             self._forward_fn = self._last_fn = None  # type: ignore[assignment]
             self._before_first_backward = None
-
-    def _flush_weight_gradients(self, stage: int) -> None:
-        assert self.weight_gradients is not None
-        if not torch.is_grad_enabled():
-            return
-        if self.events is None:
-            self.weight_gradients.flush(stage)
-            return
-        start = time.perf_counter()
-        self.weight_gradients.flush(stage)
-        self.events.append(TimedEvent(f"W{stage}", "backward", start, time.perf_counter()))
 
     def _wait(self, pending: PendingRecv, label: str) -> list[Tensor]:
         if self.events is None:

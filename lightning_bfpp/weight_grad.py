@@ -103,7 +103,7 @@ class WeightGradientBatcher:
     """Defers the weight gradients of the ``nn.Linear`` modules of each local stage over a run of its backwards.
 
     The executor calls :meth:`flush` with a stage once the last backward of one of its runs has run (and its input
-    gradient has been sent); :meth:`flush_all` at the end of the step. :meth:`remove` restores the layers.
+    gradient has been sent). :meth:`remove` restores the layers.
 
     Arguments:
         stage_layers: the layers of each local stage.
@@ -134,10 +134,6 @@ class WeightGradientBatcher:
         """Adds the weight gradients of ``stage``'s finished backwards to its Linear weights' ``.grad``."""
         for deferred in self._stages.get(stage, ()):
             deferred.flush()
-
-    def flush_all(self) -> None:
-        for stage in self._stages:
-            self.flush(stage)
 
     def discard(self) -> None:
         """Drops what a failed step left deferred (its gradients are incomplete anyway)."""

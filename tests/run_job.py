@@ -71,8 +71,11 @@ class Recorder(pl.Callback):
         self.record_initial = record_initial
         self.initial: dict[str, torch.Tensor] | None = None
         self.param_bytes: int | None = None
+        self.batched_linears = 0  # Linear modules whose weight gradients the strategy batches
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        batcher = getattr(trainer.strategy, "_weight_gradient_batcher", None)
+        self.batched_linears = batcher.num_layers if batcher is not None else 0
         if self.record_initial:  # the weights before the first step, and the bytes of this rank's parameters
             self.initial = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
             self.param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
@@ -154,6 +157,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "saved_bytes": saved.total if saved else None,
         "initial": recorder.initial,
         "param_bytes": recorder.param_bytes,
+        "batched_linears": recorder.batched_linears,
         "collectives": dict(collectives) if collectives is not None else None,
     }
     out_dir = config.get("out_dir")

@@ -32,8 +32,15 @@ def test_grouped_training_matches_one_process_with_in_order_receives(run_job) ->
     assert_matches(run_job(config, timeout=150), config, 1)
 
 
-def test_memory_tools_together_with_full_sharding_match_one_process(run_job) -> None:
-    """P=2 x D=2, ZeRO-3: parameters gathered per run of each group, every layer recomputed in backward."""
+@pytest.mark.parametrize(
+    "sharding, weight_gradients",
+    [
+        ("full", "per_micro_batch"),  # ZeRO-3: parameters gathered per run of each group
+        ("optimizer", "batched"),  # ZeRO-1: weight gradients batched over each group's run of backwards
+    ],
+)
+def test_memory_tools_together_with_sharding_match_one_process(run_job, sharding: str, weight_gradients: str) -> None:
+    """P=2 x D=2, groups of 2 micro-batches, every layer recomputed in backward."""
     config = {
         "devices": 4,
         "strategy": {
@@ -42,13 +49,16 @@ def test_memory_tools_together_with_full_sharding_match_one_process(run_job) -> 
             "micro_batches": 4,
             "breadth_first_micro_batches": 2,
             "activation_checkpointing": "layer",
-            "sharding": "full",
+            "sharding": sharding,
+            "weight_gradients": weight_gradients,
         },
         "model": {"num_blocks": 4, "optimizer": "adam"},
         "batch_size": 8,
         "max_steps": 2,
     }
-    assert_matches(run_job(config, timeout=180), config, 2)
+    result = run_job(config, timeout=180)
+    assert all((rank["batched_linears"] > 0) == (weight_gradients == "batched") for rank in result.ranks())
+    assert_matches(result, config, 2)
 
 
 def test_group_size_must_divide_the_micro_batches() -> None:
