@@ -394,8 +394,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         self._setup_ties()
         self._data_parallel = self._setup_data_parallel()
         if self.weight_gradients == "batched" and self._weight_gradient_batcher is None:
-            stage_layers = {stage: [layer for _, layer in pairs] for stage, pairs in self._stage_layers.items()}
-            self._weight_gradient_batcher = WeightGradientBatcher(stage_layers)
+            self._weight_gradient_batcher = WeightGradientBatcher(self._stage_modules())
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -413,8 +412,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         assert self.dp_group is not None
         sharded = self.lightning_module.__dict__.get(SHARDED_ATTRIBUTE)
         if sharded is None:
-            layers = {stage: [layer for _, layer in pairs] for stage, pairs in self._stage_layers.items()}
-            sharded = ShardedStages(layers, self.dp_group, self.root_device)
+            sharded = ShardedStages(self._stage_modules(), self.dp_group, self.root_device)
             self.lightning_module.__dict__[SHARDED_ATTRIBUTE] = sharded
         return sharded
 
@@ -458,6 +456,10 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
                 for stage in self.partition.stages_of(self.pipeline_rank)
             }
         return self._stage_layers_cache
+
+    def _stage_modules(self) -> dict[int, list[nn.Module]]:
+        """The layers of each local stage."""
+        return {stage: [layer for _, layer in pairs] for stage, pairs in self._stage_layers.items()}
 
     def _stage_parameters(self) -> dict[int, list[nn.Parameter]]:
         params = {s: [p for _, layer in layers for p in layer.parameters()] for s, layers in self._stage_layers.items()}
@@ -553,8 +555,9 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         # before the first backward, as Lightning's own loop does: freeing them first leaves glibc's heap top free
         # during the forwards, which it returns to the system and page-faults back in every step (measured: 2.6x the
         # page faults and ~8% slower steps on one process).
-        zero_late = batch_idx % accumulate == 0 and self.root_device.type == "cpu"
-        if batch_idx % accumulate == 0 and not zero_late:
+        zeroes = batch_idx % accumulate == 0  # the first batch of an accumulation window
+        zero_late = zeroes and self.root_device.type == "cpu"
+        if zeroes and not zero_late:
             zero_grad()
         micro_batches = split_batch(batch, self.micro_batches)
         recorder = LogRecorder()
