@@ -33,6 +33,7 @@ class NonFiniteCheck:
         self.device = device
         self.group = group
         self._losses: list[tuple[int, Tensor]] = []
+        self.gradients_only = False  # the last check found non-finite gradients on some rank and only finite losses
 
     def add_losses(self, batch_idx: int, losses: Sequence[Tensor]) -> None:
         """Records the micro-batch losses of one batch (empty on ranks without the last stage)."""
@@ -54,6 +55,7 @@ class NonFiniteCheck:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         found = flags.tolist()
         losses, self._losses = self._losses, []
+        self.gradients_only = bool(found[1] and not found[0])
         if not any(found):
             return []
         mine = [
@@ -67,3 +69,10 @@ class NonFiniteCheck:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             mine.append(f"the gradients of {shown} on global rank {self.rank}")
         return [line for lines in all_gather_objects(mine, self.group) for line in lines]
+
+
+def back_off(scaler: torch.amp.GradScaler) -> None:
+    """What ``scaler.update()`` does after an overflow: the scale times the backoff factor, the count of steps
+    towards the next growth restarted. Applied on every rank at once, it keeps the ranks' scales equal."""
+    state = scaler.state_dict()
+    scaler.load_state_dict({**state, "scale": state["scale"] * state["backoff_factor"], "_growth_tracker": 0})

@@ -9,12 +9,15 @@ of a stage's computes, with the next run's gather started before the current run
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 SHARDING_MODES = ("none", "optimizer", "gradients", "full")
 """``none``: gradients averaged (all-reduce); ``optimizer``: ZeRO-1, optimizer state sharded; ``gradients``: ZeRO-2,
@@ -103,20 +106,28 @@ class ShardedStages:
         stage_layers: the layers of each local stage, by stage index.
         group: the data-parallel process group.
         device: the device of this rank.
+        mp_policy: FSDP's mixed precision (the dtype parameters are gathered in, the dtype gradients are reduced
+            in); None: both in the parameters' own dtype.
     """
 
     def __init__(
-        self, stage_layers: dict[int, Sequence[nn.Module]], group: dist.ProcessGroup, device: torch.device
+        self,
+        stage_layers: dict[int, Sequence[nn.Module]],
+        group: dist.ProcessGroup,
+        device: torch.device,
+        mp_policy: MixedPrecisionPolicy | None = None,
     ) -> None:
         from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = DeviceMesh.from_group(group, device.type)
         self.stages: dict[int, Any] = {}
         for stage, layers in stage_layers.items():
             shell = _StageShell(layers)
             if any(p.requires_grad for p in shell.parameters()):
-                fully_shard(shell, mesh=mesh, reshard_after_forward=False)
+                fully_shard(
+                    shell, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy or MixedPrecisionPolicy()
+                )
                 shell.set_reshard_after_backward(False)
                 shell.set_requires_gradient_sync(False)
             self.stages[stage] = shell

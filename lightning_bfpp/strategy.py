@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,7 +40,7 @@ from lightning_bfpp.log_relay import LogRecorder, PipelineMetricSync, install_me
 from lightning_bfpp.materialize import check_materialized, materialize_layers
 from lightning_bfpp.microbatch import batch_size_of, merge_outputs, split_batch
 from lightning_bfpp.module import missing_hooks
-from lightning_bfpp.nonfinite import NONFINITE_POLICIES, NonFiniteCheck, NonFiniteError
+from lightning_bfpp.nonfinite import NONFINITE_POLICIES, NonFiniteCheck, NonFiniteError, back_off
 from lightning_bfpp.p2p import PeerLink
 from lightning_bfpp.partition import PARTITIONS, Partition, build_partition, drop_remote_layers, layer_names
 from lightning_bfpp.recompute import ACTIVATION_CHECKPOINTING, run_layers
@@ -59,10 +60,12 @@ from lightning_bfpp.zero import shard_optimizer_states
 
 if TYPE_CHECKING:
     from lightning.fabric.accelerators import Accelerator
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 RANK_LAYOUTS = ("dp_contiguous", "pp_contiguous")
 DEFAULT_TIMEOUT = timedelta(minutes=30)
-SUPPORTED_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
+SUPPORTED_PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # the compute dtype of mixed precisions
 SHARDED_ATTRIBUTE = "_bfpp_sharded"  # set on a module once its stages are sharded with FSDP2
 SPLIT_ATTRIBUTE = "_bfpp_split"  # set on a module once its remote layers are dropped: (partition, layer names)
 
@@ -303,8 +306,8 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         precision = getattr(self.precision_plugin, "precision", "32-true")
         if precision not in SUPPORTED_PRECISIONS:
             raise ValueError(
-                f"precision={precision!r} is not supported by BFPPStrategy (float16 needs loss scaling across the "
-                f"pipeline, which it does not do yet): use one of {', '.join(map(repr, SUPPORTED_PRECISIONS))}."
+                f"precision={precision!r} is not supported by BFPPStrategy: use one of "
+                f"{', '.join(map(repr, SUPPORTED_PRECISIONS))} (float parameters, with autocast for the mixed ones)."
             )
         self._check_world_size()
         split: tuple[Partition, list[str]] | None = getattr(model, SPLIT_ATTRIBUTE, None)
@@ -412,9 +415,21 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         assert self.dp_group is not None
         sharded = self.lightning_module.__dict__.get(SHARDED_ATTRIBUTE)
         if sharded is None:
-            sharded = ShardedStages(self._stage_modules(), self.dp_group, self.root_device)
+            policy = self._fsdp_mixed_precision()
+            sharded = ShardedStages(self._stage_modules(), self.dp_group, self.root_device, policy)
             self.lightning_module.__dict__[SHARDED_ATTRIBUTE] = sharded
         return sharded
+
+    def _fsdp_mixed_precision(self) -> MixedPrecisionPolicy | None:
+        """With a mixed precision, FSDP gathers the parameters in the autocast dtype and reduces the gradients in
+        float32; the stage inputs are left alone (autocast casts each operation's inputs, so the activations between
+        layers keep the dtypes they have on one process). None (full precision) otherwise."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        dtype = AUTOCAST_DTYPES.get(getattr(self.precision_plugin, "precision", "32-true"))
+        if dtype is None:
+            return None
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
     def _check_ranks_agree(self) -> None:
         """One gather at set-up: every rank must run the same layout on the same layer stack, or the first transfer
@@ -509,17 +524,22 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         return self._executors[key]
 
     # ------------------------------------------------------------------------------------------- running stages
-    def _stage_forward(self, micro_batches: list[Any]) -> Any:
+    def _stage_forward(
+        self, micro_batches: list[Any], context: Callable[[], AbstractContextManager[Any]] = nullcontext
+    ) -> Any:
+        """``forward(stage, micro_batch, inputs)`` for the executor; each stage forward runs inside ``context()``
+        (the precision plugin's autocast while training: the backwards then run outside it, as in Lightning's loop)."""
         module, stage_layers, checkpointing = self.lightning_module, self._stage_layers, self.activation_checkpointing
         data_parallel = self._data_parallel
         assert data_parallel is not None
 
         def forward(stage: int, m: int, inputs: StageIO | None) -> StageIO:
             batch = micro_batches[m]
-            x = module.pipeline_input(batch) if stage == 0 else inputs
-            return data_parallel.run(
-                stage, run_layers, module.pipeline_layer_forward, stage_layers[stage], x, batch, checkpointing
-            )
+            with context():
+                x = module.pipeline_input(batch) if stage == 0 else inputs
+                return data_parallel.run(
+                    stage, run_layers, module.pipeline_layer_forward, stage_layers[stage], x, batch, checkpointing
+                )
 
         return forward
 
@@ -565,8 +585,10 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         assert self._data_parallel is not None
         self._data_parallel.enabled = steps_optimizer  # reduce gradients only on batches that step the optimizer
 
+        forward_context = self.precision_plugin.train_step_context  # the forwards and the loss only
+
         def last(m: int, outputs: StageIO) -> Tensor:
-            with recorder.capture(module):
+            with recorder.capture(module), forward_context():
                 loss = module.pipeline_loss(outputs, micro_batches[m])
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(
@@ -582,13 +604,12 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         )
         if recording and executor.events is None:
             executor.events = []
-        with self.precision_plugin.train_step_context():
-            losses = executor.run(
-                self._stage_forward(micro_batches),
-                last,
-                1.0 / (self.micro_batches * accumulate),
-                before_first_backward=zero_grad if zero_late else None,
-            )
+        losses = executor.run(
+            self._stage_forward(micro_batches, forward_context),
+            last,
+            self._loss_scale() / (self.micro_batches * accumulate),
+            before_first_backward=zero_grad if zero_late else None,
+        )
         if self._nonfinite is None:
             self._nonfinite = NonFiniteCheck(self.global_rank, self.root_device)
         self._nonfinite.add_losses(batch_idx, losses)
@@ -609,15 +630,20 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
 
     def _check_nonfinite(self, batch_idx: int) -> None:
         """Agrees on every rank whether a loss of this accumulation window or a gradient is non-finite; then raises,
-        or zeroes the gradients and marks the optimizer step to be skipped (see :meth:`optimizer_step`)."""
+        or zeroes the gradients and marks the optimizer step to be skipped (see :meth:`optimizer_step`).
+
+        With a gradient scaler (``16-mixed``), non-finite gradients alone are an overflow of the scaled gradients:
+        every rank skips the step and backs off the scale, whatever ``nonfinite_loss`` says."""
         assert self._nonfinite is not None
         module = self.lightning_module
         trainer = module.trainer
         found = self._nonfinite.check((n, p.grad) for n, p in module.named_parameters() if p.grad is not None)
         if not found:
             return
+        scaler = self._scaler
+        overflow = scaler is not None and self._nonfinite.gradients_only
         where = f"global step {trainer.global_step} (batch {batch_idx} of epoch {trainer.current_epoch})"
-        if self.nonfinite_loss == "raise":
+        if self.nonfinite_loss == "raise" and not overflow:
             raise NonFiniteError(
                 f"Non-finite values at {where}: {'; '.join(found)}. Look for the cause (learning rate, data, "
                 "initialisation), or skip such optimizer steps with BFPPStrategy(nonfinite_loss='skip') "
@@ -625,17 +651,34 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
             )
         for optimizer in trainer.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        self.skipped_steps += 1
         self._skip_optimizer_step = True
-        rank_zero_warn(
-            f"Skipped the optimizer step at {where}: {'; '.join(found)} ({self.skipped_steps} step(s) skipped so far)."
-        )
+        if scaler is not None:
+            back_off(scaler)
+        if not overflow:
+            self.skipped_steps += 1
+            rank_zero_warn(
+                f"Skipped the optimizer step at {where}: {'; '.join(found)} ({self.skipped_steps} step(s) skipped so "
+                "far)."
+            )
+
+    @property
+    def _scaler(self) -> torch.amp.GradScaler | None:
+        """The precision plugin's enabled gradient scaler (``16-mixed``), or None."""
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def _loss_scale(self) -> float:
+        """The scaler's current scale (1 without one), read on every rank: scaling creates the scale on this rank's
+        device, which unscaling the gradients needs on ranks without the loss too."""
+        scaler = self._scaler
+        return 1.0 if scaler is None else float(scaler.scale(torch.ones((), device=self.root_device)))
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        """With ``nonfinite_loss="skip"``, runs the training step (the closure) first and steps the optimizer only
-        if no rank found a non-finite loss or gradient."""
-        if self.nonfinite_loss != "skip":
+        """With ``nonfinite_loss="skip"`` or a gradient scaler, runs the training step (the closure) first and steps
+        the optimizer only if no rank found a non-finite loss or gradient. The scaler then unscales (before clipping),
+        steps and grows its scale as on one process: every rank's gradients are finite, so every rank agrees."""
+        if self.nonfinite_loss != "skip" and self._scaler is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         result = closure()
         if self._skip_optimizer_step:

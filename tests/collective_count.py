@@ -20,8 +20,9 @@ def _issuing_group() -> FSDPParamGroup | None:
     return None
 
 
-def count_fsdp_collectives(strategy: Any) -> Counter[tuple[str, int]]:
-    """Installs the counting wrappers; the returned counter maps ``(collective, stage)`` to a count."""
+def count_fsdp_collectives(strategy: Any, dtypes: Counter[tuple[str, str]] | None = None) -> Counter[tuple[str, int]]:
+    """Installs the counting wrappers; the returned counter maps ``(collective, stage)`` to a count. ``dtypes``, if
+    given, counts ``(collective, dtype of what this rank sends)``, e.g. ``("all_gather", "torch.bfloat16")``."""
     counts: Counter[tuple[str, int]] = Counter()
 
     def stage_of(group: FSDPParamGroup | None) -> int:
@@ -33,6 +34,8 @@ def count_fsdp_collectives(strategy: Any) -> Counter[tuple[str, int]]:
     def counting(name: str, original: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             counts[(name, stage_of(_issuing_group()))] += 1
+            if dtypes is not None:
+                dtypes[(name, str(kwargs.get("input", args[1] if len(args) > 1 else None).dtype))] += 1
             return original(*args, **kwargs)
 
         return wrapper

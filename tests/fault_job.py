@@ -8,9 +8,11 @@ Config keys (besides those of ``run_job.py``: ``devices``, ``strategy``, ``model
   ``grad_inf_step`` (an inf in the gradient of the first layer on the rank holding it, replica 0),
   ``skip_steps`` (reference runs: no optimizer step at those global steps), ``kill_rank`` with ``kill_step`` (the
   process SIGKILLs itself in the middle of that step's forward) or ``kill_save`` (inside its n-th checkpoint write).
+- ``precision`` (default ``64-true``), ``scaler`` and ``clip_val`` as in ``run_job.py`` (``16-mixed`` on CPU).
 - ``checkpoint_dir``: save ``last.ckpt`` there after every step; ``ckpt_path``: resume from it (``"last"`` too).
 
-Each rank writes ``rank<r>.pt``: ``{global step: loss}`` as this rank saw it, its parameters, the skipped-step count.
+Each rank writes ``rank<r>.pt``: ``{global step: loss}`` as this rank saw it, its parameters, the skipped-step count,
+``{global step: loss scale after it}`` with a gradient scaler.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import RegressionData, StackModel
+from run_job import precision_arguments
 from torch.utils.data import DataLoader
 
 from lightning_bfpp import BFPPStrategy
@@ -96,12 +99,16 @@ class LossRecorder(pl.Callback):
 
     def __init__(self) -> None:
         self.losses: dict[int, float] = {}
+        self.scales: dict[int, float] = {}  # the gradient scaler's scale after the step (16-mixed)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.losses[self._step] = float(trainer.callback_metrics["train_loss"])  # averaged over the replicas
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            self.scales[self._step] = scaler.get_scale()
 
 
 def _kill_inside_checkpoint_writes(rank: int, save_index: int) -> None:
@@ -138,8 +145,9 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         accelerator="cpu",
         devices=config.get("devices", 1),
         strategy=strategy,
-        precision="64-true",
+        **precision_arguments(config),
         max_steps=config.get("max_steps", 4),
+        gradient_clip_val=config.get("clip_val"),
         limit_val_batches=0,
         enable_checkpointing=bool(config.get("checkpoint_dir")),
         enable_progress_bar=False,
@@ -155,6 +163,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "losses": recorder.losses,
         "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "skipped": getattr(trainer.strategy, "skipped_steps", None),
+        "scales": recorder.scales,
     }
     if config.get("out_dir"):
         torch.save(result, Path(config["out_dir"]) / f"rank{trainer.global_rank}.pt")

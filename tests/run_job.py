@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -85,6 +87,43 @@ class Recorder(pl.Callback):
         self.logged.append(float(trainer.callback_metrics["train_loss"]))
 
 
+class AutocastRecorder(pl.Callback):
+    """Records, during the training steps, the output dtype of every ``nn.Linear`` forward and whether autocast was
+    on during the backward through it."""
+
+    def __init__(self) -> None:
+        self.output_dtypes: set[str] = set()
+        self.backward_autocast: set[bool] = set()
+        self._recording = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        def record(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            if self._recording:
+                self.output_dtypes.add(str(output.dtype))
+                if output.requires_grad:
+                    output.register_hook(lambda grad: self.backward_autocast.add(torch.is_autocast_enabled("cpu")))
+
+        for module in pl_module.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(record)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._recording = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._recording = False
+
+
+def precision_arguments(config: dict[str, Any]) -> dict[str, Any]:
+    """The Trainer's ``precision`` of the config; ``16-mixed``, which Lightning refuses on CPU by name, as the
+    mixed-precision plugin with a CPU gradient scaler (config ``scaler``: its keyword arguments)."""
+    precision = config.get("precision", "64-true")
+    if precision != "16-mixed":
+        return {"precision": precision}
+    scaler = torch.amp.GradScaler("cpu", **config.get("scaler", {}))
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
+
+
 class SavedBytes(pl.Callback):
     """Adds up the bytes of the non-parameter tensors autograd saves for backward during the training steps."""
 
@@ -127,11 +166,12 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         strategy.timeline_dir = config.get("timeline_dir")
     recorder = Recorder(config.get("record_initial", False))
     saved = SavedBytes() if config.get("count_saved_bytes") else None  # what the training steps keep for backward
+    autocast = AutocastRecorder() if config.get("record_autocast") else None
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=config.get("devices", 1),
         strategy=strategy,
-        precision=config.get("precision", "64-true"),
+        **precision_arguments(config),
         max_steps=config.get("max_steps", 3),
         accumulate_grad_batches=config.get("accumulate", 1),
         gradient_clip_val=config.get("clip_val"),
@@ -141,11 +181,13 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
-        callbacks=[recorder] + ([saved] if saved else []),
+        callbacks=[recorder] + [c for c in (saved, autocast) if c is not None],
         use_distributed_sampler=False,
     )
     data = OrderedData(config["batch_size"], config.get("data_size", 96), config.get("variable_length", False))
-    collectives = count_fsdp_collectives(trainer.strategy) if config.get("count_collectives") else None
+    collective_dtypes: Counter[tuple[str, str]] = Counter()  # (collective, dtype sent)
+    counting = config.get("count_collectives")
+    collectives = count_fsdp_collectives(trainer.strategy, collective_dtypes) if counting else None
     trainer.fit(model, datamodule=data)
     validated = trainer.validate(model, datamodule=data, verbose=False) if config.get("validate_after") else None
     result = {
@@ -159,6 +201,9 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "param_bytes": recorder.param_bytes,
         "batched_linears": recorder.batched_linears,
         "collectives": dict(collectives) if collectives is not None else None,
+        "collective_dtypes": dict(collective_dtypes),
+        "linear_dtypes": autocast.output_dtypes if autocast else None,
+        "backward_autocast": autocast.backward_autocast if autocast else None,
     }
     out_dir = config.get("out_dir")
     if out_dir:
