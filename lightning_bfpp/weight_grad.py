@@ -56,7 +56,9 @@ class _DeferredWeightGrad:
 
 class _LinearDeferringWeightGrad(torch.autograd.Function):
     """``F.linear`` whose backward returns the input and bias gradients and hands the weight gradient's operands to
-    the layer's :class:`_DeferredWeightGrad`."""
+    the layer's :class:`_DeferredWeightGrad`. Under autocast the forward computes in the autocast dtype, as
+    ``F.linear`` would, and saves the cast operands: the backward (outside autocast, as Lightning runs it) and the
+    deferred product then compute in that dtype too, as autograd's gradients of the cast operands would."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, deferred: _DeferredWeightGrad) -> Tensor:

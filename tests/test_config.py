@@ -151,7 +151,7 @@ CONFLICTS = {  # the overrides -> the two options the message must name
     "gpipe-with-looped-stages": (("schedule=gpipe",), ("schedule=gpipe", "strategy.stages_per_rank=2")),
     "explicit-no-boundaries": (("partition=explicit",), ("partition=explicit", "partition.boundaries")),
     "boundaries-not-explicit": (("partition.boundaries=[0,2,4,6,8]",), ("partition.boundaries=", "partition=uniform")),
-    "float16": (("trainer.precision=16-mixed",), ("trainer.precision=16-mixed", "strategy=bfpp")),
+    "half-parameters": (("trainer.precision=16-true",), ("trainer.precision=16-true", "strategy=bfpp")),
     "single-on-two": (("strategy=single", "trainer.devices=2"), ("strategy=single", "trainer.devices=2")),
 }
 

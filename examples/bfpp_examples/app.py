@@ -100,7 +100,7 @@ _GROUP_FIELDS = {
     "sharding": ("mode", "sharding"),
 }
 _SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
-_UNSUPPORTED_PRECISIONS = ("16-mixed", "16-true", "16")
+_UNSUPPORTED_PRECISIONS = ("16-true", "bf16-true")  # half-precision parameters: no float32 copy to update
 
 
 def check_conflicts(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
@@ -144,8 +144,8 @@ def check_conflicts(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         )
     if str(cfg.trainer.precision) in _UNSUPPORTED_PRECISIONS:
         raise ConfigError(
-            f"trainer.precision={cfg.trainer.precision} does not work with strategy=bfpp (float16 needs loss scaling "
-            "across the pipeline): use trainer.precision=bf16-mixed or 32-true, or strategy=ddp."
+            f"trainer.precision={cfg.trainer.precision} does not work with strategy=bfpp: use trainer.precision="
+            "bf16-mixed, 16-mixed or 32-true, or strategy=ddp."
         )
 
 
