@@ -24,6 +24,10 @@ from lightning_bfpp.schedule import SCHEDULES, Schedule
 from lightning_bfpp.simulate import SHARDING_MODES, CostModel, estimate_memory, resident_bytes, simulate
 
 PLAN_SCHEDULES = ("breadth_first", "depth_first", "gpipe")
+# Bytes per element under bf16-mixed as BFPPStrategy runs it: float32 parameters with Adam's two float32 moments,
+# gathered by ZeRO-2/3 in bfloat16 (FSDP's parameter dtype), gradients kept and reduced in float32, stage outputs
+# in bfloat16 (autocast's products).
+PARAM_BYTES, GATHER_BYTES, GRAD_BYTES, OPTIMIZER_BYTES, ACTIVATION_BYTES = 4.0, 2.0, 4.0, 8.0, 2.0
 RANK_LAYOUTS = ("dp_contiguous", "pp_contiguous")
 GB = 1024**3
 
@@ -185,7 +189,7 @@ def _bandwidths(cluster: ClusterSpec, layout: Layout) -> tuple[list[float], floa
 
 def cost_model(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> CostModel:
     """The simulator's costs of ``layout``: layers split evenly over the ``P x L`` stages, the embedding on the first
-    and last stage, the logits on the last; mixed-precision Adam (2 + 2 + 12 bytes per parameter)."""
+    and last stage, the logits on the last; Adam under bf16-mixed (``PARAM_BYTES`` ... ``ACTIVATION_BYTES``)."""
     stages = layout.pipeline_size * layout.stages_per_rank
     if model.layers % stages:
         raise ValueError(
@@ -203,7 +207,7 @@ def cost_model(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> CostMo
             mbs * (per_stage * model.activation_bytes() + 4.0 * model.seq_len * model.vocab * last[s])
             for s in range(stages)
         ],
-        boundary_bytes=2.0 * mbs * model.seq_len * model.hidden,
+        boundary_bytes=ACTIVATION_BYTES * mbs * model.seq_len * model.hidden,
         p2p_latency=cluster.latency_us * 1e-6,
         p2p_bandwidth=links,
         stage_params=[
@@ -214,6 +218,10 @@ def cost_model(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> CostMo
         dp_bandwidth=dp_bandwidth,
         dp_latency=2 * (dp - 1) * cluster.latency_us * 1e-6,
         sharding=layout.sharding,
+        param_bytes=PARAM_BYTES,
+        gather_bytes=GATHER_BYTES,
+        grad_bytes=GRAD_BYTES,
+        optimizer_bytes=OPTIMIZER_BYTES,
         activation_checkpointing=layout.activation_checkpointing,
     )
 

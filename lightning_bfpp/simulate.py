@@ -56,9 +56,13 @@ class CostModel:
         dp_bandwidth: bus bandwidth of a ring collective over the replicas, per rank.
         dp_latency: latency added to every collective.
         sharding: one of :data:`SHARDING_MODES`.
-        param_bytes: bytes per parameter of the compute copy (what is gathered), e.g. 2 for bf16.
-        grad_bytes: bytes per gradient element (what is reduced).
-        optimizer_bytes: bytes per parameter of optimizer state, e.g. 12 for Adam with fp32 master weights.
+        param_bytes: bytes per parameter as each rank keeps it (its shard under ZeRO-2/3), e.g. 2 for bf16
+            parameters, 4 for float32 parameters under mixed precision.
+        gather_bytes: bytes per parameter that ZeRO-2/3 gathers for the computes (FSDP's parameter dtype, e.g. 2
+            for float32 parameters gathered in bf16); None: ``param_bytes``.
+        grad_bytes: bytes per gradient element, as kept and reduced (the reduction dtype).
+        optimizer_bytes: bytes per parameter of optimizer state, e.g. 8 for Adam's two float32 moments, 12 with a
+            float32 master copy of 2-byte parameters.
         activation_checkpointing: keep only stage inputs and recompute the forward in the backward.
     """
 
@@ -74,6 +78,7 @@ class CostModel:
     dp_latency: float = 0.0
     sharding: str = "none"
     param_bytes: float = 2.0
+    gather_bytes: float | None = None
     grad_bytes: float = 2.0
     optimizer_bytes: float = 12.0
     activation_checkpointing: bool = False
@@ -83,11 +88,16 @@ class CostModel:
             raise ValueError(f"sharding={self.sharding!r} is not supported; use one of {', '.join(SHARDING_MODES)}")
         if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, int) or self.dp_size < 1:
             raise ValueError(f"dp_size must be an integer >= 1, got {self.dp_size!r}")
-        for name in ("p2p_latency", "dp_latency", "param_bytes", "grad_bytes", "optimizer_bytes"):
+        for name in ("p2p_latency", "dp_latency", "param_bytes", "gathered_bytes", "grad_bytes", "optimizer_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dp_bandwidth <= 0:
             raise ValueError(f"dp_bandwidth must be > 0 bytes/s (math.inf for free), got {self.dp_bandwidth}")
+
+    @property
+    def gathered_bytes(self) -> float:
+        """Bytes per parameter of the gathered copy (``gather_bytes``, else ``param_bytes``)."""
+        return self.param_bytes if self.gather_bytes is None else self.gather_bytes
 
 
 class SimEvent(NamedTuple):
@@ -189,14 +199,14 @@ def _walk_rank(schedule: Schedule, rank: int, cost: CostModel) -> tuple[list[_Ga
         held = bool(holds.get(s))
         gathers.append(_Gather(position, s, mode != "full" or not held))
         if mode == "full":
-            dyn += 0.0 if held else params[s] * cost.param_bytes
+            dyn += 0.0 if held else params[s] * cost.gathered_bytes
             holds.setdefault(s, set()).add(phase)
 
     def release(s: int, phase: str) -> None:
         nonlocal dyn
         if mode == "full" and phase in holds.get(s, ()):
             holds[s].discard(phase)
-            dyn -= 0.0 if holds[s] else params[s] * cost.param_bytes
+            dyn -= 0.0 if holds[s] else params[s] * cost.gathered_bytes
 
     point_index = {p[0]: k for k, p in enumerate(points)}
     if points:
@@ -227,13 +237,14 @@ def _walk_rank(schedule: Schedule, rank: int, cost: CostModel) -> tuple[list[_Ga
 
 
 def resident_bytes(params: float, cost: CostModel) -> tuple[float, float, float]:
-    """Resident (parameters, gradients, optimizer state) of ``params`` parameters under the sharding mode."""
+    """Resident (parameters, gradients, optimizer state) of ``params`` parameters under the sharding mode. ZeRO-2
+    holds its shard and the copy gathered for the whole step."""
     mode, d = _mode(cost), cost.dp_size
     p, g, o = params * cost.param_bytes, params * cost.grad_bytes, params * cost.optimizer_bytes
     return {
         "none": (p, g, o),
         "optimizer": (p, g, o / d),
-        "gradients": (p, g / d, o / d),
+        "gradients": (p / d + params * cost.gathered_bytes, g / d, o / d),
         "full": (p / d, g / d, o / d),
     }[mode]
 
@@ -265,7 +276,7 @@ def estimate_memory(schedule: Schedule, cost: CostModel) -> MemoryEstimate:
 def _collective_times(cost: CostModel, params: float) -> dict[str, float]:
     """Ring all-gather / reduce-scatter / all-reduce time of one stage's parameters or gradients."""
     share = (cost.dp_size - 1) / cost.dp_size
-    gather = cost.dp_latency + share * params * cost.param_bytes / cost.dp_bandwidth
+    gather = cost.dp_latency + share * params * cost.gathered_bytes / cost.dp_bandwidth
     scatter = cost.dp_latency + share * params * cost.grad_bytes / cost.dp_bandwidth
     return {"all_gather": gather, "reduce_scatter": scatter, "all_reduce": 2 * scatter - cost.dp_latency}
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
+from lightning.pytorch.plugins import MixedPrecision
 
+from lightning_bfpp import BFPPStrategy
 from lightning_bfpp.plan import (
     GB,
     ClusterSpec,
@@ -20,7 +23,7 @@ from lightning_bfpp.plan import (
     plan,
     predict,
 )
-from lightning_bfpp.simulate import SHARDING_MODES, simulate
+from lightning_bfpp.simulate import SHARDING_MODES, resident_bytes, simulate
 
 SMALL = ModelSpec(layers=8, hidden=1024, seq_len=512, vocab=8192)
 CLUSTER = ClusterSpec(nodes=2, gpus_per_node=4, gpu_memory_gb=4.0, gpu_tflops=100.0)
@@ -47,6 +50,26 @@ def test_cost_model_splits_time_parameters_and_links() -> None:
     assert swapped.dp_bandwidth == 25e9 and list(swapped.p2p_bandwidth) == [200e9, 200e9]
     with pytest.raises(ValueError, match="choose P x L dividing it"):
         cost_model(SMALL, CLUSTER, replace(layout, stages_per_rank=3))
+
+
+def test_bf16_mixed_full_sharding_bytes_are_those_the_strategy_sends() -> None:
+    """ZeRO-3 under bf16-mixed: the planner gathers in the parameter dtype and reduces in the reduction dtype of the
+    FSDP policy the strategy derives from the precision, and sends the stage outputs in autocast's dtype; each rank
+    keeps float32 parameters, gradients and Adam moments."""
+    policy = BFPPStrategy(sharding="full", precision_plugin=MixedPrecision("bf16-mixed", "cpu"))._fsdp_mixed_precision()
+    layout = Layout("breadth_first", 2, 2, 4, micro_batch_size=2, num_micro_batches=4, sharding="full")
+    cost = cost_model(SMALL, CLUSTER, layout)
+    assert (cost.gathered_bytes, cost.grad_bytes) == (policy.param_dtype.itemsize, policy.reduce_dtype.itemsize)
+    assert (cost.gathered_bytes, cost.grad_bytes, cost.param_bytes, cost.optimizer_bytes) == (2, 4, 4, 8)
+    assert cost.boundary_bytes == torch.bfloat16.itemsize * 2 * 512 * 1024  # micro-batch 2 x sequence x hidden
+    events = simulate(_schedule("breadth_first", 2, 2, 4), cost).events
+    share = (layout.data_parallel_size - 1) / layout.data_parallel_size
+    for kind, element in (("all_gather", 2), ("reduce_scatter", 4)):
+        event = next(e for e in events if e.category == kind and e.name == f"{kind} 1")
+        moved = share * cost.stage_params[1] * element
+        assert event.end - event.start == pytest.approx(cost.dp_latency + moved / cost.dp_bandwidth), kind
+    resident = resident_bytes(cost.stage_params[1], cost)
+    assert resident == pytest.approx(tuple(cost.stage_params[1] * b / 4 for b in (4, 4, 8)))
 
 
 def test_lower_bound_is_a_bound_and_exact_for_gpipe_without_communication() -> None:
