@@ -38,17 +38,18 @@ def relative_state_errors(state: dict[str, torch.Tensor], expected: dict[str, to
 
 
 @pytest.mark.parametrize(
-    ("sharding", "weight_gradients", "replicas"),
-    [("full", "per_micro_batch", 2), ("none", "batched", 1)],
-    ids=["zero3-D2", "batched-weight-gradients"],
+    ("sharding", "weight_gradients", "checkpointing", "replicas"),
+    [("full", "per_micro_batch", "none", 2), ("none", "batched", "layer", 1)],
+    ids=["zero3-D2", "batched-weight-gradients-recompute"],
 )
 def test_bf16_mixed_forwards_under_autocast_backwards_outside(
-    run_job, sharding: str, weight_gradients: str, replicas: int
+    run_job, sharding: str, weight_gradients: str, checkpointing: str, replicas: int
 ) -> None:
     """Every nn.Linear computes in bfloat16 and no backward runs under autocast, as on one process; the first step's
     loss equals the one-process bf16-mixed run's, later losses and the parameters after 3 Adam steps stay within a
     tolerance that the pipeline without autocast exceeds. ZeRO-3 gathers the parameters in bfloat16 and
-    reduce-scatters the gradients in float32; batched weight gradients compute in bfloat16 like autograd's."""
+    reduce-scatters the gradients in float32; batched weight gradients compute in bfloat16 like autograd's, and layers
+    recomputed in the backward (activation checkpointing) run under the autocast of their forward."""
     config = {
         "devices": 2 * replicas,
         "strategy": {
@@ -57,6 +58,7 @@ def test_bf16_mixed_forwards_under_autocast_backwards_outside(
             "micro_batches": 4,
             "sharding": sharding,
             "weight_gradients": weight_gradients,
+            "activation_checkpointing": checkpointing,
         },
         "model": {"num_blocks": 4, "optimizer": "adam"},
         "batch_size": 8,
