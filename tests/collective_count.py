@@ -40,3 +40,70 @@ def count_fsdp_collectives(strategy: Any) -> Counter[tuple[str, int]]:
     dist.all_gather_single = counting("all_gather", dist.all_gather_single)
     dist.reduce_scatter_single = counting("reduce_scatter", dist.reduce_scatter_single)
     return counts
+
+
+class _RecordedWork:
+    """A collective's work handle that logs when it is waited for, and in which executor action."""
+
+    def __init__(self, work: dist.Work, number: int, log: ReductionLog) -> None:
+        self._work, self._number, self._log = work, number, log
+
+    def wait(self, *args: Any) -> Any:
+        self._log.events.append(("wait", self._number, self._log.action))
+        return self._work.wait(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
+
+
+class ReductionLog:
+    """The gradient reductions of each step, in order, between the executor's backwards: ``("backward", stage)``
+    and ``("reduce_grad", stage)`` when those actions begin, ``("start", n, action)`` when collective ``n`` is
+    issued inside one of them (``action``: the executor action running, as ``(kind, stage)``), ``("wait", n,
+    action)`` when its work is waited for (``action`` None: outside the executor), ``("batch", i)`` and ``("step",)``
+    from the training loop. A synchronous collective is issued asynchronously and waited for at once, which is what
+    the synchronous call does. Collectives issued outside those actions (clipping, logging) are not recorded."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.action: tuple[str, int] | None = None
+        self._started = 0
+        self._inside = False
+
+    def install(self) -> None:
+        from lightning_bfpp.executor import PipelineExecutor
+
+        for kind in ("backward", "reduce_grad"):
+            setattr(PipelineExecutor, f"_{kind}", self._action(kind, getattr(PipelineExecutor, f"_{kind}")))
+        for name in ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single"):
+            setattr(dist, name, self._collective(getattr(dist, name)))
+
+    def _action(self, kind: str, original: Any) -> Any:
+        def wrapper(executor: Any, action: Any) -> None:
+            self.action = (kind, action.stage)
+            self.events.append(self.action)
+            try:
+                original(executor, action)
+            finally:
+                self.action = None
+
+        return wrapper
+
+    def _collective(self, original: Any) -> Any:
+        def wrapper(*args: Any, async_op: bool = False, **kwargs: Any) -> Any:
+            if self.action is None or self._inside:
+                return original(*args, async_op=async_op, **kwargs)
+            self._inside = True  # one collective may call another
+            try:
+                work = original(*args, async_op=True, **kwargs)
+            finally:
+                self._inside = False
+            number, self._started = self._started, self._started + 1
+            self.events.append(("start", number, self.action))
+            recorded = _RecordedWork(work, number, self)
+            if async_op:
+                return recorded
+            recorded.wait()
+            return None
+
+        return wrapper
