@@ -53,9 +53,10 @@ class _Reductions:
 
     def store_completed(self) -> None:
         """Stores the results of the oldest reductions that already completed, without waiting (frees their
-        buffers early)."""
+        buffers early); a failed one raises its error."""
         while self._pending and self._pending[0].work.is_completed():
-            self._store(self._pending.pop(0), wait=False)
+            reduction = self._pending.pop(0)
+            self._store(reduction, wait=reduction.work.exception() is not None)
 
     def wait_all(self) -> None:
         for reduction in self._pending:
@@ -109,15 +110,19 @@ class StageGradientReducer:
         pass
 
     def backward_done(self, stage: int) -> None:
-        """Starts the asynchronous reduction of ``stage``'s gradients (with their presence counts)."""
+        """Starts the asynchronous reduction of ``stage``'s gradients (with their presence counts); the gradients
+        are released until :meth:`finish` stores the averages (the reduction holds a copy)."""
         params = self.stage_params.get(stage, [])
         if not self.enabled or not self.active or not params:
             return
+        self._reductions.store_completed()
         grads = [p.grad for p in params]
         bucket = _flatten_dense_tensors(
             [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)]
             + [_present(grads, params[0])]
         )
+        for p in params:
+            p.grad = None
         work = dist.all_reduce(bucket, group=self.group, async_op=True)
         self._reductions.add(work, bucket, lambda averaged: self._store(params, averaged))
 
@@ -223,7 +228,7 @@ class ShardedStages:
         bucket = torch.zeros(self.size, sum(widths) + len(params), dtype=dtype, device=first.unsharded_param.device)
         offset = 0
         for grad, width in zip(grads, widths, strict=True):
-            if grad is not None:
+            if grad is not None and width:
                 _copy_rows(grad.reshape(-1), bucket[:, offset : offset + width])
             offset += width
         bucket[:, offset:] = _present(grads, bucket)  # every replica's row carries the presence counts

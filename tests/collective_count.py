@@ -1,4 +1,5 @@
-"""Counts the all-gathers and reduce-scatters FSDP issues for each pipeline stage, by wrapping torch.distributed."""
+"""Wraps torch.distributed inside a test job: counts the all-gathers and reduce-scatters of each pipeline stage, and
+records when gradient reductions start and are waited for."""
 
 from __future__ import annotations
 
@@ -9,36 +10,45 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
+from lightning_bfpp.sharding import ShardedStages
 
-def _issuing_group() -> FSDPParamGroup | None:
+
+def _issuer() -> Any:
+    """The FSDP parameter group, or the stage index of :class:`ShardedStages`, that issues the collective."""
     frame = sys._getframe(2)
     while frame is not None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, FSDPParamGroup):
             return candidate
+        if isinstance(candidate, ShardedStages) and "stage" in frame.f_locals:
+            return frame.f_locals["stage"]
         frame = frame.f_back
     return None
 
 
 def count_fsdp_collectives(strategy: Any) -> Counter[tuple[str, int]]:
-    """Installs the counting wrappers; the returned counter maps ``(collective, stage)`` to a count."""
+    """Installs the counting wrappers; the returned counter maps ``(collective, stage)`` to a count: the all-gathers
+    FSDP issues for a stage's group, the reduce-scatters the sharded stages issue for a stage's gradients."""
     counts: Counter[tuple[str, int]] = Counter()
 
-    def stage_of(group: FSDPParamGroup | None) -> int:
+    def stage_of(issuer: Any) -> int:
+        if isinstance(issuer, int):
+            return issuer
         for stage, shell in strategy._data_parallel.stages.items():
-            if group is not None and group in shell._get_fsdp_state()._fsdp_param_groups:
+            if issuer is not None and issuer in shell._get_fsdp_state()._fsdp_param_groups:
                 return stage
         return -1
 
     def counting(name: str, original: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            counts[(name, stage_of(_issuing_group()))] += 1
+            counts[(name, stage_of(_issuer()))] += 1
             return original(*args, **kwargs)
 
         return wrapper
 
     dist.all_gather_single = counting("all_gather", dist.all_gather_single)
     dist.reduce_scatter_single = counting("reduce_scatter", dist.reduce_scatter_single)
+    dist.reduce_scatter_tensor = counting("reduce_scatter", dist.reduce_scatter_tensor)
     return counts
 
 
