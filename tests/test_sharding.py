@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TESTS_DIR, run_script
 from eval_job import run
+from models import RegressionData
 from test_checkpoint import DATA, _assert_state_equal, _merged, _stage
 from test_equivalence import assert_matches, reference
 
@@ -167,11 +168,15 @@ def test_reductions_overlap_backward_and_unused_parameters_stay_without_gradient
     and is waited for only after all the rank's backwards (recorded on the real work handles), so stage 1's reduction
     overlaps stage 0's backward. A block left out of every other optimizer step gets no gradient then, on every
     replica: it keeps none after the reduction, so AdamW (weight decay) neither decays it nor moves its moments, as
-    on one process."""
+    on one process. A block that only some samples use gets a gradient on one replica only in the last step: the
+    average over both replicas is the one-process gradient."""
+    data = RegressionData()
+    used = [[bool((data.x[16 * w + r : 16 * w + 16 : 2, 0] > 1).any()) for r in (0, 1)] for w in range(3)]
+    assert used[2] == [False, True]  # the data exercise replicas that disagree
     config = {
         "devices": 2,
         "strategy": {"pipeline_parallel_size": 1, "stages_per_rank": 2, "micro_batches": 2, "sharding": sharding},
-        "model": {"num_blocks": 4, "optimizer": "adamw", "skip_block": 1},
+        "model": {"num_blocks": 4, "optimizer": "adamw", "skip_block": 1, "gate_block": 2},
         "batch_size": 4,
         "max_steps": 3,
         "accumulate": 2,
