@@ -7,6 +7,7 @@ so the options are copied to it before a save and back to the wrapper after a lo
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,17 @@ def zero_optimizer(optimizer: Optimizer, group: dist.ProcessGroup | None) -> Zer
     """A ``ZeroRedundancyOptimizer`` of the same class, parameter groups and options as ``optimizer``: each replica
     keeps the state of its share of the parameters, steps it, and broadcasts the updated parameters."""
     groups = [{**g, "params": list(g["params"])} for g in optimizer.param_groups]
-    return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer), process_group=group, **optimizer.defaults)
+    defaults = _constructor_options(type(optimizer), optimizer.defaults)
+    return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer), process_group=group, **defaults)
+
+
+def _constructor_options(optimizer_class: type[Optimizer], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``defaults`` that ``optimizer_class`` accepts: ``defaults`` may hold more (``AdamW`` keeps
+    ``decoupled_weight_decay``, which its constructor does not take)."""
+    parameters = inspect.signature(optimizer_class.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(defaults)
+    return {k: v for k, v in defaults.items() if k in parameters}
 
 
 def _zero(optimizer: Any) -> ZeroRedundancyOptimizer | None:

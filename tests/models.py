@@ -55,7 +55,10 @@ class TiedHead(nn.Module):
 class StackModel(PipelineModule):
     """``num_blocks`` blocks between an input and an output projection: ``num_blocks + 2`` pipeline layers. With
     ``tied``, the output layer uses the input projection's weight (the same parameter: ``head.weight`` is
-    ``first.weight``)."""
+    ``first.weight``). With ``skip_block``, that block is left out of training steps of odd optimizer steps (its
+    parameters get no gradient then). With ``gate_block``, that block acts on the samples whose first feature exceeds
+    1 only, and is left out of a micro-batch that has none (so replicas can disagree on whether its parameters get a
+    gradient). ``optimizer``: ``sgd`` (momentum), ``adam`` or ``adamw`` (weight decay)."""
 
     def __init__(
         self,
@@ -67,10 +70,13 @@ class StackModel(PipelineModule):
         tuple_io: bool = False,
         wide_blocks: tuple[int, ...] = (),
         tied: bool = False,
+        skip_block: int | None = None,
+        gate_block: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.tuple_io = tuple_io
+        self.skip_block, self.gate_block = skip_block, gate_block
         self.first = nn.Linear(in_features, width)
         self.blocks = nn.ModuleList(
             [
@@ -89,6 +95,12 @@ class StackModel(PipelineModule):
         return batch["x"].to(self.first.weight.dtype)
 
     def pipeline_layer_forward(self, index: int, layer: nn.Module, inputs: Any, batch: dict[str, Tensor]) -> Any:
+        skip, gate = self.skip_block, self.gate_block
+        if skip is not None and index == skip + 1 and self.training and self.global_step % 2 == 1:
+            return inputs
+        if gate is not None and index == gate + 1:
+            selected = (batch["x"][:, :1] > 1).to(inputs.dtype)
+            return inputs + selected * torch.tanh(layer.linear(inputs)) if selected.any() else inputs
         if not self.tuple_io or layer is self.first or layer is self.head:
             if layer is self.head and isinstance(inputs, tuple):
                 h, total = inputs
@@ -115,6 +127,8 @@ class StackModel(PipelineModule):
     def configure_optimizers(self) -> Any:
         if self.hparams.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.hparams.lr * 0.1)
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr * 0.1, weight_decay=0.5)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from collective_count import count_fsdp_collectives
+from collective_count import ReductionLog, count_fsdp_collectives
 from models import MODELS, loader
 
 from lightning_bfpp import BFPPStrategy
@@ -146,6 +146,20 @@ class SavedBytes(pl.Callback):
         self._hooks.__exit__(None, None, None)
 
 
+class StepMarks(pl.Callback):
+    """Marks the start of each training batch and each optimizer step (after the pipelined step, before clipping)
+    in a :class:`ReductionLog`."""
+
+    def __init__(self, log: ReductionLog) -> None:
+        self.reductions = log
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.reductions.events.append(("batch", batch_idx))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        self.reductions.events.append(("step",))
+
+
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a parameter sharded over the data-parallel replicas (every replica must call this)."""
     return value.full_tensor() if isinstance(value, DTensor) else value
@@ -167,6 +181,9 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     recorder = Recorder(config.get("record_initial", False))
     saved = SavedBytes() if config.get("count_saved_bytes") else None  # what the training steps keep for backward
     autocast = AutocastRecorder() if config.get("record_autocast") else None
+    reductions = ReductionLog() if config.get("record_reductions") and isinstance(strategy, BFPPStrategy) else None
+    if reductions is not None:
+        reductions.install()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=config.get("devices", 1),
@@ -181,7 +198,9 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
-        callbacks=[recorder] + [c for c in (saved, autocast) if c is not None],
+        callbacks=[recorder]
+        + [c for c in (saved, autocast) if c is not None]
+        + ([StepMarks(reductions)] if reductions else []),
         use_distributed_sampler=False,
     )
     data = OrderedData(config["batch_size"], config.get("data_size", 96), config.get("variable_length", False))
@@ -204,6 +223,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "collective_dtypes": dict(collective_dtypes),
         "linear_dtypes": autocast.output_dtypes if autocast else None,
         "backward_autocast": autocast.backward_autocast if autocast else None,
+        "reductions": reductions.events if reductions is not None else None,
     }
     out_dir = config.get("out_dir")
     if out_dir:

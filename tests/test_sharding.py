@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TESTS_DIR, run_script
 from eval_job import run
+from models import RegressionData
 from test_checkpoint import DATA, _assert_state_equal, _merged, _stage
 from test_equivalence import assert_matches, reference
 
@@ -127,3 +128,61 @@ def test_checkpoint_resumes_exactly_under_any_sharding_mode(tmp_path) -> None:
         for result in results:
             logged = [step["train_loss"] for step in result["train"]]
             assert logged == pytest.approx([step["train_loss"] for step in ref["train"][2:]], rel=1e-9), mode
+
+
+def _check_reductions_overlap(events: list[tuple]) -> None:
+    """In every batch that steps: each stage's reduction is started by its REDUCE_GRAD action (not inside a
+    backward), and none is waited for before the rank's last backward of the batch has run (the wait comes between
+    the backwards and the optimizer step). Batches that only accumulate reduce nothing."""
+    batches: list[list[tuple]] = []
+    for event in events:
+        if event[0] == "batch":
+            batches.append([])
+        elif batches:
+            batches[-1].append(event)
+    assert batches
+    for number, batch in enumerate(batches):
+        starts = [e for e in batch if e[0] == "start"]
+        if ("step",) not in batch:
+            assert starts == [], f"batch {number} only accumulates, yet reduced: {batch}"
+            continue
+        step = batch.index(("step",))
+        last_backward = max(i for i, e in enumerate(batch) if e[0] == "backward")
+        reduced = [e[1] for e in batch if e[0] == "reduce_grad"]
+        started_by = {e[1]: e[2] for e in starts}
+        assert sorted(started_by.values()) == sorted(("reduce_grad", s) for s in reduced), (
+            f"batch {number}: reductions not started by the stages' REDUCE_GRAD actions: {batch}"
+        )
+        waits = [(i, e) for i, e in enumerate(batch) if e[0] == "wait"]
+        assert waits, f"batch {number}: no reduction waited for before the step: {batch}"
+        for i, (_, n, action) in waits:
+            assert last_backward < i < step, (
+                f"batch {number}: the reduction started in {started_by[n]} is waited for in {action}, before the "
+                f"last backward of the batch (event {i}, last backward {last_backward}, step {step}): {batch}"
+            )
+
+
+@pytest.mark.parametrize("sharding", ["none", "optimizer", "gradients", "full"])
+def test_reductions_overlap_backward_and_unused_parameters_stay_without_gradient(run_job, sharding: str) -> None:
+    """P=1 x L=2 x D=2 with gradient accumulation: each stage's gradient reduction starts at its REDUCE_GRAD action
+    and is waited for only after all the rank's backwards (recorded on the real work handles), so stage 1's reduction
+    overlaps stage 0's backward. A block left out of every other optimizer step gets no gradient then, on every
+    replica: it keeps none after the reduction, so AdamW (weight decay) neither decays it nor moves its moments, as
+    on one process. A block that only some samples use gets a gradient on one replica only in the last step: the
+    average over both replicas is the one-process gradient."""
+    data = RegressionData()
+    used = [[bool((data.x[16 * w + r : 16 * w + 16 : 2, 0] > 1).any()) for r in (0, 1)] for w in range(3)]
+    assert used[2] == [False, True]  # the data exercise replicas that disagree
+    config = {
+        "devices": 2,
+        "strategy": {"pipeline_parallel_size": 1, "stages_per_rank": 2, "micro_batches": 2, "sharding": sharding},
+        "model": {"num_blocks": 4, "optimizer": "adamw", "skip_block": 1, "gate_block": 2},
+        "batch_size": 4,
+        "max_steps": 3,
+        "accumulate": 2,
+        "record_reductions": True,
+    }
+    result = run_job(config, timeout=180)
+    for rank in result.ranks():
+        _check_reductions_overlap(rank["reductions"])
+    assert_matches(result, config, 2)
