@@ -166,7 +166,9 @@ def _assemble(name: str, sizes: tuple[int, int, int], forward_only: bool, comput
                     ran.append(action)
                     pointers[rank] += 1
         if not ran:
-            stuck = ", ".join(f"rank {r}: {c[i]}" for r, (i, c) in enumerate(zip(pointers, computes)) if i < len(c))
+            stuck = ", ".join(
+                f"rank {r}: {c[i]}" for r, (i, c) in enumerate(zip(pointers, computes, strict=True)) if c[i:]
+            )
             raise ScheduleError(f"{name}: no compute can run, each waits for an input never sent ({stuck})")
         arriving: list[Action] = []
         for action in ran:

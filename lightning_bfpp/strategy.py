@@ -50,8 +50,8 @@ from lightning_bfpp.schedule import (
     check_micro_batch_groups,
 )
 from lightning_bfpp.sharding import FSDP_MODES, SHARDING_MODES, ShardedStages, StageGradientReducer
-from lightning_bfpp.stream_order import validate_stream_order
 from lightning_bfpp.strategy_checkpoints import ShardedCheckpoints
+from lightning_bfpp.stream_order import validate_stream_order
 from lightning_bfpp.tied import TiedGradients, check_ties_sharding, dedupe_stage_parameters, module_ties, set_aliases
 from lightning_bfpp.timeline import wall_clock, write_timeline
 from lightning_bfpp.weight_grad import WEIGHT_GRADIENTS, WeightGradientBatcher

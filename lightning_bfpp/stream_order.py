@@ -203,7 +203,11 @@ def check_stream_order(schedule: Schedule, *, streams: Streams = "rank", batched
 
 
 def _hang_report(
-    ranks: list[_Rank], queues: dict[tuple[int, int], deque[_Unit]], mismatches: list[str], per_pair: bool, batched: bool
+    ranks: list[_Rank],
+    queues: dict[tuple[int, int], deque[_Unit]],
+    mismatches: list[str],
+    per_pair: bool,
+    batched: bool,
 ) -> list[str]:
     how = "groups issued as batch_isend_irecv" if batched else "every transfer issued on its own"
     where = "one stream per pair of ranks" if per_pair else "one stream per rank"

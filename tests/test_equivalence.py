@@ -55,7 +55,12 @@ CASES = [
     pytest.param((2, 2, 1, 4), "depth_first", "uniform", "sgd", {"nccl": "pair"}, id="P2-L2-M4-df-nccl-streams"),
     pytest.param((4, 2, 1, 8), "breadth_first", "uniform", "adam", {"nccl": "rank"}, id="P4-L2-M8-bf-nccl-streams"),
     pytest.param(
-        (2, 1, 1, 4), "1f1b", "uniform", "adam", {"clip_val": 0.05, "clip_algorithm": "value", "nccl": "pair"}, id="P2-1f1b"
+        (2, 1, 1, 4),
+        "1f1b",
+        "uniform",
+        "adam",
+        {"clip_val": 0.05, "clip_algorithm": "value", "nccl": "pair"},
+        id="P2-1f1b",
     ),
 ]
 

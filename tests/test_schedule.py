@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import replace
 
@@ -319,9 +320,9 @@ def test_no_built_in_schedule_can_hang_on_nccl(p: int) -> None:
 def test_no_schedule_can_hang_on_nccl_with_sharded_parameters() -> None:
     from lightning_bfpp.gathering import add_parameter_gathering
 
-    for name, p, spr, m in [("breadth_first", 4, 2, 8), ("depth_first", 4, 2, 8), ("1f1b", 4, 1, 8), ("gpipe", 3, 1, 5)]:
-        for reshard_after_forward in (True, False):
-            validate_stream_order(add_parameter_gathering(build_schedule(name, p, spr, m), reshard_after_forward=reshard_after_forward))
+    layouts = [("breadth_first", 4, 2, 8), ("depth_first", 4, 2, 8), ("1f1b", 4, 1, 8), ("gpipe", 3, 1, 5)]
+    for (name, p, spr, m), zero3 in itertools.product(layouts, (True, False)):
+        validate_stream_order(add_parameter_gathering(build_schedule(name, p, spr, m), reshard_after_forward=zero3))
     grouped = build_schedule("breadth_first", 4, 2, 8, breadth_first_micro_batches=2)
     validate_stream_order(add_parameter_gathering(grouped))
 
@@ -350,8 +351,10 @@ def test_the_earlier_single_operation_order_hangs_on_nccl(streams: str) -> None:
 def test_receives_out_of_send_order_are_rejected_for_nccl() -> None:
     swapped = make(["F0.0 SA0.0 F0.1 SA0.1", "RA1.1 RA1.0 F1.0 F1.1"], num_micro_batches=2, forward_only=True)
     validate_schedule(swapped)  # fine for gloo, which matches by tag
-    pairs = r"rank 0 sends the input of stage 1, micro-batch 0 .* while rank 1 receives the input of stage 1, micro-batch 1"
-    with pytest.raises(ScheduleError, match=pairs + r" .*NCCL pairs them in issue order"):
+    pairs = (
+        r"rank 0 sends the input of stage 1, micro-batch 0 .* while rank 1 receives the input of stage 1, micro-batch 1"
+    )
+    with pytest.raises(ScheduleError, match=pairs + " .*NCCL pairs them in issue order"):
         validate_stream_order(swapped)
 
 
