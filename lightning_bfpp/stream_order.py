@@ -56,6 +56,12 @@ class _Unit:
     def pending_with(self, peer: int) -> bool:
         return bool(self.sends.get(peer)) or bool(self.recvs.get(peer))
 
+    def fresh(self) -> _Unit:
+        """A copy with none of its transfers done."""
+        sends = {peer: deque(messages) for peer, messages in self.sends.items()}
+        recvs = {peer: deque(messages) for peer, messages in self.recvs.items()}
+        return _Unit(self.rank, self.actions, self.computes_before, sends, recvs, self.left)
+
     @property
     def label(self) -> str:
         return " ".join(map(str, self.actions)) if self.actions else "(shapes)"
@@ -134,7 +140,34 @@ def _rank_items(schedule: Schedule, rank: int, batched: bool) -> list[tuple[str,
     return items
 
 
-def check_stream_order(schedule: Schedule, *, streams: Streams = "rank", batched: bool = True) -> None:
+def _fresh(items: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """``items`` with fresh units (a header unit and the host wait for it share one)."""
+    copies: dict[int, _Unit] = {}
+
+    def fresh(unit: _Unit | None) -> _Unit | None:
+        if unit is None:
+            return None
+        if id(unit) not in copies:
+            copies[id(unit)] = unit.fresh()
+        return copies[id(unit)]
+
+    out: list[tuple[str, object]] = []
+    for kind, item in items:
+        if kind == "compute":
+            action, unit = item  # type: ignore[misc]
+            out.append((kind, (action, fresh(unit))))
+        else:
+            out.append((kind, fresh(item)))  # type: ignore[arg-type]
+    return out
+
+
+def check_stream_order(
+    schedule: Schedule,
+    *,
+    streams: Streams = "rank",
+    batched: bool = True,
+    _items: list[list[tuple[str, object]]] | None = None,
+) -> None:
     """Runs the model (see the module docstring); raises :class:`~lightning_bfpp.schedule.ScheduleError` naming the
     blocked ranks and transfers if NCCL could hang or pair the wrong messages.
 
@@ -145,7 +178,9 @@ def check_stream_order(schedule: Schedule, *, streams: Streams = "rank", batched
             every send and receive is issued on its own.
     """
     size = schedule.pipeline_size
-    ranks = [_Rank(_rank_items(schedule, r, batched)) for r in range(size)]
+    if _items is None:
+        _items = [_rank_items(schedule, r, batched) for r in range(size)]
+    ranks = [_Rank(_fresh(items)) for items in _items]
     per_pair = streams == "pair"
     queues: dict[tuple[int, int], deque[_Unit]] = {}  # (rank, peer), or (rank, -1) for one stream per rank
     neighbours = [sorted({(r - 1) % size, (r + 1) % size} - {r}) for r in range(size)]
@@ -235,5 +270,6 @@ def validate_stream_order(schedule: Schedule) -> None:
     """Checks that the executor's transfers (groups issued as ``batch_isend_irecv``) cannot hang on NCCL, with one
     stream per pair of ranks and with one stream per rank; raises :class:`~lightning_bfpp.schedule.ScheduleError`
     naming the blocked ranks and transfers."""
+    items = [_rank_items(schedule, r, batched=True) for r in range(schedule.pipeline_size)]
     for streams in ("rank", "pair"):
-        check_stream_order(schedule, streams=streams, batched=True)  # type: ignore[arg-type]
+        check_stream_order(schedule, streams=streams, batched=True, _items=items)  # type: ignore[arg-type]
