@@ -193,10 +193,10 @@ def _matching_recv(send: Action) -> Action:
 
 
 def _with_early_receives(schedule: Schedule) -> Schedule:
-    """``schedule``'s computes with the communication order of earlier versions: each receive posted one compute
-    early (before the compute that precedes its consumer, but a RECV_GRAD not before its FORWARD), each send right
-    after its compute. Issued as single operations this order deadlocks on NCCL for 1F1B and interleaved 1F1B;
-    kept so that tests can show the NCCL stream check rejecting it."""
+    """``schedule``'s computes with the communication order earlier versions used for depth_first and 1f1b: each
+    receive posted one compute early (before the compute that precedes its consumer, but a RECV_GRAD not before its
+    FORWARD), each send right after its compute. Issued as single operations this order deadlocks on NCCL for 1F1B
+    and interleaved 1F1B; kept so that tests can show the NCCL stream check rejecting it."""
     num_stages, pipeline_size = schedule.num_stages, schedule.pipeline_size
     ranks = []
     for actions in schedule.actions:

@@ -5,7 +5,7 @@ per pair of ranks for single ``isend``/``irecv`` calls, and, for ``batch_isend_i
 group. The model follows the executor and these rules:
 
 - A rank issues its actions in order without waiting, except for the shapes (header) of a stage boundary, which it
-  reads on the host before it issues the group that holds the boundary's first receive.
+  reads on the host at the boundary's first receive.
 - Each communication group (:func:`lightning_bfpp.schedule.communication_groups`) is one unit on the stream: its
   transfers are posted at once and the unit ends when all of them are done. Issued as single operations, each
   transfer is a unit of its own. The sender adds the header of a boundary right before its first activation; the
