@@ -22,7 +22,7 @@ from lightning_bfpp.p2p import (
     TensorMeta,
     check_stage_outputs,
 )
-from lightning_bfpp.schedule import Action, ActionKind, Schedule
+from lightning_bfpp.schedule import Action, ActionKind, Schedule, communication_groups
 from lightning_bfpp.timeline import TimedEvent
 
 StageIO = Tensor | tuple[Tensor, ...]
@@ -71,14 +71,12 @@ class StepState:
     input_grads: dict[tuple[int, int], list[Tensor]] = field(default_factory=dict)
     act_recvs: dict[tuple[int, int], PendingRecv] = field(default_factory=dict)
     grad_recvs: dict[tuple[int, int], PendingRecv] = field(default_factory=dict)
-    header_recvs: dict[int, PendingRecv] = field(default_factory=dict)
     input_metas: dict[int, StageIOMeta] = field(default_factory=dict)
-    unposted: dict[int, list[int]] = field(default_factory=dict)
     sent_metas: dict[int, StageIOMeta] = field(default_factory=dict)
 
     def leftovers(self) -> list[str]:
         """Tensors or receives that a complete step should have consumed: activations, gradients, pending recvs."""
-        names = ("inputs", "outputs", "output_grads", "input_grads", "act_recvs", "grad_recvs", "unposted")
+        names = ("inputs", "outputs", "output_grads", "input_grads", "act_recvs", "grad_recvs")
         return [f"{name}{sorted(getattr(self, name))}" for name in names if getattr(self, name)]
 
 
@@ -121,12 +119,12 @@ class PipelineExecutor:
     Arguments:
         schedule: the validated global schedule.
         rank: this process's pipeline rank.
-        link: the point-to-point link to the other pipeline ranks (None when ``pipeline_size == 1``).
+        link: the point-to-point link to the other pipeline ranks (None when ``pipeline_size == 1``). Each
+            communication group of the schedule (:func:`~lightning_bfpp.schedule.communication_groups`) is issued as
+            one batch; at the first receive of a boundary, the transfers of the group before it are issued, and the
+            boundary's shapes received on their own, first.
         data_parallel: what the data-parallel mode does at the schedule's GATHER, RESHARD and REDUCE_GRAD actions and
             around each backward (see :class:`DataParallelHooks`); None when there is nothing to do.
-        ordered_recvs: post every receive at its place in the schedule, waiting for a boundary's shapes at its first
-            receive (NCCL matches messages in issue order); otherwise receives whose shapes are not known yet are
-            posted when the stage first needs them (gloo matches by tag).
         weight_gradients: deferred weight gradients, flushed after the last backward of each run of a stage's
             backwards, once its input gradient is sent (right before the rank's next compute or gradient reduction).
     """
@@ -137,14 +135,12 @@ class PipelineExecutor:
         rank: int,
         link: PeerLink | None,
         data_parallel: DataParallelHooks | None = None,
-        ordered_recvs: bool = False,
         weight_gradients: DeferredWeightGradients | None = None,
     ) -> None:
         self.schedule = schedule
         self.rank = rank
         self.link = link
         self.data_parallel = data_parallel
-        self.ordered_recvs = ordered_recvs
         self.weight_gradients = weight_gradients
         self.events: list[TimedEvent] | None = None  # set to a list to record when each action runs
         self.actions: tuple[Action, ...] = schedule.actions[rank]
@@ -165,12 +161,16 @@ class PipelineExecutor:
         # what run() does, in order, built once: (function, argument, timeline label, timeline category)
         self._program: list[tuple[Callable[[Any], None], Any, str, str]] = []
         flushes = _weight_gradient_flushes(self.actions) if weight_gradients is not None else {}
+        group_ends = {group[-1]: group for group in communication_groups(self.actions)}
         for i, action in enumerate((*self.actions, None)):
             if i in flushes:
                 assert weight_gradients is not None
                 self._program.append((weight_gradients.flush, flushes[i], f"W{flushes[i]}", "backward"))
             if action is not None:
                 self._program.append((self._handlers[action.kind], action, str(action), action.kind.name.lower()))
+            if i in group_ends:  # the group's transfers were added to the link's batch: start them together
+                label = "issue " + " ".join(str(self.actions[j]) for j in group_ends[i])
+                self._program.append((self._issue, None, label, "issue"))
 
     def run(
         self,
@@ -205,6 +205,8 @@ class PipelineExecutor:
         finally:
             if not completed and self.weight_gradients is not None:
                 self.weight_gradients.discard()
+            if not completed and self.link is not None:
+                self.link.discard()
             self._state = StepState()
             self._forward_fn = self._last_fn = None  # type: ignore[assignment]
             self._before_first_backward = None
@@ -220,40 +222,28 @@ class PipelineExecutor:
     def _peer(self, stage: int) -> int:
         return self.schedule.rank_of(stage)
 
+    def _issue(self, _: None) -> None:
+        assert self.link is not None
+        self.link.issue()
+
     # forward ---------------------------------------------------------------------------------------------------
     def _recv_act(self, action: Action) -> None:
-        state, stage = self._state, action.stage
+        state, stage, m = self._state, action.stage, action.micro_batch
         assert self.link is not None
-        if stage not in state.header_recvs:
-            state.header_recvs[stage] = self.link.recv_header(stage, self._peer(stage - 1))
-            if self.ordered_recvs:
-                self._learn_input_meta(stage)
-        if stage in state.input_metas:
-            self._post_act_recv(stage, action.micro_batch)
-        else:
-            state.unposted.setdefault(stage, []).append(action.micro_batch)
-
-    def _post_act_recv(self, stage: int, micro_batch: int) -> None:
-        assert self.link is not None
-        meta = self._state.input_metas[stage]
-        self._state.act_recvs[(stage, micro_batch)] = self.link.recv(
-            meta.tensors, KIND_ACT, stage, micro_batch, self._peer(stage - 1)
-        )
-
-    def _learn_input_meta(self, stage: int) -> None:
-        """Waits for the header of ``stage``'s input boundary, then posts the receives it held back."""
-        state = self._state
-        state.input_metas[stage] = StageIOMeta.decode(self._wait(state.header_recvs[stage], f"header {stage}")[0])
-        for m in state.unposted.pop(stage, []):
-            self._post_act_recv(stage, m)
+        peer = self._peer(stage - 1)
+        if stage not in state.input_metas:  # the boundary's first receive: the group so far, then the shapes
+            self.link.issue()
+            start = time.perf_counter()
+            state.input_metas[stage] = self.link.recv_header(stage, peer)
+            if self.events is not None:
+                self.events.append(TimedEvent(f"header {stage}", "wait", start, time.perf_counter()))
+        state.act_recvs[(stage, m)] = self.link.recv(state.input_metas[stage].tensors, KIND_ACT, stage, m, peer)
 
     def _take_input(self, stage: int, micro_batch: int) -> StageIO | None:
         state, key = self._state, (stage, micro_batch)
         if stage == 0:
             return None
         if key not in state.inputs:  # not handed over locally: wait for the message
-            if stage not in state.input_metas:
-                self._learn_input_meta(stage)
             state.inputs[key] = _as_leaves(self._wait(state.act_recvs.pop(key), f"wait act {stage}.{micro_batch}"))
             state.input_is_tuple[key] = state.input_metas[stage].is_tuple
         tensors = state.inputs[key]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -89,46 +90,97 @@ def check_stage_outputs(outputs: object, stage: int) -> None:
 
 
 class PeerLink:
-    """Non-blocking sends and receives to the pipeline neighbours of one rank, with unique tags per message."""
+    """Sends and receives to the pipeline neighbours of one rank, with unique tags per message.
+
+    :meth:`send` and :meth:`recv` add transfers to a batch, which :meth:`issue` starts as one ``batch_isend_irecv``
+    (on NCCL the transfers between two ranks run in issue order, and a batch is posted at once; gloo matches by tag).
+    """
+
+    emulates_nccl: ClassVar[bool] = False
+    """True for a link that runs transfers over gloo in NCCL's order (see the test suite)."""
 
     def __init__(self, group: dist.ProcessGroup, num_micro_batches: int, device: torch.device) -> None:
         self.group = group
         self.num_micro_batches = num_micro_batches
         self.device = device
         self._global_ranks = [dist.get_global_rank(group, r) for r in range(dist.get_world_size(group))]
-        self._pending_sends: list[tuple[dist.Work, Tensor, tuple[int, int, int], int]] = []
+        self._pending_sends: list[tuple[dist.Work, tuple[int, int, int], int]] = []
+        self._send_buffers: list[Tensor] = []  # kept alive until wait_sends
+        self._ops: list[dist.P2POp] = []
+        self._batch_sends: list[tuple[int, int, tuple[int, int, int], int]] = []  # (first op, end op, message, peer)
+        self._batch_recvs: list[tuple[int, int, PendingRecv]] = []
 
     def _tag(self, kind: int, stage: int, micro_batch: int, index: int) -> int:
         return ((stage * self.num_micro_batches + micro_batch) * 3 + kind) * MAX_TENSORS + index
 
     def send(self, tensors: Sequence[Tensor], kind: int, stage: int, micro_batch: int, peer: int) -> None:
-        """Starts sending ``tensors``; the buffers are kept alive until :meth:`wait_sends`."""
+        """Adds the sending of ``tensors`` to the batch; the buffers are kept alive until :meth:`wait_sends`."""
+        first = len(self._ops)
         for index, tensor in enumerate(tensors):
             buffer = tensor.detach().contiguous()
             tag = self._tag(kind, stage, micro_batch, index)
-            work = dist.isend(buffer, self._global_ranks[peer], group=self.group, tag=tag)
-            self._pending_sends.append((work, buffer, (kind, stage, micro_batch), self._global_ranks[peer]))
+            self._ops.append(dist.P2POp(dist.isend, buffer, self._global_ranks[peer], self.group, tag))
+            self._send_buffers.append(buffer)
+        self._batch_sends.append((first, len(self._ops), (kind, stage, micro_batch), self._global_ranks[peer]))
 
     def recv(self, metas: Sequence[TensorMeta], kind: int, stage: int, micro_batch: int, peer: int) -> PendingRecv:
-        """Posts the receives of one message; :meth:`PendingRecv.wait` returns the tensors."""
-        works, buffers = [], []
+        """Adds the receives of one message to the batch; :meth:`PendingRecv.wait`, after :meth:`issue`, returns
+        the tensors."""
+        first, buffers = len(self._ops), []
         for index, meta in enumerate(metas):
             buffer = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
             tag = self._tag(kind, stage, micro_batch, index)
-            works.append(dist.irecv(buffer, self._global_ranks[peer], group=self.group, tag=tag))
+            self._ops.append(dist.P2POp(dist.irecv, buffer, self._global_ranks[peer], self.group, tag))
             buffers.append(buffer)
-        return PendingRecv(works, buffers, (kind, stage, micro_batch), self._global_ranks[peer])
+        pending = PendingRecv([], buffers, (kind, stage, micro_batch), self._global_ranks[peer])
+        self._batch_recvs.append((first, len(self._ops), pending))
+        return pending
+
+    def issue(self) -> None:
+        """Starts the batch of transfers added since the last call, as one group."""
+        if not self._ops:
+            return
+        works = self._start(self._ops)
+        per_op = len(works) == len(self._ops)  # gloo: one work per transfer; NCCL: one for the whole group
+
+        def works_of(first: int, end: int) -> list[dist.Work]:
+            return works[first:end] if per_op else works
+
+        for first, end, message, peer in self._batch_sends:
+            self._pending_sends += [(work, message, peer) for work in works_of(first, end)]
+        for first, end, pending in self._batch_recvs:
+            pending.works = works_of(first, end)
+        self._ops, self._batch_sends, self._batch_recvs = [], [], []
+
+    def _start(self, ops: list[dist.P2POp]) -> list[dist.Work]:
+        return dist.batch_isend_irecv(ops)
 
     def send_header(self, meta: StageIOMeta, stage: int, peer: int) -> None:
+        """Adds the header of ``stage``'s input boundary to the batch."""
         self.send([meta.encode(self.device)], KIND_HEADER, stage, 0, peer)
 
-    def recv_header(self, stage: int, peer: int) -> PendingRecv:
-        return self.recv([TensorMeta(torch.int64, (HEADER_LEN,))], KIND_HEADER, stage, 0, peer)
+    def recv_header(self, stage: int, peer: int) -> StageIOMeta:
+        """Receives the header of ``stage``'s input boundary on its own, before the batch being built."""
+        ops, sends, recvs = self._ops, self._batch_sends, self._batch_recvs
+        self._ops, self._batch_sends, self._batch_recvs = [], [], []
+        try:
+            pending = self.recv([TensorMeta(torch.int64, (HEADER_LEN,))], KIND_HEADER, stage, 0, peer)
+            self.issue()
+        finally:
+            self._ops, self._batch_sends, self._batch_recvs = ops, sends, recvs
+        return StageIOMeta.decode(pending.wait()[0])
+
+    def discard(self) -> None:
+        """Forgets the transfers of a failed step: the batch being built and the sends not waited for."""
+        self._ops, self._batch_sends, self._batch_recvs = [], [], []
+        self._pending_sends.clear()
+        self._send_buffers.clear()
 
     def wait_sends(self) -> None:
-        for work, _, message, peer in self._pending_sends:
+        for work, message, peer in self._pending_sends:
             _wait(work, "sending", message, peer)
         self._pending_sends.clear()
+        self._send_buffers.clear()
 
 
 class PendingRecv:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 
@@ -53,6 +53,23 @@ class Action:
 
 PARAMETER_KINDS = frozenset({ActionKind.GATHER, ActionKind.RESHARD})
 """Actions that move parameters, not activations: present only with sharded parameters."""
+
+COMMUNICATION_KINDS = frozenset({ActionKind.RECV_ACT, ActionKind.SEND_ACT, ActionKind.RECV_GRAD, ActionKind.SEND_GRAD})
+"""Point-to-point actions between pipeline ranks."""
+
+
+def communication_groups(actions: Sequence[Action]) -> list[tuple[int, ...]]:
+    """The positions of each communication group in a rank's ``actions``: a maximal run of consecutive
+    point-to-point actions, which the executor issues together as one ``batch_isend_irecv``."""
+    groups: list[tuple[int, ...]] = []
+    for i, action in enumerate(actions):
+        if action.kind not in COMMUNICATION_KINDS:
+            continue
+        if groups and groups[-1][-1] == i - 1:
+            groups[-1] = (*groups[-1], i)
+        else:
+            groups.append((i,))
+    return groups
 
 
 class ScheduleError(ValueError):
@@ -124,31 +141,71 @@ def _sends_for(action: Action, num_stages: int, pipeline_size: int) -> list[Acti
     return []
 
 
-def _assemble(
-    name: str, sizes: tuple[int, int, int], forward_only: bool, computes: list[list[Action]], *, grouped_recvs: bool
-) -> Schedule:
-    """Adds sends, receives and REDUCE_GRAD around each rank's compute order.
+def _assemble(name: str, sizes: tuple[int, int, int], forward_only: bool, computes: list[list[Action]]) -> Schedule:
+    """Adds sends, receives and REDUCE_GRAD around each rank's compute order, in lock-step.
 
-    Every send directly follows its compute, and REDUCE_GRAD(s) directly follows the last BACKWARD of s (and its
-    SEND_GRAD). With ``grouped_recvs`` all receives of a run (consecutive computes of one stage and direction) are
-    posted together right before the run's first compute. Otherwise each receive is posted one compute early (before
-    the compute that precedes its consumer), so the transfer overlaps that compute; a RECV_GRAD never moves before the
-    FORWARD of the same stage and micro-batch, because its buffers take the shapes of that forward's outputs.
+    The ranks run their computes in time steps, each compute as soon as its input was sent in an earlier step. After
+    the compute of a step (or nothing, when the rank waits) comes one communication group (see
+    :func:`communication_groups`): the compute's sends and the receives of every message sent to the rank in that
+    step. So every message is received in the group of the step it is sent in, and between any two ranks both sides
+    issue the same messages in the same order, which NCCL needs: it runs the transfers between two ranks in issue
+    order, a receive holding the stream until its data arrives and a send until the peer's receive runs (see
+    :mod:`lightning_bfpp.stream_order`). REDUCE_GRAD(s) follows the group of the last BACKWARD of s.
     """
     pipeline_size, stages_per_rank, num_micro_batches = sizes
     num_stages = pipeline_size * stages_per_rank
+    last_backward = [{a.stage: a for a in compute if a.kind is _B} for compute in computes]
+    ranks: list[list[Action]] = [[] for _ in computes]
+    pointers, sent = [0] * len(computes), set()
+    while any(i < len(compute) for i, compute in zip(pointers, computes, strict=True)):
+        ran = []
+        for rank, compute in enumerate(computes):
+            if pointers[rank] < len(compute):
+                action = compute[pointers[rank]]
+                if all(recv in sent for recv in _recvs_for(action, num_stages, pipeline_size)):
+                    ran.append(action)
+                    pointers[rank] += 1
+        if not ran:
+            stuck = ", ".join(
+                f"rank {r}: {c[i]}" for r, (i, c) in enumerate(zip(pointers, computes, strict=True)) if c[i:]
+            )
+            raise ScheduleError(f"{name}: no compute can run, each waits for an input never sent ({stuck})")
+        arriving: list[Action] = []
+        for action in ran:
+            sends = _sends_for(action, num_stages, pipeline_size)
+            ranks[stage_rank(action.stage, pipeline_size)] += [action, *sends]
+            arriving += [_matching_recv(send) for send in sends]
+        for recv in sorted(arriving, key=lambda a: (a.kind.value, a.stage, a.micro_batch)):
+            ranks[stage_rank(recv.stage, pipeline_size)].append(recv)
+        sent.update(arriving)
+        for action in ran:
+            if action.kind is _B and last_backward[stage_rank(action.stage, pipeline_size)][action.stage] == action:
+                ranks[stage_rank(action.stage, pipeline_size)].append(Action(_RD, action.stage))
+    actions = tuple(tuple(r) for r in ranks)
+    return Schedule(name, pipeline_size, stages_per_rank, num_micro_batches, forward_only, actions)
+
+
+def _matching_recv(send: Action) -> Action:
+    """The receive of the message ``send`` sends."""
+    if send.kind is _SA:
+        return Action(_RA, send.stage + 1, send.micro_batch)
+    return Action(_RG, send.stage - 1, send.micro_batch)
+
+
+def _with_early_receives(schedule: Schedule) -> Schedule:
+    """``schedule``'s computes with the communication order earlier versions used for depth_first and 1f1b: each
+    receive posted one compute early (before the compute that precedes its consumer, but a RECV_GRAD not before its
+    FORWARD), each send right after its compute. Issued as single operations this order deadlocks on NCCL for 1F1B
+    and interleaved 1F1B; kept so that tests can show the NCCL stream check rejecting it."""
+    num_stages, pipeline_size = schedule.num_stages, schedule.pipeline_size
     ranks = []
-    for compute in computes:
+    for actions in schedule.actions:
+        compute = [a for a in actions if a.kind in (_F, _B)]
         last_backward = {a.stage: i for i, a in enumerate(compute) if a.kind is _B}
-        out: list[Action] = [] if grouped_recvs or not compute else _recvs_for(compute[0], num_stages, pipeline_size)
+        out: list[Action] = _recvs_for(compute[0], num_stages, pipeline_size) if compute else []
         for i, action in enumerate(compute):
             late: list[Action] = []
-            if grouped_recvs and (i == 0 or (compute[i - 1].kind, compute[i - 1].stage) != (action.kind, action.stage)):
-                run = i
-                while run < len(compute) and (compute[run].kind, compute[run].stage) == (action.kind, action.stage):
-                    out += _recvs_for(compute[run], num_stages, pipeline_size)
-                    run += 1
-            elif not grouped_recvs and i + 1 < len(compute):
+            if i + 1 < len(compute):
                 after = compute[i + 1]
                 if after.kind is _B and (after.stage, after.micro_batch) == (action.stage, action.micro_batch):
                     late = _recvs_for(after, num_stages, pipeline_size)  # must follow its own forward
@@ -160,7 +217,7 @@ def _assemble(
                 out.append(Action(_RD, action.stage))
             out += late
         ranks.append(tuple(out))
-    return Schedule(name, pipeline_size, stages_per_rank, num_micro_batches, forward_only, tuple(ranks))
+    return replace(schedule, actions=tuple(ranks))
 
 
 def _breadth_first_computes(
@@ -222,7 +279,7 @@ def breadth_first(
     check_micro_batch_groups("breadth_first", num_micro_batches, breadth_first_micro_batches)
     sizes = (pipeline_size, stages_per_rank, num_micro_batches)
     computes = _breadth_first_computes(*sizes, forward_only, breadth_first_micro_batches)
-    return _assemble("breadth_first", sizes, forward_only, computes, grouped_recvs=True)
+    return _assemble("breadth_first", sizes, forward_only, computes)
 
 
 def gpipe(pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, forward_only: bool = False) -> Schedule:
@@ -234,7 +291,7 @@ def gpipe(pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, f
             f"looped stages (got stages_per_rank={stages_per_rank})"
         )
     sizes = (pipeline_size, stages_per_rank, num_micro_batches)
-    return _assemble("gpipe", sizes, forward_only, _breadth_first_computes(*sizes, forward_only), grouped_recvs=True)
+    return _assemble("gpipe", sizes, forward_only, _breadth_first_computes(*sizes, forward_only))
 
 
 def _interleaved_computes(pipeline_size: int, stages_per_rank: int, num_micro_batches: int) -> list[list[Action]]:
@@ -275,7 +332,7 @@ def depth_first(
     _check_sizes(pipeline_size, stages_per_rank, num_micro_batches)
     sizes = (pipeline_size, stages_per_rank, num_micro_batches)
     if forward_only:
-        return _assemble("depth_first", sizes, True, _breadth_first_computes(*sizes, True), grouped_recvs=True)
+        return _assemble("depth_first", sizes, True, _breadth_first_computes(*sizes, True))
     if stages_per_rank > 1 and num_micro_batches % pipeline_size:
         lower = num_micro_batches // pipeline_size * pipeline_size
         valid = " or ".join(str(m) for m in (lower, lower + pipeline_size) if m > 0)
@@ -284,7 +341,7 @@ def depth_first(
             f"pipeline_size={pipeline_size}, got {num_micro_batches}; use num_micro_batches={valid}, or "
             "schedule='breadth_first', which accepts any number of micro-batches"
         )
-    return _assemble("depth_first", sizes, False, _interleaved_computes(*sizes), grouped_recvs=False)
+    return _assemble("depth_first", sizes, False, _interleaved_computes(*sizes))
 
 
 def one_f_one_b(
@@ -459,24 +516,23 @@ def _first_of(actions: Iterable[Action], kind: ActionKind) -> dict[int, Action]:
     return first
 
 
-def simulate_order(schedule: Schedule, *, ordered_recvs: bool = False) -> list[tuple[int, Action]]:
+def simulate_order(schedule: Schedule) -> list[tuple[int, Action]]:
     """Executes all ranks round-robin and returns the global order ``(rank, action)``; raises on deadlock.
 
     Sends and receive-posts never block. FORWARD(s, m) waits for SEND_ACT(s-1, m) (or FORWARD(s-1, m) on the same
     rank), and the first FORWARD of a stage also for the first SEND_ACT of its input boundary, which carries the
-    shapes. BACKWARD(s, m) waits for SEND_GRAD(s+1, m) (or BACKWARD(s+1, m) on the same rank). With
-    ``ordered_recvs`` (NCCL, which matches messages in order rather than by tag), the first RECV_ACT of a stage
-    already waits for the shapes, so that every receive is posted in schedule order.
+    shapes. BACKWARD(s, m) waits for SEND_GRAD(s+1, m) (or BACKWARD(s+1, m) on the same rank). The first RECV_ACT
+    of a stage waits for the shapes, which the executor reads before it posts the receive.
     """
     all_actions = [a for actions in schedule.actions for a in actions]
     first_send, first_forward = _first_of(all_actions, _SA), set(_first_of(all_actions, _F).values())
-    first_recv = set(_first_of(all_actions, _RA).values()) if ordered_recvs else set()
+    first_recv = set(_first_of(all_actions, _RA).values())
     last = schedule.num_stages - 1
 
     def needs(action: Action) -> list[Action]:
         s, m = action.stage, action.micro_batch
         local = schedule.pipeline_size == 1
-        if action in first_recv:
+        if action in first_recv and s - 1 in first_send:
             return [first_send[s - 1]]
         if action.kind is _F and s > 0:
             deps = [Action(_F, s - 1, m)] if local else [Action(_SA, s - 1, m)]
@@ -529,34 +585,3 @@ def _message(action: Action) -> tuple[str, int, int] | None:
     if action.kind is _RG:
         return ("grad", action.stage + 1, action.micro_batch)
     return None
-
-
-def validate_in_order_matching(schedule: Schedule) -> None:
-    """Checks that, between every two ranks, receives are posted in the order of the sends.
-
-    NCCL ignores tags and matches the messages from one rank to another in the order they were issued; with gloo the
-    executor tags every message and any order works. Also checks freedom from deadlock when the first receive of a
-    stage waits for its shapes (see :func:`simulate_order`).
-    """
-    pipeline_size = schedule.pipeline_size
-    sent: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
-    posted: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
-    for actions in schedule.actions:
-        for action in actions:
-            message = _message(action)
-            if message is None:
-                continue
-            upstream, downstream = schedule.rank_of(message[1] - 1), schedule.rank_of(message[1])
-            src, dst = (upstream, downstream) if message[0] == "act" else (downstream, upstream)
-            book = sent if action.kind in (_SA, _SG) else posted
-            book.setdefault((src, dst), []).append(message)
-    problems = [
-        f"rank {dst} posts receives from rank {src} in the order {posted.get((src, dst))} but rank {src} sends "
-        f"{sent.get((src, dst))}"
-        for src in range(pipeline_size)
-        for dst in range(pipeline_size)
-        if sent.get((src, dst)) != posted.get((src, dst))
-    ]
-    if problems:
-        raise _fail(schedule, [*problems, "NCCL matches messages in order: use schedule='breadth_first'"])
-    simulate_order(schedule, ordered_recvs=True)

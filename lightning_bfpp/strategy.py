@@ -49,10 +49,10 @@ from lightning_bfpp.schedule import (
     Schedule,
     build_schedule,
     check_micro_batch_groups,
-    validate_in_order_matching,
 )
 from lightning_bfpp.sharding import FSDP_MODES, SHARDING_MODES, ShardedStages, StageGradientReducer
 from lightning_bfpp.strategy_checkpoints import ShardedCheckpoints
+from lightning_bfpp.stream_order import validate_stream_order
 from lightning_bfpp.tied import TiedGradients, check_ties_sharding, dedupe_stage_parameters, module_ties, set_aliases
 from lightning_bfpp.timeline import wall_clock, write_timeline
 from lightning_bfpp.weight_grad import WEIGHT_GRADIENTS, WeightGradientBatcher
@@ -197,7 +197,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         self._data_parallel: StageGradientReducer | ShardedStages | None = None
         self._tied: TiedGradients | None = None
         self._stage_layers_cache: dict[int, list[tuple[int, nn.Module]]] | None = None
-        self._ordered_recvs = False  # NCCL always posts receives in schedule order; tests force it on gloo
+        self._link_class: type[PeerLink] = PeerLink  # tests put an emulation of NCCL's ordering over gloo here
         self.nonfinite_loss = nonfinite_loss
         self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite_loss="skip")
         self._nonfinite: NonFiniteCheck | None = None
@@ -509,16 +509,16 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         key = (forward_only, micro_batches)
         if key not in self._executors:
             schedule = self._build_schedule(micro_batches, forward_only)
-            link = PeerLink(self.pp_group, micro_batches, self.root_device) if self.pipeline_parallel_size > 1 else None
-            ordered = self._ordered_recvs or self._process_group_backend == "nccl"
-            if ordered:
-                validate_in_order_matching(schedule)
+            link = None
+            if self.pipeline_parallel_size > 1:
+                link = self._link_class(self.pp_group, micro_batches, self.root_device)
+            if self._process_group_backend == "nccl" or self._link_class.emulates_nccl:
+                validate_stream_order(schedule)  # NCCL runs transfers in issue order: check the order cannot hang
             self._executors[key] = PipelineExecutor(
                 schedule,
                 self.pipeline_rank,
                 link,
                 self._data_parallel,
-                ordered_recvs=ordered,
                 weight_gradients=None if forward_only else self._weight_gradient_batcher,
             )
         return self._executors[key]

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from collective_count import ReductionLog, count_fsdp_collectives
 from models import MODELS, loader
+from nccl_streams import NcclStreamLink
 
 from lightning_bfpp import BFPPStrategy
 
@@ -176,7 +177,9 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         strategy = strategy_kwargs
     elif strategy_kwargs is not None:
         strategy = BFPPStrategy(timeout=timedelta(seconds=config.get("pg_timeout", 60)), **strategy_kwargs)
-        strategy._ordered_recvs = config.get("ordered_recvs", False)
+        streams = config.get("emulate_nccl_streams")  # "pair" or "rank": NCCL's transfer order, over gloo
+        if streams:
+            strategy._link_class = type("NcclStreams", (NcclStreamLink,), {"streams": streams})
         strategy.timeline_dir = config.get("timeline_dir")
     recorder = Recorder(config.get("record_initial", False))
     saved = SavedBytes() if config.get("count_saved_bytes") else None  # what the training steps keep for backward

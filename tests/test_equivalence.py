@@ -52,9 +52,16 @@ CASES = [
     pytest.param((2, 2, 1, 4), "depth_first", "uniform", "sgd", {"clip_val": 0.05}, id="P2-L2-M4-df-clip"),
     pytest.param((2, 2, 2, 4), "depth_first", "parameters", "adam", {"wide": True}, id="P2-L2-D2-df-params"),
     pytest.param((2, 1, 1, 4), "gpipe", "uniform", "sgd", {"accumulate": 2}, id="P2-gpipe-accum"),
-    pytest.param((2, 2, 1, 4), "depth_first", "uniform", "sgd", {"ordered": True}, id="P2-L2-M4-df-nccl-order"),
-    pytest.param((4, 2, 1, 8), "breadth_first", "uniform", "adam", {"ordered": True}, id="P4-L2-M8-bf-nccl-order"),
-    pytest.param((2, 1, 1, 3), "1f1b", "uniform", "adam", {"clip_val": 0.05, "clip_algorithm": "value"}, id="P2-1f1b"),
+    pytest.param((2, 2, 1, 4), "depth_first", "uniform", "sgd", {"nccl": "pair"}, id="P2-L2-M4-df-nccl-streams"),
+    pytest.param((4, 2, 1, 8), "breadth_first", "uniform", "adam", {"nccl": "rank"}, id="P4-L2-M8-bf-nccl-streams"),
+    pytest.param(
+        (2, 1, 1, 4),
+        "1f1b",
+        "uniform",
+        "adam",
+        {"clip_val": 0.05, "clip_algorithm": "value", "nccl": "pair"},
+        id="P2-1f1b",
+    ),
 ]
 
 
@@ -80,7 +87,7 @@ def test_pipelined_training_matches_one_process(run_job, layout, schedule, parti
         "accumulate": extra.get("accumulate", 1),
         "clip_val": extra.get("clip_val"),
         "clip_algorithm": extra.get("clip_algorithm", "norm"),
-        "ordered_recvs": extra.get("ordered", False),  # the receive order NCCL needs, exercised over gloo
+        "emulate_nccl_streams": extra.get("nccl"),  # NCCL's transfer order and rendezvous, emulated over gloo
     }
     result = run_job(config, timeout=180)
     assert_matches(result, config, D)

@@ -15,7 +15,7 @@ from lightning_bfpp.schedule import build_schedule
 from lightning_bfpp.simulate import CostModel, simulate
 
 
-def test_grouped_training_matches_one_process_with_in_order_receives(run_job) -> None:
+def test_grouped_training_matches_one_process_with_nccl_stream_order(run_job) -> None:
     config = {
         "devices": 2,
         "strategy": {
@@ -27,7 +27,7 @@ def test_grouped_training_matches_one_process_with_in_order_receives(run_job) ->
         "model": {"num_blocks": 4, "optimizer": "adam"},
         "batch_size": 8,
         "max_steps": 3,
-        "ordered_recvs": True,  # the receive order NCCL needs, exercised over gloo
+        "emulate_nccl_streams": "pair",  # NCCL's transfer order and rendezvous, emulated over gloo
     }
     assert_matches(run_job(config, timeout=150), config, 1)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import itertools
 import re
 from dataclasses import replace
 
@@ -13,16 +15,18 @@ from lightning_bfpp.schedule import (
     ActionKind,
     Schedule,
     ScheduleError,
+    _with_early_receives,
     breadth_first,
     build_schedule,
+    communication_groups,
     depth_first,
     gpipe,
     one_f_one_b,
     simulate_order,
     stage_rank,
-    validate_in_order_matching,
     validate_schedule,
 )
+from lightning_bfpp.stream_order import check_stream_order, validate_stream_order
 
 F, B, RD = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.REDUCE_GRAD
 COMM = {ActionKind.RECV_ACT, ActionKind.SEND_ACT, ActionKind.RECV_GRAD, ActionKind.SEND_GRAD}
@@ -126,19 +130,21 @@ def test_breadth_first_order(p: int, spr: int, m: int) -> None:
         forwards = [Action(F, s, mb) for s in stages for mb in range(m)]
         backwards = [Action(B, s, mb) for s in reversed(stages) for mb in range(m)]  # same micro-batch order
         assert computes(actions) == forwards + backwards
-        for s in stages:  # REDUCE_GRAD right after the last backward of its stage (and that backward's send)
+        for s in stages:  # REDUCE_GRAD right after the last backward of its stage and the communication after it
             i = actions.index(Action(B, s, m - 1))
-            follow = 2 if s > 0 and p > 1 else 1
-            assert actions[i + follow] == Action(RD, s)
-            if follow == 2:
+            reduce = actions.index(Action(RD, s))
+            assert reduce > i and all(a.kind in COMM for a in actions[i + 1 : reduce])
+            if s > 0 and p > 1:
                 assert actions[i + 1] == Action(ActionKind.SEND_GRAD, s, m - 1)
 
 
-def test_breadth_first_receives_are_grouped_before_first_use() -> None:
-    actions = build_schedule("breadth_first", 2, 2, 3).actions[1]
-    assert line(list(actions[:4])) == "RA1.0 RA1.1 RA1.2 F1.0"
-    i = actions.index(Action(B, 1, 0))
-    assert line(list(actions[i - 3 : i])) == "RG1.0 RG1.1 RG1.2"
+def test_breadth_first_receives_in_the_step_their_message_is_sent() -> None:
+    # rank 1 sends the input of stage 2 (micro-batch 0) after F1.0, which rank 0 receives after its own compute of
+    # that step (F0.1), and rank 0 sends F0.2's output while receiving the next message of rank 1 (one group)
+    schedule = build_schedule("breadth_first", 2, 2, 3)
+    assert line(list(schedule.actions[0][:9])) == "F0.0 SA0.0 F0.1 SA0.1 RA2.0 F0.2 SA0.2 RA2.1 F2.0"
+    assert line(list(schedule.actions[1][:7])) == "RA1.0 F1.0 SA1.0 RA1.1 F1.1 SA1.1 RA1.2"
+    assert communication_groups(schedule.actions[0])[:3] == [(1,), (3, 4), (6, 7)]
 
 
 # gpipe and 1f1b -----------------------------------------------------------------------------------------------------
@@ -165,11 +171,12 @@ def test_one_f_one_b_with_fewer_micro_batches_than_ranks() -> None:
     assert line(rank0) == "F0.0 F0.1 B0.0 B0.1"
 
 
-def test_one_f_one_b_posts_receives_one_compute_early() -> None:
-    actions = build_schedule("1f1b", 4, 1, 8).actions[1]
-    i = actions.index(Action(B, 1, 0))
-    assert Action(ActionKind.RECV_GRAD, 1, 0) in actions[i - 4 : i]  # posted before the preceding forward
-    assert actions.index(Action(ActionKind.RECV_GRAD, 1, 0)) > actions.index(Action(F, 1, 0))
+def test_one_f_one_b_sends_and_receives_together() -> None:
+    # each compute's send and the receive of the message the neighbour sends in the same step form one group
+    schedule = build_schedule("1f1b", 2, 1, 4)
+    assert line(list(schedule.actions[0][:6])) == "F0.0 SA0.0 F0.1 SA0.1 RG0.0 B0.0"
+    assert line(list(schedule.actions[1][:6])) == "RA1.0 F1.0 RA1.1 B1.0 SG1.0 F1.1"
+    assert communication_groups(schedule.actions[0])[:2] == [(1,), (3, 4)]
 
 
 def test_depth_first_with_one_stage_per_rank_is_one_f_one_b() -> None:
@@ -267,7 +274,7 @@ def test_rejects_deadlock() -> None:
     message = rejected(make(["F0.0 RG0.0 B0.0 SA0.0 RD0", GOOD_P2[1]]))
     assert "deadlock" in message
     assert "rank 0 is blocked at B0.0 (position 2), waiting for SG1.0 on rank 1" in message
-    assert "rank 1 is blocked at F1.0 (position 1), waiting for SA0.0 on rank 0" in message
+    assert "rank 1 is blocked at RA1.0 (position 0), waiting for SA0.0 on rank 0" in message  # for the shapes
 
 
 def test_rejects_deadlock_across_looped_stages() -> None:
@@ -275,7 +282,7 @@ def test_rejects_deadlock_across_looped_stages() -> None:
     rank0 = [a for a in good.actions[0] if a != Action(ActionKind.SEND_ACT, 0, 0)]
     rank0.insert(rank0.index(Action(ActionKind.SEND_ACT, 2, 0)) + 1, Action(ActionKind.SEND_ACT, 0, 0))
     message = rejected(replace(good, actions=(tuple(rank0), good.actions[1])))
-    assert "rank 0 is blocked at F2.0" in message and "waiting for SA1.0 on rank 1" in message
+    assert "rank 0 is blocked at RA2.0" in message and "waiting for SA1.0 on rank 1" in message  # for the shapes
 
 
 def test_order_independent_first_send_is_modelled() -> None:
@@ -285,23 +292,80 @@ def test_order_independent_first_send_is_modelled() -> None:
     assert order.index((0, "SA0.0")) < order.index((1, "F1.1"))
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULES))
-def test_receives_are_posted_in_send_order_for_nccl(name: str) -> None:
-    for P, L, M in [(2, 1, 4), (2, 2, 4), (4, 2, 8), (3, 1, 1), (4, 1, 8), (2, 3, 6)]:
-        if name in ("gpipe", "1f1b") and L > 1:
-            continue
-        validate_in_order_matching(build_schedule(name, P, L, M))
+# NCCL stream order (lightning_bfpp.stream_order) -------------------------------------------------------------------
+def _stream_grid() -> list[tuple[str, int, int, int, bool, int | None]]:
+    """Every built-in schedule on P in 2, 3, 4, 8, L in 1..4, M in 1..3P where it exists; breadth-first also in
+    every group size, and forward-only (the same order for every name, see test_forward_only_is_breadth_first;
+    evaluation does not group micro-batches)."""
+    grid = []
+    for p in (2, 3, 4, 8):
+        for spr in range(1, 5):
+            for m in range(1, 3 * p + 1):
+                grid += [("breadth_first", p, spr, m, False, g) for g in range(1, m + 1) if m % g == 0]
+                grid.append(("breadth_first", p, spr, m, True, None))
+                if spr == 1:
+                    grid += [("gpipe", p, 1, m, False, None), ("1f1b", p, 1, m, False, None)]
+                elif m % p == 0:
+                    grid.append(("depth_first", p, spr, m, False, None))
+    return grid
 
 
-def test_out_of_order_receives_are_rejected_for_nccl() -> None:
-    schedule = build_schedule("breadth_first", 2, 1, 2)
-    rank1 = list(schedule.actions[1])
-    i, j = rank1.index(Action(ActionKind.RECV_ACT, 1, 0)), rank1.index(Action(ActionKind.RECV_ACT, 1, 1))
-    rank1[i], rank1[j] = rank1[j], rank1[i]
-    swapped = replace(schedule, actions=(schedule.actions[0], tuple(rank1)))
+@pytest.fixture
+def few_garbage_collections():
+    """Keeps the cyclic garbage collector from rescanning everything imported (torch) while a test allocates a lot:
+    the grid below runs three times faster."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 8])
+def test_no_built_in_schedule_can_hang_on_nccl(p: int, few_garbage_collections: None) -> None:
+    for name, size, spr, m, forward_only, group in (case for case in _stream_grid() if case[1] == p):
+        groups = {} if group in (None, m) else {"breadth_first_micro_batches": group}
+        schedule = SCHEDULES[name](size, spr, m, forward_only=forward_only, **groups)
+        validate_stream_order(schedule)  # one stream per rank, then one per pair of ranks
+
+
+def test_no_schedule_can_hang_on_nccl_with_sharded_parameters() -> None:
+    from lightning_bfpp.gathering import add_parameter_gathering
+
+    layouts = [("breadth_first", 4, 2, 8), ("depth_first", 4, 2, 8), ("1f1b", 4, 1, 8), ("gpipe", 3, 1, 5)]
+    for (name, p, spr, m), zero3 in itertools.product(layouts, (True, False)):
+        validate_stream_order(add_parameter_gathering(build_schedule(name, p, spr, m), reshard_after_forward=zero3))
+    grouped = build_schedule("breadth_first", 4, 2, 8, breadth_first_micro_batches=2)
+    validate_stream_order(add_parameter_gathering(grouped))
+
+
+@pytest.mark.parametrize("streams", ["pair", "rank"])
+def test_the_earlier_single_operation_order_hangs_on_nccl(streams: str) -> None:
+    """Receives posted on their own one compute early: 1F1B's rank 1 waits for the activation of micro-batch 1
+    before it sends the gradient of micro-batch 0, which rank 0 waits for before it sends that activation."""
+    early = _with_early_receives(build_schedule("1f1b", 2, 1, 4))
+    validate_schedule(early)  # fine for gloo, which matches by tag
+    with pytest.raises(ScheduleError) as info:
+        check_stream_order(early, streams=streams, batched=False)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "NCCL could hang (every transfer issued on its own" in message
+    assert "rank 0 cannot run B0.0: it waits for the transfers of group RG0.0" in message
+    assert "rank 1 cannot run F1.1: it waits for the transfers of group RA1.1" in message
+    assert "yet to receive the gradient of the input of stage 1, micro-batch 0 from rank 1" in message
+    assert "yet to receive the input of stage 1, micro-batch 1 from rank 0" in message
+    interleaved = _with_early_receives(build_schedule("depth_first", 2, 2, 4))
+    with pytest.raises(ScheduleError, match="NCCL could hang"):
+        check_stream_order(interleaved, streams=streams, batched=False)  # type: ignore[arg-type]
+    with pytest.raises(ScheduleError, match="NCCL could hang"):  # batching alone does not save that order
+        check_stream_order(early, streams=streams)  # type: ignore[arg-type]
+
+
+def test_receives_out_of_send_order_are_rejected_for_nccl() -> None:
+    swapped = make(["F0.0 SA0.0 F0.1 SA0.1", "RA1.1 RA1.0 F1.0 F1.1"], num_micro_batches=2, forward_only=True)
     validate_schedule(swapped)  # fine for gloo, which matches by tag
-    with pytest.raises(ScheduleError, match="in the order"):
-        validate_in_order_matching(swapped)
+    pairs = (
+        r"rank 0 sends the input of stage 1, micro-batch 0 .* while rank 1 receives the input of stage 1, micro-batch 1"
+    )
+    with pytest.raises(ScheduleError, match=pairs + " .*NCCL pairs them in issue order"):
+        validate_stream_order(swapped)
 
 
 # memory-bounded breadth-first (groups of micro-batches) -------------------------------------------------------------
@@ -323,7 +387,7 @@ def live_activations(actions: tuple[Action, ...]) -> tuple[int, int]:
 @pytest.mark.parametrize("p,spr,m,g", GROUPED_GRID)
 def test_grouped_breadth_first_bounds_live_activations_by_the_group(p: int, spr: int, m: int, g: int) -> None:
     schedule = build_schedule("breadth_first", p, spr, m, breadth_first_micro_batches=g)
-    validate_in_order_matching(schedule)  # also deadlock-free when receives are posted in order (NCCL)
+    validate_stream_order(schedule)  # also on NCCL
     for rank, actions in enumerate(schedule.actions):
         stages = schedule.stages_of(rank)
         assert live_activations(actions) == (spr * g, g)  # plain breadth-first: (spr * m, m)
@@ -333,10 +397,10 @@ def test_grouped_breadth_first_bounds_live_activations_by_the_group(p: int, spr:
             expected += [Action(F, s, mb) for s in stages for mb in group]
             expected += [Action(B, s, mb) for s in reversed(stages) for mb in group]
         assert computes(actions) == expected
-        for s in stages:  # one reduction per stage, right after its last backward (of the last group) and its send
+        for s in stages:  # one reduction per stage, right after its last backward (of the last group) and its group
             reduce = actions.index(Action(RD, s))
-            assert reduce > max(i for i, a in enumerate(actions) if a.kind is B and a.stage == s)
-            assert actions[reduce - 1] in (Action(B, s, m - 1), Action(ActionKind.SEND_GRAD, s, m - 1))
+            i = actions.index(Action(B, s, m - 1))
+            assert reduce > i and all(a.kind in COMM for a in actions[i + 1 : reduce])
 
 
 @pytest.mark.parametrize("p,spr,m", LOOPED_GRID)
@@ -350,7 +414,7 @@ def test_one_group_of_all_micro_batches_is_plain_breadth_first(p: int, spr: int,
 
 def test_grouped_receives_are_posted_per_group() -> None:
     actions = line(list(build_schedule("breadth_first", 2, 1, 4, breadth_first_micro_batches=2).actions[1]))
-    assert actions == "RA1.0 RA1.1 F1.0 F1.1 B1.0 SG1.0 B1.1 SG1.1 RA1.2 RA1.3 F1.2 F1.3 B1.2 SG1.2 B1.3 SG1.3 RD1"
+    assert actions == "RA1.0 F1.0 RA1.1 F1.1 B1.0 SG1.0 B1.1 SG1.1 RA1.2 F1.2 RA1.3 F1.3 B1.2 SG1.2 B1.3 SG1.3 RD1"
 
 
 def test_group_size_errors_list_the_valid_sizes() -> None:

@@ -71,10 +71,12 @@ def test_one_f_one_b_peak_memory_and_time(pipeline_size: int, micro_batches: int
 
 def test_point_to_point_cost_adds_two_hops_per_boundary() -> None:
     """GPipe with a transfer cost c = latency + bytes / bandwidth < f per hop: the first micro-batch crosses P - 1
-    boundaries forward and P - 1 backward, so step = (M + P - 1)(f + b) + 2 (P - 1) c."""
+    boundaries forward and P - 1 backward, 2 (P - 1) c. A receive is posted in the step its message is sent, after
+    the receiver's compute of that step (the order NCCL needs), so each later forward on the last rank and backward
+    on the first also waits for its transfer: step = (M + P - 1)(f + b) + 2 (P - 1) c + 2 (M - 1) c."""
     cost = CostModel(forward_time=1.0, p2p_latency=0.1, boundary_bytes=30.0, p2p_bandwidth=100.0)
     result = simulate(build_schedule("gpipe", 4, 1, 6), cost)
-    assert result.step_time == pytest.approx((6 + 3) * 3 + 2 * 3 * 0.4)
+    assert result.step_time == pytest.approx((6 + 3) * 3 + 2 * 3 * 0.4 + 2 * 5 * 0.4)
     sends = [e for e in result.events if e.category == "send_act"]
     assert len(sends) == 3 * 6 and all(e.end - e.start == pytest.approx(0.3) for e in sends)
 
