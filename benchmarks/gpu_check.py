@@ -125,6 +125,7 @@ class Checker:
             enable_model_summary=False,
             limit_val_batches=0,
             num_sanity_val_steps=0,
+            use_distributed_sampler=False,  # Lightning's DistributedSampler would shuffle the bfpp runs' batches
             callbacks=[StepRecorder(run, self.device)],
             **kwargs,
         )
