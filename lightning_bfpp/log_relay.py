@@ -233,9 +233,9 @@ class PipelineMetricSync:
         return self  # process groups cannot be copied; a cloned Metric syncs the same way
 
 
-def install_metric_sync(module: nn.Module, sync: PipelineMetricSync) -> None:
+def install_metric_sync(module: nn.Module, sync: PipelineMetricSync | None) -> None:
     """Makes every torchmetrics ``Metric`` of ``module`` sync through ``sync`` (unless it has its own
-    ``dist_sync_fn``)."""
+    ``dist_sync_fn``); ``None`` removes the sync installed before."""
     for _, metric in _metrics(module):
         if metric.dist_sync_fn is None or isinstance(metric.dist_sync_fn, PipelineMetricSync):
             metric.dist_sync_fn = sync

@@ -43,6 +43,7 @@ from lightning_bfpp.module import missing_hooks
 from lightning_bfpp.nonfinite import NONFINITE_POLICIES, NonFiniteCheck, NonFiniteError, back_off
 from lightning_bfpp.p2p import PeerLink
 from lightning_bfpp.partition import PARTITIONS, Partition, build_partition, drop_remote_layers, layer_names
+from lightning_bfpp.process_groups import destroy_at_exit
 from lightning_bfpp.recompute import ACTIVATION_CHECKPOINTING, run_layers
 from lightning_bfpp.schedule import (
     SCHEDULES,
@@ -202,6 +203,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite_loss="skip")
         self._nonfinite: NonFiniteCheck | None = None
         self._skip_optimizer_step = False
+        self.failed = False  # a run ended with an exception: the process groups are left alone at exit
 
     # ---------------------------------------------------------------------------------------------- sizes and ranks
     @property
@@ -374,6 +376,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
         self._create_groups()
+        destroy_at_exit(self)  # kept between runs of this process (fit, then validate), destroyed at its exit
 
     def _create_groups(self) -> None:
         P, D = self.pipeline_parallel_size, self.data_parallel_size
@@ -819,6 +822,22 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
             self._weight_gradient_batcher = None
         self._data_parallel = None
         super().teardown()
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self.failed = True
+        super().on_exception(exception)
+
+    def release_process_groups(self) -> None:
+        """Drops this strategy's references to its process groups (at interpreter exit, before they are
+        destroyed: see :mod:`lightning_bfpp.process_groups`)."""
+        self._executors.clear()
+        self._data_parallel = None
+        self._tied = None
+        self.pp_group = self.dp_group = None
+        self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)  # its closure holds the groups
+        if self.model is not None:
+            install_metric_sync(self.lightning_module, None)
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -1,0 +1,30 @@
+"""Every rank of a successful run exits 0: a rank that finished its work must not abort at interpreter exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from launch import launch_ranks
+
+TESTS = Path(__file__).resolve().parent
+LAUNCHES = 20
+
+
+def test_every_rank_exits_zero_after_a_fit_beside_a_busy_core(tmp_path: Path) -> None:
+    """20 one-step two-rank fits (fresh processes) beside a CPU-bound process, as on a loaded CI machine. Without the
+    strategy's exit hook a gloo worker thread could free a finished collective during interpreter finalization and
+    abort its rank (SIGABRT, exit -6, after the run succeeded)."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        failed = []
+        for launch in range(LAUNCHES):
+            exits = launch_ranks(TESTS / "exit_job.py", {}, 2, tmp_path / str(launch), timeout=60)
+            failed += [
+                (launch, rank, e.returncode, e.output[-1500:]) for rank, e in enumerate(exits) if e.returncode != 0
+            ]
+    finally:
+        busy.kill()
+        busy.wait()
+    assert not failed, f"{len(failed)} ranks ended non-zero (launch, rank, exit code, output): {failed}"

@@ -1,0 +1,34 @@
+"""benchmarks/gpu_check.py runs its checks on CPU (gloo, a tiny GPT), so the GPU check script cannot rot."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import run_script
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS = [
+    "bf16_speed_memory",
+    "fp32_losses",
+    "sharding_full",
+    "weight_gradients_batched",
+    "activation_checkpointing_layer",
+    "timeline",
+    "fp16_losses",
+]
+HEADLINE = re.compile(r"gpu_check passed=(\d+)/(\d+) bfpp_over_auto_tokens=(\S+) bfpp_over_auto_peak_memory=(\S+)")
+
+
+def test_gpu_check_passes_every_check_on_cpu() -> None:
+    code, output = run_script(ROOT / "benchmarks" / "gpu_check.py", ["--cpu", "--quick"], timeout=180, cwd=ROOT)
+    results = dict(re.findall(r"^check (\w+): (ok|FAILED)", output, re.MULTILINE))
+    assert list(results) == CHECKS, output[-4000:]
+    failed = [name for name, verdict in results.items() if verdict != "ok"]
+    assert not failed, f"failed checks {failed}:\n{output[-4000:]}"
+    headline = HEADLINE.fullmatch(output.strip().splitlines()[-1])
+    assert headline is not None, output[-2000:]
+    assert headline.group(1) == headline.group(2) == str(len(CHECKS))
+    assert float(headline.group(3)) > 0  # tokens/s ratio; the peak memory ratio is nan on CPU
+    assert headline.group(4) == "nan"
+    assert code == 0, output[-4000:]
