@@ -4,6 +4,7 @@ e.g. by :func:`launch.launch_ranks`; the config is ignored."""
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import lightning.pytorch as pl
@@ -13,7 +14,16 @@ from models import StackModel, loader
 from lightning_bfpp import BFPPStrategy
 
 
+def require_groups_destroyed() -> None:
+    """Runs after every later-registered exit hook (the strategy's among them): the process groups must be gone
+    before the interpreter finalizes, or their worker threads may abort it; exit code 3 if not."""
+    if torch.distributed.is_initialized():
+        print("process groups still alive at interpreter exit", flush=True)
+        os._exit(3)
+
+
 def main() -> None:
+    atexit.register(require_groups_destroyed)
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     world = int(os.environ["WORLD_SIZE"])
