@@ -402,6 +402,10 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         if self.weight_gradients == "batched" and self._weight_gradient_batcher is None:
             self._weight_gradient_batcher = WeightGradientBatcher(self._stage_modules())
         self.barrier()
+        if self._process_group_backend == "nccl":
+            # NCCL sets up a group's communicators at its first operation; a batch_isend_irecv that not every rank of
+            # the pipeline joins must not be that first operation
+            dist.barrier(group=self.pp_group, device_ids=[self.root_device.index])
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             if self.sharding == "optimizer":
