@@ -212,6 +212,8 @@ def _post_receives_early(schedule: Schedule) -> Schedule:
             to = group[0]
             while to > 0 and out[to - 1].kind not in COMMUNICATION_KINDS and out[to - 1] not in forwards:
                 to -= 1
+            while out[to].kind is _RD:  # a reduction right after its stage's last group is started first
+                to += 1
             if any(out[i].kind in (_F, _B) for i in range(to, group[0])):
                 del out[group[0] : group[-1] + 1]
                 out[to:to] = [GROUP_END, *moved] if to > 0 and out[to - 1].kind in COMMUNICATION_KINDS else moved
@@ -365,8 +367,8 @@ def depth_first(
     """
     _check_sizes(pipeline_size, stages_per_rank, num_micro_batches)
     sizes = (pipeline_size, stages_per_rank, num_micro_batches)
-    if forward_only:
-        return _assemble("depth_first", sizes, True, _breadth_first_computes(*sizes, True))
+    if forward_only:  # breadth-first, with its order of receives
+        return _post_receives_early(_assemble("depth_first", sizes, True, _breadth_first_computes(*sizes, True)))
     if stages_per_rank > 1 and num_micro_batches % pipeline_size:
         lower = num_micro_batches // pipeline_size * pipeline_size
         valid = " or ".join(str(m) for m in (lower, lower + pipeline_size) if m > 0)
