@@ -158,7 +158,8 @@ def _assemble(name: str, sizes: tuple[int, int, int], forward_only: bool, comput
     step. So every message is received in the group of the step it is sent in, and between any two ranks both sides
     issue the same messages in the same order, which NCCL needs: it runs the transfers between two ranks in issue
     order, a receive holding the stream until its data arrives and a send until the peer's receive runs (see
-    :mod:`lightning_bfpp.stream_order`). REDUCE_GRAD(s) follows the group of the last BACKWARD of s.
+    :mod:`lightning_bfpp.stream_order`). REDUCE_GRAD(s) follows the group of the last BACKWARD of s. Breadth-first
+    and GPipe then post their receive-only groups earlier (:func:`_post_receives_early`).
     """
     pipeline_size, stages_per_rank, num_micro_batches = sizes
     num_stages = pipeline_size * stages_per_rank

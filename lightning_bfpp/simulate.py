@@ -7,6 +7,10 @@ data-parallel collectives, which overlaps compute:
 - ``F(s, m)`` waits for its input: the transfer of ``SA(s-1, m)`` to the posted ``RA(s, m)`` (latency plus
   ``boundary_bytes / bandwidth``; transfers over one link and direction go one at a time). ``B(s, m)`` waits for
   the gradient of ``SG(s+1, m)`` in the same way. Sends and receive posts take no compute time.
+- Transfers go in the schedule's communication groups, as the executor issues them on NCCL
+  (:func:`~lightning_bfpp.schedule.communication_groups`): a rank's groups run one after another, each from its
+  issue once the previous one is done; a transfer runs once the groups of both sides have started; a compute waits
+  for the whole group that holds its input.
 - ``RD(s)`` launches the stage's gradient reduction on the communication stream: an all-reduce without sharding, a
   reduce-scatter with ZeRO-1/2/3. The step ends when every compute and every collective is done.
 - ZeRO-1/2 (``optimizer``/``gradients``) all-gather each stage's updated parameters before its first forward; ZeRO-3
