@@ -166,7 +166,7 @@ class PipelineExecutor:
             if i in flushes:
                 assert weight_gradients is not None
                 self._program.append((weight_gradients.flush, flushes[i], f"W{flushes[i]}", "backward"))
-            if action is not None:
+            if action is not None and action.kind is not ActionKind.GROUP_END:  # a marker: nothing to run
                 self._program.append((self._handlers[action.kind], action, str(action), action.kind.name.lower()))
             if i in group_ends:  # the group's transfers were added to the link's batch: start them together
                 label = "issue " + " ".join(str(self.actions[j]) for j in group_ends[i])

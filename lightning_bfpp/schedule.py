@@ -25,6 +25,7 @@ class ActionKind(str, enum.Enum):
     REDUCE_GRAD = "RD"  # start the data-parallel gradient reduction of stage s (micro_batch is -1)
     GATHER = "AG"  # start all-gathering the sharded parameters of stage s (micro_batch is -1; see gathering.py)
     RESHARD = "FR"  # free the gathered parameters of stage s (micro_batch is -1; see gathering.py)
+    GROUP_END = "|"  # ends a communication group: the transfers around it are issued as two groups (stage is -1)
 
 
 _F, _B, _RA, _SA, _RG, _SG, _RD = (
@@ -47,6 +48,8 @@ class Action:
     micro_batch: int = -1
 
     def __str__(self) -> str:
+        if self.kind is ActionKind.GROUP_END:
+            return self.kind.value
         suffix = "" if self.micro_batch < 0 else f".{self.micro_batch}"
         return f"{self.kind.value}{self.stage}{suffix}"
 
@@ -58,9 +61,14 @@ COMMUNICATION_KINDS = frozenset({ActionKind.RECV_ACT, ActionKind.SEND_ACT, Actio
 """Point-to-point actions between pipeline ranks."""
 
 
+GROUP_END = Action(ActionKind.GROUP_END, -1)
+"""Separates two communication groups that would otherwise be one (see :func:`communication_groups`)."""
+
+
 def communication_groups(actions: Sequence[Action]) -> list[tuple[int, ...]]:
     """The positions of each communication group in a rank's ``actions``: a maximal run of consecutive
-    point-to-point actions, which the executor issues together as one ``batch_isend_irecv``."""
+    point-to-point actions (a GROUP_END marker splits it), which the executor issues together as one
+    ``batch_isend_irecv``."""
     groups: list[tuple[int, ...]] = []
     for i, action in enumerate(actions):
         if action.kind not in COMMUNICATION_KINDS:
@@ -150,7 +158,8 @@ def _assemble(name: str, sizes: tuple[int, int, int], forward_only: bool, comput
     step. So every message is received in the group of the step it is sent in, and between any two ranks both sides
     issue the same messages in the same order, which NCCL needs: it runs the transfers between two ranks in issue
     order, a receive holding the stream until its data arrives and a send until the peer's receive runs (see
-    :mod:`lightning_bfpp.stream_order`). REDUCE_GRAD(s) follows the group of the last BACKWARD of s.
+    :mod:`lightning_bfpp.stream_order`). REDUCE_GRAD(s) follows the group of the last BACKWARD of s. Breadth-first
+    and GPipe then post their receive-only groups earlier (:func:`_post_receives_early`).
     """
     pipeline_size, stages_per_rank, num_micro_batches = sizes
     num_stages = pipeline_size * stages_per_rank
@@ -183,6 +192,34 @@ def _assemble(name: str, sizes: tuple[int, int, int], forward_only: bool, comput
                 ranks[stage_rank(action.stage, pipeline_size)].append(Action(_RD, action.stage))
     actions = tuple(tuple(r) for r in ranks)
     return Schedule(name, pipeline_size, stages_per_rank, num_micro_batches, forward_only, actions)
+
+
+def _post_receives_early(schedule: Schedule) -> Schedule:
+    """``schedule`` (in lock-step) with each group of receives only moved back past the computes before it, up to the
+    rank's previous communication group, and kept as a group of its own (GROUP_END markers): the transfer then
+    overlaps those computes. The order of the transfers on every rank is unchanged, and no receive moves past a send
+    of its rank, which could otherwise wait behind it on NCCL's stream. A group that holds a boundary's first input
+    stays (the rank reads the boundary's shapes on the host there), and a RECV_GRAD stays after its FORWARD."""
+    first_input = set(_first_of((a for actions in schedule.actions for a in actions), _RA).values())
+    ranks = []
+    for actions in schedule.actions:
+        out, k = list(actions), 0
+        while k < len(groups := communication_groups(out)):
+            group, k = groups[k], k + 1
+            moved = [out[i] for i in group]
+            if any(a.kind in (_SA, _SG) or a in first_input for a in moved):
+                continue
+            forwards = {Action(_F, a.stage, a.micro_batch) for a in moved if a.kind is _RG}
+            to = group[0]
+            while to > 0 and out[to - 1].kind not in COMMUNICATION_KINDS and out[to - 1] not in forwards:
+                to -= 1
+            while out[to].kind is _RD:  # a reduction right after its stage's last group is started first
+                to += 1
+            if any(out[i].kind in (_F, _B) for i in range(to, group[0])):
+                del out[group[0] : group[-1] + 1]
+                out[to:to] = [GROUP_END, *moved] if to > 0 and out[to - 1].kind in COMMUNICATION_KINDS else moved
+        ranks.append(tuple(out))
+    return replace(schedule, actions=tuple(ranks))
 
 
 def _matching_recv(send: Action) -> Action:
@@ -279,7 +316,7 @@ def breadth_first(
     check_micro_batch_groups("breadth_first", num_micro_batches, breadth_first_micro_batches)
     sizes = (pipeline_size, stages_per_rank, num_micro_batches)
     computes = _breadth_first_computes(*sizes, forward_only, breadth_first_micro_batches)
-    return _assemble("breadth_first", sizes, forward_only, computes)
+    return _post_receives_early(_assemble("breadth_first", sizes, forward_only, computes))
 
 
 def gpipe(pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, forward_only: bool = False) -> Schedule:
@@ -291,7 +328,7 @@ def gpipe(pipeline_size: int, stages_per_rank: int, num_micro_batches: int, *, f
             f"looped stages (got stages_per_rank={stages_per_rank})"
         )
     sizes = (pipeline_size, stages_per_rank, num_micro_batches)
-    return _assemble("gpipe", sizes, forward_only, _breadth_first_computes(*sizes, forward_only))
+    return _post_receives_early(_assemble("gpipe", sizes, forward_only, _breadth_first_computes(*sizes, forward_only)))
 
 
 def _interleaved_computes(pipeline_size: int, stages_per_rank: int, num_micro_batches: int) -> list[list[Action]]:
@@ -331,8 +368,8 @@ def depth_first(
     """
     _check_sizes(pipeline_size, stages_per_rank, num_micro_batches)
     sizes = (pipeline_size, stages_per_rank, num_micro_batches)
-    if forward_only:
-        return _assemble("depth_first", sizes, True, _breadth_first_computes(*sizes, True))
+    if forward_only:  # breadth-first, with its order of receives
+        return _post_receives_early(_assemble("depth_first", sizes, True, _breadth_first_computes(*sizes, True)))
     if stages_per_rank > 1 and num_micro_batches % pipeline_size:
         lower = num_micro_batches // pipeline_size * pipeline_size
         valid = " or ".join(str(m) for m in (lower, lower + pipeline_size) if m > 0)
@@ -429,6 +466,8 @@ def _structure_problems(schedule: Schedule) -> list[str]:
                 continue
             if action.kind in PARAMETER_KINDS:
                 continue  # optional; checked by gathering.validate_gathering
+            if action == GROUP_END:
+                continue
             if not 0 <= action.stage < schedule.num_stages:
                 problems.append(f"{at}: {action} names stage {action.stage}, outside 0..{schedule.num_stages - 1}")
                 continue

@@ -7,6 +7,10 @@ data-parallel collectives, which overlaps compute:
 - ``F(s, m)`` waits for its input: the transfer of ``SA(s-1, m)`` to the posted ``RA(s, m)`` (latency plus
   ``boundary_bytes / bandwidth``; transfers over one link and direction go one at a time). ``B(s, m)`` waits for
   the gradient of ``SG(s+1, m)`` in the same way. Sends and receive posts take no compute time.
+- Transfers go in the schedule's communication groups, as the executor issues them on NCCL
+  (:func:`~lightning_bfpp.schedule.communication_groups`): a rank's groups run one after another, each from its
+  issue once the previous one is done; a transfer runs once the groups of both sides have started; a compute waits
+  for the whole group that holds its input.
 - ``RD(s)`` launches the stage's gradient reduction on the communication stream: an all-reduce without sharding, a
   reduce-scatter with ZeRO-1/2/3. The step ends when every compute and every collective is done.
 - ZeRO-1/2 (``optimizer``/``gradients``) all-gather each stage's updated parameters before its first forward; ZeRO-3
@@ -28,7 +32,19 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lightning_bfpp.gathering import compute_runs
-from lightning_bfpp.schedule import _B, _F, _RA, _RD, _RG, _SA, _SG, Action, Schedule, ScheduleError
+from lightning_bfpp.schedule import (
+    _B,
+    _F,
+    _RA,
+    _RD,
+    _RG,
+    _SA,
+    _SG,
+    Action,
+    Schedule,
+    ScheduleError,
+    communication_groups,
+)
 from lightning_bfpp.timeline import TimedEvent, plot_rows
 
 SHARDING_MODES = ("none", "optimizer", "gradients", "full")
@@ -321,6 +337,28 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
             g = gathers[rank][k]
             gather_end[rank][k] = collective_op(rank, "all_gather", g.stage, issued) if g.needed else issued
 
+    # point-to-point groups (see schedule.communication_groups): each rank runs its groups one after the other on one
+    # stream, a group starts when it is issued and the rank's previous group is done, a transfer runs when the groups
+    # of both sides have started, and a group is done when all its transfers are; a compute waits for the whole group
+    # that holds its input, as the executor waits for the group's work on NCCL
+    group_of = [{i: g for g in communication_groups(actions) for i in g} for actions in schedule.actions]
+    group_keys: dict[tuple[int, tuple[int, ...]], list[tuple[bool, int, int]]] = {}
+    stream_last: list[tuple[int, ...] | None] = [None] * pipeline_size  # each rank's last issued group
+    group_start: dict[tuple[int, tuple[int, ...]], float] = {}
+
+    def key_of(a: Action) -> tuple[bool, int, int]:
+        if a.kind is _SA or a.kind is _RA:
+            return (False, a.stage + 1 if a.kind is _SA else a.stage, a.micro_batch)
+        return (True, a.stage - 1 if a.kind is _SG else a.stage, a.micro_batch)
+
+    def group_end(rank: int, group: tuple[int, ...] | None) -> float | None:
+        if group is None:
+            return 0.0
+        keys = group_keys[(rank, group)]
+        if any(k not in arrival for k in keys):
+            return None
+        return max([group_start[(rank, group)], *(arrival[k] for k in keys)])
+
     def message(key: tuple[bool, int, int], when: float, is_send: bool) -> None:
         (sent if is_send else posted)[key] = when
         if key in sent and key in posted:  # both sides ready: the transfer runs on its link, one at a time
@@ -334,13 +372,17 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
                 name, category = (f"SG{stage + 1}.{m}", "send_grad") if is_grad else (f"SA{stage - 1}.{m}", "send_act")
                 events.append(SimEvent(src, name, category, start, end))
 
-    def ready_at(a: Action) -> float | None:  # when the inputs of a compute action are there; None: not yet known
+    recv_group: list[dict[tuple[bool, int, int], tuple[int, ...]]] = [{} for _ in range(pipeline_size)]
+
+    def ready_at(rank: int, a: Action) -> float | None:  # when the inputs of a compute are there; None: not yet known
         local = pipeline_size == 1
         if a.kind is _F and a.stage > 0 and not local:
-            return arrival.get((False, a.stage, a.micro_batch))
-        if a.kind is _B and a.stage < last and not local:
-            return arrival.get((True, a.stage, a.micro_batch))
-        return 0.0
+            group = recv_group[rank].get((False, a.stage, a.micro_batch))
+        elif a.kind is _B and a.stage < last and not local:
+            group = recv_group[rank].get((True, a.stage, a.micro_batch))
+        else:
+            return 0.0
+        return None if group is None else group_end(rank, group)
 
     for rank in range(pipeline_size):
         issue_gather(rank, 0, 0.0)
@@ -352,7 +394,7 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
             while i < len(actions):
                 a = actions[i]
                 if a.kind is _F or a.kind is _B:
-                    ready = ready_at(a)
+                    ready = ready_at(rank, a)
                     if ready is None:
                         break
                     start = max(clock[rank], ready)
@@ -366,12 +408,19 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
                     if record_events:
                         name = "forward" if a.kind is _F else "backward"
                         events.append(SimEvent(rank, str(a), name, start, clock[rank]))
-                elif a.kind is _SA or a.kind is _RA:
-                    stage = a.stage + 1 if a.kind is _SA else a.stage
-                    message((False, stage, a.micro_batch), clock[rank], a.kind is _SA)
-                elif a.kind is _SG or a.kind is _RG:
-                    stage = a.stage - 1 if a.kind is _SG else a.stage
-                    message((True, stage, a.micro_batch), clock[rank], a.kind is _SG)
+                elif i in group_of[rank]:
+                    group = group_of[rank][i]
+                    if i == group[0]:  # the group is issued: it starts after the rank's previous group
+                        previous = group_end(rank, stream_last[rank])
+                        if previous is None:
+                            break
+                        group_keys[(rank, group)] = [key_of(actions[j]) for j in group]
+                        group_start[(rank, group)] = max(clock[rank], previous)
+                        stream_last[rank] = group
+                    key = key_of(a)
+                    if a.kind is _RA or a.kind is _RG:
+                        recv_group[rank][key] = group
+                    message(key, group_start[(rank, group)], a.kind is _SA or a.kind is _SG)
                 elif a.kind is _RD:
                     collective_op(rank, reduce_kind, a.stage, clock[rank])
                 i += 1

@@ -51,7 +51,7 @@ CASES = [
     pytest.param((1, 2, 2, 3), "breadth_first", "uniform", "adam", {}, id="P1-L2-D2-M3-bf-adam"),
     pytest.param((2, 2, 1, 4), "depth_first", "uniform", "sgd", {"clip_val": 0.05}, id="P2-L2-M4-df-clip"),
     pytest.param((2, 2, 2, 4), "depth_first", "parameters", "adam", {"wide": True}, id="P2-L2-D2-df-params"),
-    pytest.param((2, 1, 1, 4), "gpipe", "uniform", "sgd", {"accumulate": 2}, id="P2-gpipe-accum"),
+    pytest.param((2, 1, 1, 4), "gpipe", "uniform", "sgd", {"accumulate": 2, "nccl": "rank"}, id="P2-gpipe-accum-nccl"),
     pytest.param((2, 2, 1, 4), "depth_first", "uniform", "sgd", {"nccl": "pair"}, id="P2-L2-M4-df-nccl-streams"),
     pytest.param((4, 2, 1, 8), "breadth_first", "uniform", "adam", {"nccl": "rank"}, id="P4-L2-M8-bf-nccl-streams"),
     pytest.param(

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from lightning_bfpp.schedule import (
+    GROUP_END,
     SCHEDULES,
     Action,
     ActionKind,
@@ -43,7 +44,9 @@ SUPPORTED = (
 
 
 def parse(text: str) -> Action:
-    """'F3.1' -> Action(FORWARD, 3, 1); 'RD5' -> Action(REDUCE_GRAD, 5)."""
+    """'F3.1' -> Action(FORWARD, 3, 1); 'RD5' -> Action(REDUCE_GRAD, 5); '|' -> GROUP_END."""
+    if text == "|":
+        return GROUP_END
     match = re.fullmatch(r"([A-Z]+)(\d+)(?:\.(\d+))?", text)
     assert match, text
     kind, stage, micro_batch = match.groups()
@@ -77,7 +80,7 @@ def test_supported_schedules_build_and_validate(name: str, p: int, spr: int, m: 
     if p == 1:
         assert not kinds & COMM
     if forward_only:
-        assert kinds <= {F, ActionKind.SEND_ACT, ActionKind.RECV_ACT}
+        assert kinds <= {F, ActionKind.SEND_ACT, ActionKind.RECV_ACT, ActionKind.GROUP_END}
     else:
         reduces = [a for actions in schedule.actions for a in actions if a.kind is RD]
         assert sorted(a.stage for a in reduces) == list(range(p * spr))
@@ -97,7 +100,7 @@ def test_depth_first_forward_only_accepts_any_micro_batch_count() -> None:
 def test_communication_labels_and_placement() -> None:
     schedule = build_schedule("breadth_first", 2, 2, 2)
     for rank, actions in enumerate(schedule.actions):
-        assert all(schedule.rank_of(a.stage) == rank for a in actions)
+        assert all(schedule.rank_of(a.stage) == rank for a in actions if a != GROUP_END)
     assert Action(ActionKind.SEND_ACT, 3, 0) not in schedule.actions[1]  # the last stage sends nothing
     assert Action(ActionKind.RECV_ACT, 0, 0) not in schedule.actions[0]  # the first stage receives nothing
     assert Action(ActionKind.RECV_ACT, 2, 1) in schedule.actions[0]  # wrap-around boundary 1 -> 2
@@ -145,6 +148,32 @@ def test_breadth_first_receives_in_the_step_their_message_is_sent() -> None:
     assert line(list(schedule.actions[0][:9])) == "F0.0 SA0.0 F0.1 SA0.1 RA2.0 F0.2 SA0.2 RA2.1 F2.0"
     assert line(list(schedule.actions[1][:7])) == "RA1.0 F1.0 SA1.0 RA1.1 F1.1 SA1.1 RA1.2"
     assert communication_groups(schedule.actions[0])[:3] == [(1,), (3, 4), (6, 7)]
+
+
+def test_receive_only_groups_are_posted_before_the_computes_they_follow() -> None:
+    # GPipe, P = 3: the last rank sends nothing in its forwards, the first nothing in its backwards, so their receives
+    # are posted right after their previous group (the first input stays: its shapes are read there), each its own group
+    schedule = build_schedule("gpipe", 3, 1, 4)
+    assert line(list(schedule.actions[2][:11])) == "RA2.0 | RA2.1 | RA2.2 | RA2.3 F2.0 F2.1 F2.2 F2.3"
+    assert line(list(schedule.actions[0][6:])) == "F0.3 SA0.3 RG0.0 | RG0.1 | RG0.2 | RG0.3 B0.0 B0.1 B0.2 B0.3 RD0"
+    assert communication_groups(schedule.actions[2])[:4] == [(0,), (2,), (4,), (6,)]
+    assert communication_groups(schedule.actions[0])[-4:] == [(7, 8), (10,), (12,), (14,)]
+    # the middle rank sends after every compute: its receives stay in lock-step, grouped with the sends before them
+    assert line(list(schedule.actions[1][:7])) == "RA1.0 F1.0 SA1.0 RA1.1 F1.1 SA1.1 RA1.2"
+    # depth-first (interleaved 1F1B) keeps every receive in lock-step
+    assert GROUP_END not in {a for actions in build_schedule("depth_first", 3, 2, 6).actions for a in actions}
+
+
+def test_receives_moved_past_a_send_of_their_rank_hang_on_nccl() -> None:
+    """Why receives grouped with a send stay in lock-step: rank 1's RA1.1, posted before its SG1.0, holds its stream
+    while rank 0's SA0.1 waits behind the group SA0.0 RG0.0, which needs SG1.0 (breadth-first in groups of one)."""
+    early = make(
+        ["F0.0 SA0.0 RG0.0 B0.0 F0.1 SA0.1 RG0.1 B0.1 RD0", "RA1.0 | RA1.1 F1.0 B1.0 SG1.0 F1.1 B1.1 SG1.1 RD1"], 1, 2
+    )
+    validate_schedule(early)  # fine for gloo, which matches by tag
+    with pytest.raises(ScheduleError, match=r"rank 1's stream is stuck in group RA1\.1"):
+        validate_stream_order(early)
+    validate_stream_order(build_schedule("breadth_first", 2, 1, 2, breadth_first_micro_batches=1))
 
 
 # gpipe and 1f1b -----------------------------------------------------------------------------------------------------
@@ -414,7 +443,7 @@ def test_one_group_of_all_micro_batches_is_plain_breadth_first(p: int, spr: int,
 
 def test_grouped_receives_are_posted_per_group() -> None:
     actions = line(list(build_schedule("breadth_first", 2, 1, 4, breadth_first_micro_batches=2).actions[1]))
-    assert actions == "RA1.0 F1.0 RA1.1 F1.1 B1.0 SG1.0 B1.1 SG1.1 RA1.2 F1.2 RA1.3 F1.3 B1.2 SG1.2 B1.3 SG1.3 RD1"
+    assert actions == "RA1.0 | RA1.1 F1.0 F1.1 B1.0 SG1.0 B1.1 SG1.1 RA1.2 | RA1.3 F1.2 F1.3 B1.2 SG1.2 B1.3 SG1.3 RD1"
 
 
 def test_group_size_errors_list_the_valid_sizes() -> None:

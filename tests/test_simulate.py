@@ -9,8 +9,17 @@ from collections import Counter
 import pytest
 
 from lightning_bfpp.gathering import add_parameter_gathering, gathers_per_stage
-from lightning_bfpp.schedule import build_schedule
+from lightning_bfpp.schedule import GROUP_END, Action, ActionKind, Schedule, build_schedule
 from lightning_bfpp.simulate import CostModel, SimEvent, estimate_memory, plot_timeline, resident_bytes, simulate
+
+
+def _parse(text: str) -> Action:
+    """'F0.1' -> Action(FORWARD, 0, 1); '|' -> GROUP_END."""
+    if text == "|":
+        return GROUP_END
+    kind, rest = text.rstrip("0123456789."), text.lstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    stage, micro_batch = rest.split(".")
+    return Action(ActionKind(kind), int(stage), int(micro_batch))
 
 
 def _spans(events: tuple[SimEvent, ...]) -> dict[str, tuple[float, float]]:
@@ -69,16 +78,34 @@ def test_one_f_one_b_peak_memory_and_time(pipeline_size: int, micro_batches: int
     assert result.step_time == pytest.approx((micro_batches + pipeline_size - 1) * 3)
 
 
-def test_point_to_point_cost_adds_two_hops_per_boundary() -> None:
+@pytest.mark.parametrize("pipeline_size", [2, 4])
+def test_point_to_point_cost_adds_two_hops_per_boundary(pipeline_size: int) -> None:
     """GPipe with a transfer cost c = latency + bytes / bandwidth < f per hop: the first micro-batch crosses P - 1
-    boundaries forward and P - 1 backward, 2 (P - 1) c. A receive is posted in the step its message is sent, after
-    the receiver's compute of that step (the order NCCL needs), so each later forward on the last rank and backward
-    on the first also waits for its transfer: step = (M + P - 1)(f + b) + 2 (P - 1) c + 2 (M - 1) c."""
+    boundaries forward and P - 1 backward, 2 (P - 1) c. The last rank sends nothing in its forwards and the first
+    nothing in its backwards, so they post all their receives before those computes: each transfer starts when its
+    message is sent and hides under the sender's next compute. A middle rank (P > 2) sends after every compute, so
+    its receives stay in the step their message is sent, after its own compute of that step (the order NCCL needs),
+    and each of its later forwards and backwards waits for its transfer: 2 (M - 1) c more.
+    step = (M + P - 1)(f + b) + 2 (P - 1) c + (2 (M - 1) c if P > 2 else 0)."""
     cost = CostModel(forward_time=1.0, p2p_latency=0.1, boundary_bytes=30.0, p2p_bandwidth=100.0)
-    result = simulate(build_schedule("gpipe", 4, 1, 6), cost)
-    assert result.step_time == pytest.approx((6 + 3) * 3 + 2 * 3 * 0.4 + 2 * 5 * 0.4)
+    result = simulate(build_schedule("gpipe", pipeline_size, 1, 6), cost)
+    middle = 2 * 5 * 0.4 if pipeline_size > 2 else 0.0
+    assert result.step_time == pytest.approx((6 + pipeline_size - 1) * 3 + 2 * (pipeline_size - 1) * 0.4 + middle)
     sends = [e for e in result.events if e.category == "send_act"]
-    assert len(sends) == 3 * 6 and all(e.end - e.start == pytest.approx(0.3) for e in sends)
+    assert len(sends) == (pipeline_size - 1) * 6 and all(e.end - e.start == pytest.approx(0.3) for e in sends)
+
+
+def test_a_compute_waits_for_the_whole_group_of_its_input() -> None:
+    """On NCCL a group of transfers completes as one: with RA1.0 and RA1.1 in one group, F1.0 waits for both
+    transfers (c = 0.4 each, sent after F0.0 ends at 1 and F0.1 at 2); split by a GROUP_END marker, F1.0 starts when
+    its own input arrives. Rank 0's second send starts after its first group is done."""
+    forward_only = "F0.0 SA0.0 F0.1 SA0.1"
+    cost = CostModel(forward_time=1.0, p2p_latency=0.1, boundary_bytes=30.0, p2p_bandwidth=100.0)
+    for receiver, f10 in (("RA1.0 RA1.1 F1.0 F1.1", (2.4, 3.4)), ("RA1.0 | RA1.1 F1.0 F1.1", (1.4, 2.4))):
+        actions = tuple(tuple(_parse(a) for a in text.split()) for text in (forward_only, receiver))
+        result = simulate(Schedule("hand_made", 2, 1, 2, True, actions), cost)
+        assert _spans(result.events)["F1.0"] == pytest.approx(f10)
+        assert _spans(result.events)["F1.1"] == pytest.approx((f10[1], f10[1] + 1))
 
 
 def test_all_reduce_overlaps_backward_of_the_stages_below() -> None:
