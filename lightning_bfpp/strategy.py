@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Generator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -361,6 +361,19 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         if self.sharding in FSDP_MODES:
             schedule = add_parameter_gathering(schedule, reshard_after_forward=self.sharding == "full")
         return schedule
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """Under ``trainer.init_module(empty_init=True)``, the module is built on the meta device: each rank gives
+        storage to, and initializes, only its own layers in ``setup`` (see ``PipelineModule.pipeline_init_layer``).
+        Otherwise tensors are created on this rank's device, as by other strategies."""
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
 
     @override
     def setup_environment(self) -> None:

@@ -13,24 +13,55 @@ from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.optim import Optimizer
+from torch.optim import LBFGS, Optimizer
 
 
 def zero_optimizer(optimizer: Optimizer, group: dist.ProcessGroup | None) -> ZeroRedundancyOptimizer:
     """A ``ZeroRedundancyOptimizer`` of the same class, parameter groups and options as ``optimizer``: each replica
-    keeps the state of its share of the parameters, steps it, and broadcasts the updated parameters."""
+    keeps the state of its share of the parameters, steps it, and broadcasts the updated parameters.
+
+    The local optimizer is built again from ``optimizer.defaults``: every constructor argument of the optimizer's
+    class (a subclass's own included) must be stored there, or this raises. ``LBFGS`` is refused."""
+    optimizer_class = type(optimizer)
+    if issubclass(optimizer_class, LBFGS):
+        raise ValueError(
+            f"{optimizer_class.__name__} cannot be used with sharding='optimizer': its step evaluates the closure a "
+            "number of times that depends on the local parameters, so the ranks, which hold different shards, would "
+            "stop waiting for each other. Use a first-order optimizer (e.g. torch.optim.Adam or SGD), or "
+            "sharding='none' with pipeline_parallel_size=1."
+        )
     groups = [{**g, "params": list(g["params"])} for g in optimizer.param_groups]
-    defaults = _constructor_options(type(optimizer), optimizer.defaults)
-    return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer), process_group=group, **defaults)
+    defaults = _constructor_options(optimizer_class, optimizer.defaults)
+    return ZeroRedundancyOptimizer(groups, optimizer_class=optimizer_class, process_group=group, **defaults)
+
+
+def _constructor_arguments(optimizer_class: type[Optimizer]) -> set[str]:
+    """The keyword arguments the constructor of ``optimizer_class`` accepts: its own named ones, and, while a
+    constructor takes ``**kwargs``, those of the next constructor up the class hierarchy (where they go)."""
+    names: set[str] = set()
+    for cls in optimizer_class.__mro__:
+        if "__init__" not in vars(cls) or cls is Optimizer or cls is object:
+            continue
+        parameters = inspect.signature(cls.__init__).parameters
+        names.update(k for k, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            break
+    return names - {"self", "params"}
 
 
 def _constructor_options(optimizer_class: type[Optimizer], defaults: dict[str, Any]) -> dict[str, Any]:
     """The options of ``defaults`` that ``optimizer_class`` accepts: ``defaults`` may hold more (``AdamW`` keeps
-    ``decoupled_weight_decay``, which its constructor does not take)."""
-    parameters = inspect.signature(optimizer_class.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return dict(defaults)
-    return {k: v for k, v in defaults.items() if k in parameters}
+    ``decoupled_weight_decay``, which its constructor does not take). Raises if a constructor argument is missing
+    from ``defaults``: its value cannot be recovered."""
+    accepted = _constructor_arguments(optimizer_class)
+    missing = sorted(accepted - defaults.keys())
+    if missing:
+        raise ValueError(
+            f"sharding='optimizer' rebuilds {optimizer_class.__name__} from its `defaults`, which lack its constructor "
+            f"argument(s) {missing}. Store them in `self.defaults` in {optimizer_class.__name__}.__init__ (e.g. "
+            f"`self.defaults[{missing[0]!r}] = {missing[0]}`), or use sharding='none'."
+        )
+    return {k: v for k, v in defaults.items() if k in accepted}
 
 
 def _zero(optimizer: Any) -> ZeroRedundancyOptimizer | None:

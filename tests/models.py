@@ -58,7 +58,8 @@ class StackModel(PipelineModule):
     ``first.weight``). With ``skip_block``, that block is left out of training steps of odd optimizer steps (its
     parameters get no gradient then). With ``gate_block``, that block acts on the samples whose first feature exceeds
     1 only, and is left out of a micro-batch that has none (so replicas can disagree on whether its parameters get a
-    gradient). ``optimizer``: ``sgd`` (momentum), ``adam`` or ``adamw`` (weight decay)."""
+    gradient). ``optimizer``: ``sgd`` (momentum), ``adam`` or ``adamw`` (weight decay), or a key of
+    :data:`OPTIMIZERS` (two parameter groups)."""
 
     def __init__(
         self,
@@ -129,7 +130,53 @@ class StackModel(PipelineModule):
             return torch.optim.Adam(self.parameters(), lr=self.hparams.lr * 0.1)
         if self.hparams.optimizer == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr * 0.1, weight_decay=0.5)
+        if self.hparams.optimizer in OPTIMIZERS:  # with two parameter groups: the biases without weight decay
+            weights = [p for name, p in self.named_parameters() if not name.endswith("bias")]
+            biases = [p for name, p in self.named_parameters() if name.endswith("bias")]
+            groups = [{"params": weights}, {"params": biases, "weight_decay": 0.0}]
+            return OPTIMIZERS[self.hparams.optimizer](groups, lr=self.hparams.lr * 0.1, weight_decay=0.01)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class WarmupAdam(torch.optim.Adam):
+    """A user's optimizer with a constructor argument of its own (stored in ``defaults``): the learning rate rises
+    linearly over the first ``warmup`` steps."""
+
+    def __init__(self, params: Any, lr: float, *, warmup: int = 3, **kwargs: Any) -> None:
+        super().__init__(params, lr=lr, **kwargs)
+        self.defaults["warmup"] = warmup
+        self.steps_taken = 0
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        self.steps_taken += 1
+        lrs = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] *= min(1.0, self.steps_taken / self.defaults["warmup"])
+        try:
+            return super().step(closure)
+        finally:
+            for group, lr in zip(self.param_groups, lrs, strict=True):
+                group["lr"] = lr
+
+
+def _warmup_adam(params: Any, lr: float, weight_decay: float) -> WarmupAdam:
+    return WarmupAdam(params, lr=lr, warmup=5, weight_decay=weight_decay)
+
+
+# every torch.optim optimizer that takes parameter groups, LBFGS (which ZeRO-1 refuses) and a user's subclass
+OPTIMIZERS: dict[str, Any] = {
+    **{
+        name.lower(): getattr(torch.optim, name)
+        for name in ("Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "RMSprop", "ASGD")
+    },
+    "sgd_groups": lambda params, **kw: torch.optim.SGD(params, momentum=0.9, **kw),
+    "adam_groups": torch.optim.Adam,
+    "adamw_groups": torch.optim.AdamW,
+    "rprop": lambda params, lr, weight_decay: torch.optim.Rprop(params, lr=lr),
+    "warmup_adam": _warmup_adam,
+    "lbfgs": lambda params, lr, weight_decay: torch.optim.LBFGS([p for g in params for p in g["params"]], lr=lr),
+}
 
 
 class WideBlock(Block):

@@ -74,7 +74,12 @@ class Recorder(pl.Callback):
         self.record_initial = record_initial
         self.initial: dict[str, torch.Tensor] | None = None
         self.param_bytes: int | None = None
+        self.allocated_before_setup: list[str] = []
         self.batched_linears = 0  # Linear modules whose weight gradients the strategy batches
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        # before the strategy's set-up: the parameters that already have storage
+        self.allocated_before_setup = [name for name, p in pl_module.named_parameters() if not p.is_meta]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         batcher = getattr(trainer.strategy, "_weight_gradient_batcher", None)
@@ -170,7 +175,12 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     local_overrides = config.get("rank_overrides", {}).get(os.environ.get("LOCAL_RANK", "0"), {})
     config = {k: {**v, **local_overrides[k]} if k in local_overrides else v for k, v in config.items()}
     pl.seed_everything(config.get("seed", 1), verbose=False)
-    model = MODELS[config.get("model_class", "StackModel")](**config.get("model", {}))
+    build_on = config.get("build_on")  # None; "init_module": trainer.init_module(empty_init=True); "meta"
+
+    def build() -> pl.LightningModule:
+        return MODELS[config.get("model_class", "StackModel")](**config.get("model", {}))
+
+    model = build() if build_on is None else None
     strategy_kwargs = config.get("strategy")
     strategy: Any = "auto"
     if isinstance(strategy_kwargs, str):
@@ -206,6 +216,12 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         + ([StepMarks(reductions)] if reductions else []),
         use_distributed_sampler=False,
     )
+    if build_on == "init_module":
+        with trainer.init_module(empty_init=True):
+            model = build()
+    elif build_on == "meta":  # on the meta device in the Trainer's dtype; configure_model materializes it
+        with torch.device("meta"), trainer.precision_plugin.tensor_init_context():
+            model = build()
     data = OrderedData(config["batch_size"], config.get("data_size", 96), config.get("variable_length", False))
     collective_dtypes: Counter[tuple[str, str]] = Counter()  # (collective, dtype sent)
     counting = config.get("count_collectives")
@@ -220,6 +236,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "validated": validated,
         "saved_bytes": saved.total if saved else None,
         "initial": recorder.initial,
+        "allocated_before_setup": recorder.allocated_before_setup,
         "param_bytes": recorder.param_bytes,
         "batched_linears": recorder.batched_linears,
         "collectives": dict(collectives) if collectives is not None else None,
@@ -234,7 +251,26 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def run_all(config: dict[str, Any]) -> None:
+    """Runs ``config`` once per entry of its ``runs`` (``{"name": ..., **overrides}``; default: once as it is), each
+    with a fresh module and Trainer, writing to ``out_dir/<name>``. A run with ``"expect_error": True`` writes the
+    error message it raised to ``out_dir/<name>/rank<local rank>.error`` instead of failing the job."""
+    for overrides in config.get("runs", [{}]):
+        if "name" not in overrides:
+            run(config)
+            continue
+        out_dir = Path(config["out_dir"]) / overrides["name"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        merged = {**config, **overrides, "out_dir": str(out_dir)}
+        try:
+            run(merged)
+        except Exception as error:
+            if not overrides.get("expect_error"):
+                raise
+            (out_dir / f"rank{os.environ.get('LOCAL_RANK', '0')}.error").write_text(str(error))
+
+
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    run(json.loads(Path(sys.argv[1]).read_text()))
+    run_all(json.loads(Path(sys.argv[1]).read_text()))

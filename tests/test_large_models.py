@@ -71,3 +71,38 @@ def test_meta_layers_materialize_per_rank(run_job, layout: tuple[int, int, int],
         assert rank["param_bytes"] < 0.6 * total
 
     assert_matches(result, config, 1)  # and the training is that of one process
+
+
+def test_init_module_empty_init_builds_on_meta(run_job) -> None:
+    """A module built under ``trainer.init_module(empty_init=True)`` is on the meta device until set-up; each rank
+    then allocates and initializes its own layers only, with the weights of the same module built on the meta device
+    and materialized on one process, and trains as one process does."""
+    P, L, M = 2, 1, 2
+    model = {"num_blocks": 2, "width": 16, "optimizer": "adam"}
+    config = {
+        "devices": P,
+        "build_on": "init_module",
+        "strategy": {"pipeline_parallel_size": P, "stages_per_rank": L, "micro_batches": M},
+        "model": model,
+        "batch_size": 2 * M,
+        "max_steps": 2,
+        "record_initial": True,
+    }
+    result = run_job(config, timeout=180)
+    ranks = result.ranks()
+    ref = reference({**config, "build_on": "meta"}, 1)
+
+    full = StackModel(**model)
+    layers = full.pipeline_layers()
+    partition = build_partition(layers, P, L)
+    names = {id(p): name for name, p in full.named_parameters()}
+    for rank in ranks:
+        assert rank["allocated_before_setup"] == []  # nothing had storage before the strategy's set-up
+        held = [i for stage in partition.stages_of(rank["rank"]) for i in partition.layers_of(stage)]
+        mine = {names[id(p)] for i in held for p in layers[i].parameters()}
+        assert mine and set(rank["initial"]) == mine  # after set-up, this rank's layers only
+        for name, value in rank["initial"].items():
+            assert value.dtype == torch.float64
+            assert torch.equal(value, ref["initial"][name]), name  # initialized, as on one process
+
+    assert_matches(result, config | {"build_on": "meta"}, 1)
