@@ -7,14 +7,15 @@ import json
 
 import pytest
 import torch
-from conftest import TESTS_DIR, run_script
+from conftest import TESTS_DIR, JobResult, run_script
 from eval_job import run
-from models import RegressionData
+from models import OPTIMIZERS, RegressionData
 from test_checkpoint import DATA, _assert_state_equal, _merged, _stage
 from test_equivalence import assert_matches, reference
 
 from lightning_bfpp.gathering import add_parameter_gathering, gathers_per_stage
 from lightning_bfpp.schedule import build_schedule
+from lightning_bfpp.zero import zero_optimizer
 
 
 def sharded_config(sharding: str, accumulate: int = 1, **strategy) -> dict:
@@ -53,6 +54,43 @@ def test_sharded_training_matches_one_process(run_job, sharding: str, accumulate
         assert losses[:2] == losses[2:]  # both pipeline ranks of a replica report its loss
         expected = reference(config, 2)["validated"][0]["val_loss"]
         assert sum(losses[:2]) / 2 == pytest.approx(expected, rel=1e-9)
+
+
+def test_zero1_takes_every_optimizer(run_job) -> None:
+    """ZeRO-1 (P=1 x D=2) with every torch.optim optimizer that takes parameter groups, and a user's subclass with a
+    constructor argument of its own, trains exactly like the optimizer on one process; LBFGS is refused at set-up on
+    every rank with a message that names what to use. One launch for all: a fresh module and Trainer per optimizer."""
+    names = [name for name in OPTIMIZERS if name != "lbfgs"]
+    config = {
+        "devices": 2,
+        "strategy": {"pipeline_parallel_size": 1, "stages_per_rank": 2, "micro_batches": 2, "sharding": "optimizer"},
+        "batch_size": 4,
+        "max_steps": 3,
+        "runs": [{"name": name, "model": {"num_blocks": 2, "optimizer": name}} for name in names]
+        + [{"name": "lbfgs", "model": {"num_blocks": 2, "optimizer": "lbfgs"}, "expect_error": True}],
+    }
+    result = run_job(config, timeout=400)
+    for run_config in config["runs"][:-1]:
+        merged = {**config, **run_config}
+        assert_matches(JobResult(0, result.output, result.out_dir / run_config["name"]), merged, 2)
+    errors = sorted((result.out_dir / "lbfgs").glob("rank*.error"))
+    assert len(errors) == 2  # refused on every rank
+    for error in errors:
+        message = error.read_text()
+        assert "LBFGS cannot be used with sharding='optimizer'" in message
+        assert "Use a first-order optimizer" in message
+
+
+class _UnstoredWarmupAdam(torch.optim.Adam):
+    def __init__(self, params, lr: float, warmup: int) -> None:
+        super().__init__(params, lr=lr)
+        self.warmup = warmup  # not in self.defaults: lost when the optimizer is built again
+
+
+def test_zero1_names_constructor_arguments_missing_from_defaults() -> None:
+    optimizer = _UnstoredWarmupAdam([torch.nn.Parameter(torch.zeros(2))], lr=0.1, warmup=4)
+    with pytest.raises(ValueError, match=r"lack its constructor argument\(s\) \['warmup'\]\. Store them in"):
+        zero_optimizer(optimizer, None)
 
 
 @pytest.mark.parametrize("micro_batches", [2, 4, 8])
