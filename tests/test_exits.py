@@ -17,7 +17,9 @@ def test_every_rank_exits_zero_after_a_fit_beside_a_busy_core(tmp_path: Path) ->
     strategy's exit hook a gloo worker thread could free a finished collective during interpreter finalization and
     abort its rank (SIGABRT, exit -6, after the run succeeded). The race is rare; the job also exits 3 when the process
     groups are still alive at interpreter exit, which shows a missing hook on every launch."""
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # bounded, so that it ends even if this test is killed before its clean-up runs
+    spin = "import time\nend = time.monotonic() + 900\nwhile time.monotonic() < end: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
     try:
         failed = []
         for launch in range(LAUNCHES):
