@@ -207,6 +207,20 @@ class RegressionData(Dataset):
         return {"x": self.x[i], "y": self.y[i], "mask": self.mask[i]}
 
 
+class TokenData(Dataset):
+    """Deterministic random token sequences for language models: ``input_ids`` and the next-token ``labels``."""
+
+    def __init__(self, size: int, seq_len: int, vocab: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.tokens = torch.randint(0, vocab, (size, seq_len + 1), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.tokens[i, :-1], "labels": self.tokens[i, 1:]}
+
+
 def loader(batch_size: int, size: int = 96, **kwargs: Any) -> DataLoader:
     return DataLoader(RegressionData(size=size, **kwargs), batch_size=batch_size, shuffle=False, drop_last=True)
 
@@ -257,7 +271,31 @@ class MetaStackModel(StackModel):
                 p.add_(0.01 * index)
 
 
-MODELS = {
+def rmsnorm_in_input_dtype(self: nn.Module, x: Tensor) -> Tensor:
+    """LitGPT's ``RMSNorm.forward`` computed in the dtype of ``x``. LitGPT's own computes in float32 whatever the
+    dtype, so a float64 model keeps float32 rounding there, which the order of micro-batches and reductions changes
+    (about 1e-6 relative after 3 AdamW steps): the exact comparisons install this on both sides."""
+    norm_x = torch.mean(x * x, dim=self.dim, keepdim=True)
+    weight = (1 + self.weight) if self.add_unit_offset else self.weight
+    return x * torch.rsqrt(norm_x + self.eps) * weight
+
+
+def litgpt_module(name: str, overrides: dict[str, Any], exact_rmsnorm: bool = False, **kwargs: Any) -> PipelineModule:
+    """The LitGPT adapter for ``litgpt.Config.from_name(name, **overrides)`` (litgpt imported only here); with
+    ``exact_rmsnorm``, LitGPT's RMSNorm computes in the input's dtype in this process (see
+    :func:`rmsnorm_in_input_dtype`)."""
+    import litgpt.model
+    from litgpt import Config
+
+    from lightning_bfpp.adapters.litgpt import LitGPTModule
+
+    if exact_rmsnorm:
+        litgpt.model.RMSNorm.forward = rmsnorm_in_input_dtype
+    return LitGPTModule(Config.from_name(name, **overrides), **kwargs)
+
+
+MODELS: dict[str, Any] = {
     cls.__name__: cls
     for cls in (StackModel, MetaStackModel, NoHooksModel, ManualOptimizationModel, VectorLossModel, DictOutputModel)
 }
+MODELS["LitGPTModule"] = litgpt_module

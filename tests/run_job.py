@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from collective_count import ReductionLog, count_fsdp_collectives
-from models import MODELS, loader
+from models import MODELS, TokenData, loader
 from nccl_streams import NcclStreamLink
 
 from lightning_bfpp import BFPPStrategy
@@ -33,15 +33,18 @@ class OrderedData(pl.LightningDataModule):
     """The test data in a fixed order, split over the data-parallel replicas without shuffling, so that the global
     batch of step ``k`` is the same samples whatever the number of replicas."""
 
-    def __init__(self, batch_size: int, size: int, variable_length: bool = False) -> None:
+    def __init__(
+        self, batch_size: int, size: int, variable_length: bool = False, tokens: dict[str, int] | None = None
+    ) -> None:
         super().__init__()
         self.batch_size, self.size, self.variable_length = batch_size, size, variable_length
+        self.tokens = tokens  # {"seq_len": ..., "vocab": ...}: language-model samples instead of regression ones
 
     def train_dataloader(self) -> DataLoader:
         replicas = self.trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
         if self.variable_length:
             return variable_length_batches(self.batch_size, replicas["num_replicas"], replicas["rank"])
-        data = loader(self.batch_size, size=self.size).dataset
+        data = TokenData(self.size, **self.tokens) if self.tokens else loader(self.batch_size, size=self.size).dataset
         sampler = DistributedSampler(data, shuffle=False, drop_last=True, **replicas)
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
@@ -85,7 +88,7 @@ class Recorder(pl.Callback):
         batcher = getattr(trainer.strategy, "_weight_gradient_batcher", None)
         self.batched_linears = batcher.num_layers if batcher is not None else 0
         if self.record_initial:  # the weights before the first step, and the bytes of this rank's parameters
-            self.initial = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+            self.initial = {k: full_tensor(v).detach().cpu().clone() for k, v in pl_module.state_dict().items()}
             self.param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -222,11 +225,15 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     elif build_on == "meta":  # on the meta device in the Trainer's dtype; configure_model materializes it
         with torch.device("meta"), trainer.precision_plugin.tensor_init_context():
             model = build()
-    data = OrderedData(config["batch_size"], config.get("data_size", 96), config.get("variable_length", False))
+    data = OrderedData(
+        config["batch_size"], config.get("data_size", 96), config.get("variable_length", False), config.get("tokens")
+    )
     collective_dtypes: Counter[tuple[str, str]] = Counter()  # (collective, dtype sent)
     counting = config.get("count_collectives")
     collectives = count_fsdp_collectives(trainer.strategy, collective_dtypes) if counting else None
     trainer.fit(model, datamodule=data)
+    if config.get("save_checkpoint"):  # a file name in out_dir: the checkpoint after training (every rank saves)
+        trainer.save_checkpoint(Path(config["out_dir"]) / config["save_checkpoint"])
     validated = trainer.validate(model, datamodule=data, verbose=False) if config.get("validate_after") else None
     result = {
         "rank": trainer.global_rank,

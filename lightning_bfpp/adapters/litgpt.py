@@ -261,7 +261,8 @@ def check_pretrained(module: nn.Module, state: Mapping[str, Tensor], path: Path,
         if k in state and state[k].shape != v.shape
     ]
     if missing or unexpected or shapes:
-        problems = [f"{what} {items[:5]}" for what, items in (("missing", missing), ("unexpected", unexpected)) if items]
+        listed = (("missing", missing), ("unexpected", unexpected))
+        problems = [f"{what} {items[:5]}" for what, items in listed if items]
         problems += [f"other shapes: {', '.join(shapes[:5])}"] if shapes else []
         raise ValueError(
             f"The LitGPT checkpoint {path} does not fit the config {module.litgpt_config.name!r}: "
