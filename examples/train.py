@@ -4,6 +4,7 @@
     python examples/train.py data.path=/my/texts                 # your own text files (or a .npy/.bin of token ids)
     python examples/train.py schedule=depth_first trainer.max_steps=100
     python examples/train.py -m strategy=bfpp,ddp trainer.max_steps=50
+    python examples/train.py model=litgpt model.name=pythia-14m     # LitGPT's GPT (the litgpt extra)
 
 The configuration lives in ``conf/`` (``conf/train.yaml`` and its groups); see the README's "Configuration".
 """
@@ -13,22 +14,29 @@ from __future__ import annotations
 import hydra
 from bfpp_examples.app import run
 from bfpp_examples.callbacks import Throughput
-from bfpp_examples.config import register_configs
+from bfpp_examples.config import LitGPTModelConfig, register_configs
 from bfpp_examples.gpt import GPT
 from bfpp_examples.text_data import TextDataModule
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_bfpp import PipelineModule
+
 register_configs()
 
 
-def build(cfg: DictConfig) -> tuple[GPT, TextDataModule, Throughput]:
+def build(cfg: DictConfig) -> tuple[PipelineModule, TextDataModule, Throughput]:
     data = TextDataModule(**OmegaConf.to_container(cfg.data), seed=cfg.seed)
-    model = GPT(
-        vocab_size=data.vocab_size,
-        seq_len=cfg.data.seq_len,
-        **OmegaConf.to_container(cfg.model),
-        optim=OmegaConf.to_container(cfg.optim),
-    )
+    if OmegaConf.get_type(cfg.model) is LitGPTModelConfig:
+        from bfpp_examples.litgpt_model import build_litgpt  # imports litgpt, an optional extra
+
+        model: PipelineModule = build_litgpt(cfg, data.vocab_size)
+    else:
+        model = GPT(
+            vocab_size=data.vocab_size,
+            seq_len=cfg.data.seq_len,
+            **OmegaConf.to_container(cfg.model),
+            optim=OmegaConf.to_container(cfg.optim),
+        )
     return model, data, Throughput(units_per_sample=cfg.data.seq_len, unit="tokens", interval=cfg.log_interval)
 
 

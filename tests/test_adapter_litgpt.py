@@ -164,7 +164,8 @@ def test_bfpp_training_equals_litgpt_on_one_process(run_job, tmp_path: Path, mon
             for key, value in rank["initial"].items():
                 assert torch.equal(value, pretrained[key].double()), (case, key)
             # the logged loss is the one-process loss of the global batch, on every rank
-            torch.testing.assert_close(torch.tensor(rank["logged"]), torch.tensor(losses), rtol=1e-9, atol=0)
+            logged, expected_losses = torch.tensor(rank["logged"]), torch.tensor(losses)
+            torch.testing.assert_close(logged, expected_losses, rtol=1e-9, atol=0, msg=lambda m, c=case: f"{c}: {m}")
 
         exported_dir = tmp_path / "exported" / case
         assert main([str(out.out_dir / "model.ckpt"), str(exported_dir)]) == 0

@@ -20,15 +20,8 @@ COMMON = [
     "log_interval=2",
     "strategy.timeout=60",  # a broken run fails fast instead of waiting on a collective
 ]
-TINY_GPT = [
-    *COMMON,
-    "model.n_layer=2",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "data.seq_len=32",
-    "data.batch_size=8",
-    "data.max_tokens=200000",
-]
+TINY_DATA = ["data.seq_len=32", "data.batch_size=8", "data.max_tokens=200000"]
+TINY_GPT = [*COMMON, "model.n_layer=2", "model.n_embd=32", "model.n_head=2", *TINY_DATA]
 
 
 def train(script: Path, *args: str, timeout: float = 90) -> tuple[int, str]:
@@ -58,6 +51,27 @@ def test_main_job_trains_checkpoints_reports_throughput_and_resumes(tmp_path: Pa
     assert f"resuming from {last}" in output
     assert logged_steps(output) == [8]
     assert (tmp_path / "second" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_main_job_trains_litgpt_and_exports_it(tmp_path: Path) -> None:
+    """``model=litgpt model.name=pythia-14m`` (shrunk, byte-level vocabulary) trains through the pipeline, and its
+    checkpoint exports to a LitGPT checkpoint directory that ``litgpt.GPT`` loads strictly."""
+    import torch
+    from litgpt import GPT, Config
+
+    from lightning_bfpp.adapters.litgpt import main as export
+
+    shape = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2"]
+    args = [*COMMON, *TINY_DATA, "model=litgpt", "model.name=pythia-14m", *shape, "trainer.max_steps=2"]
+    code, output = train(TRAIN, *args, f"hydra.run.dir={tmp_path}")
+    assert code == 0, output[-4000:]
+    assert "LitGPT with" in output and "cpu x 2" in output
+    assert logged_steps(output) == [2]
+    assert export([str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "exported")]) == 0
+
+    config = Config.from_file(tmp_path / "exported" / "model_config.yaml")
+    assert (config.name, config.n_layer, config.n_embd, config.padded_vocab_size) == ("pythia-14m", 2, 32, 256)
+    GPT(config).load_state_dict(torch.load(tmp_path / "exported" / "lit_model.pth", weights_only=True), strict=True)
 
 
 def test_bad_key_or_value_fails_at_start_naming_it(tmp_path: Path) -> None:

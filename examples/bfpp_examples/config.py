@@ -126,6 +126,23 @@ class GPTConfig:
 
 
 @dataclass
+class LitGPTModelConfig:
+    """LitGPT's GPT of config ``name`` (``lightning_bfpp.adapters.litgpt``): random weights with the data's
+    vocabulary and ``data.seq_len`` as its context, the shape keys overriding the config's; or, with ``checkpoint``
+    (a LitGPT checkpoint directory), that model and its weights."""
+
+    name: str = "pythia-14m"
+    checkpoint: str | None = None
+    tie_embeddings: bool = False
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    n_query_groups: int | None = None
+    head_size: int | None = None
+    intermediate_size: int | None = None
+
+
+@dataclass
 class TextDataConfig:
     """Language-model data: random windows of ``seq_len + 1`` tokens.
 
@@ -192,7 +209,7 @@ class TrainConfig:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "strategy": {"bfpp": BFPPStrategyConfig, "ddp": DDPStrategyConfig, "single": SingleStrategyConfig},
-    "model": {"gpt": GPTConfig, "convnet": ConvNetConfig},
+    "model": {"gpt": GPTConfig, "litgpt": LitGPTModelConfig, "convnet": ConvNetConfig},
     "data": {"text": TextDataConfig, "shapes": ShapesDataConfig},
 }
 
