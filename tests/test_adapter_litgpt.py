@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import JobResult
 from litgpt import GPT, Config
+from litgpt.utils import save_config
 from models import TokenData, rmsnorm_in_input_dtype
 
 from lightning_bfpp.adapters.litgpt import (
@@ -180,11 +181,18 @@ def test_bfpp_training_equals_litgpt_on_one_process(run_job, tmp_path: Path, mon
         gpt.load_state_dict(exported, strict=True)  # LitGPT loads the export as it is
 
 
-def test_checkpoint_that_does_not_fit_is_refused(tmp_path: Path) -> None:
-    """A checkpoint of another shape, a tie the checkpoint lacks and a missing file fail when the module is built
-    (on every rank, before any process group exists), naming what to change."""
+def test_pretrained_directory_loads_and_checkpoint_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    """A LitGPT checkpoint directory (``model_config.yaml``, ``lit_model.pth``) gives its model and weights; a
+    checkpoint of another shape, a tie the checkpoint lacks and a missing file fail when the module is built (on
+    every rank, before any process group exists), naming what to change."""
     path = pretrained_checkpoint("pythia", tmp_path / "pythia" / "lit_model.pth")
-    LitGPTModule(litgpt_config("pythia"), checkpoint=path.parent)  # the directory works too
+    save_config(litgpt_config("pythia"), path.parent)
+    module = LitGPTModule.from_pretrained(path.parent)
+    module.configure_model()
+    pretrained = torch.load(path, weights_only=True)
+    assert module.state_dict().keys() == pretrained.keys()
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, pretrained[key]), key
     wider = Config.from_name("pythia-14m", **(CASES["pythia"][1] | {"n_embd": 64}))
     with pytest.raises(
         ValueError, match=r"'pythia-14m': other shapes: lm_head.weight \(64, 32\) \(the config's: \(64, 64\)\)"
