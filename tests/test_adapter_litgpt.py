@@ -205,3 +205,19 @@ def test_pretrained_directory_loads_and_checkpoint_that_does_not_fit_is_refused(
         LitGPTModule(litgpt_config("pythia"), checkpoint=path, tie_embeddings=True)
     with pytest.raises(FileNotFoundError, match=r"No LitGPT checkpoint at .*lit_model.pth"):
         LitGPTModule(litgpt_config("pythia"), checkpoint=tmp_path)
+    too_long = {"input_ids": torch.zeros(2, 17, dtype=torch.long)}  # the config's block_size is 16
+    with pytest.raises(ValueError, match=r"sequences of 17 tokens, but .* block_size=16: shorten the sequences"):
+        module.on_train_batch_start(too_long, 0)  # every rank runs it before the step's transfers
+
+
+def test_random_initialization_is_litgpts_pretraining_one() -> None:
+    """Without a checkpoint: GPT-NeoX's initialization as LitGPT's pretraining applies it, per layer."""
+    config = Config.from_name("Llama-3.2-1B", **(CASES["llama-gqa"][1] | {"n_embd": 256, "n_layer": 4}))
+    module = LitGPTModule(config)
+    module.configure_model()
+    std = (2 / 5 / 256) ** 0.5
+    assert module.transformer.wte.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert module.transformer.h[1].attn.qkv.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert module.transformer.h[2].mlp.proj.weight.std().item() == pytest.approx(1 / 16 / 4, rel=0.05)
+    assert module.transformer.h[3].attn.proj.weight.std().item() == pytest.approx(1 / 16 / 4, rel=0.05)
+    assert torch.equal(module.transformer.ln_f.weight, torch.ones(256))

@@ -155,7 +155,7 @@ class LitGPTModule(PipelineModule):
             x = layer(inputs)
             return x * torch.tensor(config.n_embd**0.5, dtype=x.dtype) if config.scale_embeddings else x
         if index <= config.n_layer:  # a block: the rotary tables are its side input, attention is causal
-            dtype = next(layer.parameters()).dtype
+            dtype = torch.promote_types(next(layer.parameters()).dtype, torch.float32)  # LitGPT's buffers' dtype
             cos, sin = self.rope_cache(inputs.size(1), inputs.device, dtype)
             if config.rope_indices is not None:
                 cos, sin = cos[..., config.rope_indices[index - 1]], sin[..., config.rope_indices[index - 1]]
