@@ -6,16 +6,21 @@ training batch, and its share of the parameters under their global names.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
 from lightning.pytorch.plugins import MixedPrecision
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
@@ -31,13 +36,16 @@ from lightning_bfpp import BFPPStrategy
 
 class OrderedData(pl.LightningDataModule):
     """The test data in a fixed order, split over the data-parallel replicas without shuffling, so that the global
-    batch of step ``k`` is the same samples whatever the number of replicas."""
+    batch of step ``k`` is the same samples whatever the number of replicas. With ``shuffled``, a plain shuffling
+    loader instead, for Lightning to replace with its ``DistributedSampler`` (``use_distributed_sampler=True``)."""
 
-    def __init__(self, batch_size: int, size: int, variable_length: bool = False) -> None:
+    def __init__(self, batch_size: int, size: int, variable_length: bool = False, shuffled: bool = False) -> None:
         super().__init__()
-        self.batch_size, self.size, self.variable_length = batch_size, size, variable_length
+        self.batch_size, self.size, self.variable_length, self.shuffled = batch_size, size, variable_length, shuffled
 
     def train_dataloader(self) -> DataLoader:
+        if self.shuffled:
+            return DataLoader(loader(self.batch_size, size=self.size).dataset, self.batch_size, shuffle=True)
         replicas = self.trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
         if self.variable_length:
             return variable_length_batches(self.batch_size, replicas["num_replicas"], replicas["rank"])
@@ -76,6 +84,7 @@ class Recorder(pl.Callback):
         self.param_bytes: int | None = None
         self.allocated_before_setup: list[str] = []
         self.batched_linears = 0  # Linear modules whose weight gradients the strategy batches
+        self.targets: list[list[float]] = []  # the targets of each training batch: which samples this rank read
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         # before the strategy's set-up: the parameters that already have storage
@@ -90,6 +99,7 @@ class Recorder(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.losses.append(float(outputs["loss"]))
+        self.targets.append(batch["y"].tolist())
         self.logged.append(float(trainer.callback_metrics["train_loss"]))
 
 
@@ -118,6 +128,51 @@ class AutocastRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._recording = False
+
+
+@contextmanager
+def printed_summary(into: dict[str, str], key: str) -> Iterator[None]:
+    """Keeps in ``into[key]`` what the summary callbacks print inside the block: ``ModelSummary``'s log record and
+    ``RichModelSummary``'s console output (on a console wide enough for every column)."""
+    from rich import get_console
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("lightning.pytorch.callbacks.model_summary")
+    logger.addHandler(handler)
+    console = get_console()
+    width, console.width = console.width, 300
+    try:
+        with console.capture() as rich_output:
+            yield
+    finally:
+        logger.removeHandler(handler)
+        console.width = width
+    into[key] = stream.getvalue() + rich_output.get()
+
+
+class PrintedModelSummary(ModelSummary):
+    """Lightning's ``ModelSummary`` (every module); keeps what it prints in ``text``."""
+
+    def __init__(self) -> None:
+        super().__init__(max_depth=-1)
+        self.text: dict[str, str] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        with printed_summary(self.text, "text"):
+            super().on_fit_start(trainer, pl_module)
+
+
+class PrintedRichModelSummary(RichModelSummary):
+    """Lightning's ``RichModelSummary`` (every module); keeps what it prints in ``text``."""
+
+    def __init__(self) -> None:
+        super().__init__(max_depth=-1)
+        self.text: dict[str, str] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        with printed_summary(self.text, "text"):
+            super().on_fit_start(trainer, pl_module)
 
 
 def precision_arguments(config: dict[str, Any]) -> dict[str, Any]:
@@ -197,6 +252,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     reductions = ReductionLog() if config.get("record_reductions") and isinstance(strategy, BFPPStrategy) else None
     if reductions is not None:
         reductions.install()
+    summaries = [PrintedModelSummary(), PrintedRichModelSummary()] if config.get("summary") else []
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=config.get("devices", 1),
@@ -213,8 +269,9 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         logger=False,
         callbacks=[recorder]
         + [c for c in (saved, autocast) if c is not None]
-        + ([StepMarks(reductions)] if reductions else []),
-        use_distributed_sampler=False,
+        + ([StepMarks(reductions)] if reductions else [])
+        + summaries,
+        use_distributed_sampler=config.get("default_sampler", False),
     )
     if build_on == "init_module":
         with trainer.init_module(empty_init=True):
@@ -222,7 +279,12 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     elif build_on == "meta":  # on the meta device in the Trainer's dtype; configure_model materializes it
         with torch.device("meta"), trainer.precision_plugin.tensor_init_context():
             model = build()
-    data = OrderedData(config["batch_size"], config.get("data_size", 96), config.get("variable_length", False))
+    data = OrderedData(
+        config["batch_size"],
+        config.get("data_size", 96),
+        config.get("variable_length", False),
+        shuffled=config.get("default_sampler", False),
+    )
     collective_dtypes: Counter[tuple[str, str]] = Counter()  # (collective, dtype sent)
     counting = config.get("count_collectives")
     collectives = count_fsdp_collectives(trainer.strategy, collective_dtypes) if counting else None
@@ -244,6 +306,8 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "linear_dtypes": autocast.output_dtypes if autocast else None,
         "backward_autocast": autocast.backward_autocast if autocast else None,
         "reductions": reductions.events if reductions is not None else None,
+        "summaries": {type(s).__name__: s.text.get("text") for s in summaries},  # printed on rank 0 only
+        "targets": recorder.targets,
     }
     out_dir = config.get("out_dir")
     if out_dir:
