@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from models import loader
 from run_job import run
 
 MICRO_BATCH = 2  # samples per micro-batch per replica
@@ -166,6 +167,35 @@ def test_strategy_selected_by_name(run_job) -> None:
     ranks = result.ranks()
     assert set(ranks[0]["state"]).isdisjoint(ranks[1]["state"])  # each rank holds its own stage only
     assert_matches(result, config, 1)
+
+
+def test_default_sampler_follows_ddp(run_job) -> None:
+    """With Lightning's default ``use_distributed_sampler=True`` and a shuffling loader, P=2 x D=2 trains exactly like
+    ``ddp`` on 2 processes: Lightning's DistributedSampler gives replica ``r`` the samples it gives DDP's rank ``r``
+    (reshuffled every epoch), and both pipeline ranks of a replica read the same batches."""
+    config = {
+        "devices": 4,
+        "strategy": {"pipeline_parallel_size": 2, "stages_per_rank": 2, "micro_batches": 2},
+        "model": {"num_blocks": 2, "optimizer": "adam"},
+        "batch_size": 4,
+        "data_size": 32,  # 4 batches per replica and epoch: the run goes into a second epoch
+        "max_steps": 5,
+        "default_sampler": True,
+    }
+    bfpp = run_job(config, timeout=150, name="bfpp").ranks()
+    ddp = run_job({**config, "devices": 2, "strategy": "ddp"}, timeout=120, name="ddp").ranks()
+    assert len(bfpp) == 4 and len(ddp) == 2
+    for rank in bfpp:
+        replica = ddp[rank["rank"] % 2]  # rank = pipeline rank * D + replica
+        assert rank["targets"] == replica["targets"]
+        torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(replica["losses"]), rtol=1e-9, atol=0)
+        torch.testing.assert_close(torch.tensor(rank["logged"]), torch.tensor(replica["logged"]), rtol=1e-9, atol=0)
+        for name, value in rank["state"].items():
+            torch.testing.assert_close(value, replica["state"][name], rtol=1e-9, atol=1e-12, msg=lambda m, n=name: n)
+    assert {name for rank in bfpp for name in rank["state"]} == set(ddp[0]["state"])
+    in_order = [batch["y"].tolist() for batch in loader(4, size=32)]
+    assert ddp[0]["targets"][:4] != in_order[::2]  # shuffled, not the one-process order
+    assert ddp[0]["targets"][4] != ddp[0]["targets"][0]  # and shuffled again in the second epoch
 
 
 def test_validate_after_fit_keeps_the_partition(run_job) -> None:

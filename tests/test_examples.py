@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 from bfpp_examples.gpt import GPT  # noqa: E402
+
 TRAIN = ROOT / "examples" / "train.py"
 TRAIN_CONVNET = ROOT / "examples" / "train_convnet.py"
 
