@@ -182,7 +182,7 @@ def test_default_sampler_follows_ddp(run_job) -> None:
         "max_steps": 5,
         "default_sampler": True,
     }
-    bfpp = run_job(config, timeout=150, name="bfpp").ranks()
+    bfpp = run_job(config, timeout=180, name="bfpp").ranks()
     ddp = run_job({**config, "devices": 2, "strategy": "ddp"}, timeout=120, name="ddp").ranks()
     assert len(bfpp) == 4 and len(ddp) == 2
     for rank in bfpp:
