@@ -131,11 +131,13 @@ class AutocastRecorder(pl.Callback):
 
 
 @contextmanager
-def printed_summary(into: dict[str, str], key: str) -> Iterator[None]:
-    """Keeps in ``into[key]`` what the summary callbacks print inside the block: ``ModelSummary``'s log record and
-    ``RichModelSummary``'s console output (on a console wide enough for every column)."""
+def printed_summary() -> Iterator[dict[str, str]]:
+    """Yields a dict whose ``"text"`` is, after the block, what the summary callbacks printed inside it:
+    ``ModelSummary``'s log record and ``RichModelSummary``'s console output (on a console wide enough for every
+    column)."""
     from rich import get_console
 
+    printed: dict[str, str] = {}
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     logger = logging.getLogger("lightning.pytorch.callbacks.model_summary")
@@ -144,35 +146,32 @@ def printed_summary(into: dict[str, str], key: str) -> Iterator[None]:
     width, console.width = console.width, 300
     try:
         with console.capture() as rich_output:
-            yield
+            yield printed
     finally:
         logger.removeHandler(handler)
         console.width = width
-    into[key] = stream.getvalue() + rich_output.get()
+    printed["text"] = stream.getvalue() + rich_output.get()
 
 
-class PrintedModelSummary(ModelSummary):
-    """Lightning's ``ModelSummary`` (every module); keeps what it prints in ``text``."""
-
-    def __init__(self) -> None:
-        super().__init__(max_depth=-1)
-        self.text: dict[str, str] = {}
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        with printed_summary(self.text, "text"):
-            super().on_fit_start(trainer, pl_module)
-
-
-class PrintedRichModelSummary(RichModelSummary):
-    """Lightning's ``RichModelSummary`` (every module); keeps what it prints in ``text``."""
+class KeepsPrintedSummary:
+    """Mixed into a Lightning summary callback: shows every module and keeps what it prints in ``text``."""
 
     def __init__(self) -> None:
-        super().__init__(max_depth=-1)
-        self.text: dict[str, str] = {}
+        super().__init__(max_depth=-1)  # type: ignore[call-arg]
+        self.text: str | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        with printed_summary(self.text, "text"):
-            super().on_fit_start(trainer, pl_module)
+        with printed_summary() as printed:
+            super().on_fit_start(trainer, pl_module)  # type: ignore[misc]
+        self.text = printed["text"]
+
+
+class PrintedModelSummary(KeepsPrintedSummary, ModelSummary):
+    """Lightning's ``ModelSummary``, its text kept."""
+
+
+class PrintedRichModelSummary(KeepsPrintedSummary, RichModelSummary):
+    """Lightning's ``RichModelSummary``, its text kept."""
 
 
 def precision_arguments(config: dict[str, Any]) -> dict[str, Any]:
@@ -306,7 +305,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "linear_dtypes": autocast.output_dtypes if autocast else None,
         "backward_autocast": autocast.backward_autocast if autocast else None,
         "reductions": reductions.events if reductions is not None else None,
-        "summaries": {type(s).__name__: s.text.get("text") for s in summaries},  # printed on rank 0 only
+        "summaries": {type(s).__name__: s.text for s in summaries},  # printed on rank 0 only
         "targets": recorder.targets,
     }
     out_dir = config.get("out_dir")
