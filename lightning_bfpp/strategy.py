@@ -54,6 +54,7 @@ from lightning_bfpp.schedule import (
 from lightning_bfpp.sharding import FSDP_MODES, SHARDING_MODES, ShardedStages, StageGradientReducer
 from lightning_bfpp.strategy_checkpoints import ShardedCheckpoints
 from lightning_bfpp.stream_order import validate_stream_order
+from lightning_bfpp.summary import record_whole_model, use_whole_model_summary
 from lightning_bfpp.tied import TiedGradients, check_ties_sharding, dedupe_stage_parameters, module_ties, set_aliases
 from lightning_bfpp.timeline import wall_clock, write_timeline
 from lightning_bfpp.weight_grad import WEIGHT_GRADIENTS, WeightGradientBatcher
@@ -404,6 +405,8 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         assert self.model is not None and self.accelerator is not None and self.partition is not None
         self.accelerator.setup(trainer)
         self._check_ranks_agree()
+        record_whole_model(self.lightning_module, self._layer_names, self.partition)  # for the model summary
+        use_whole_model_summary(trainer.callbacks)
         drop_remote_layers(self.lightning_module, self._layer_names, self.partition, self.pipeline_rank)
         self.lightning_module.__dict__[SPLIT_ATTRIBUTE] = (self.partition, self._layer_names)
         self._stage_layers_cache = None

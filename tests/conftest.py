@@ -53,13 +53,14 @@ def run_script(script: Path, args: list[str], timeout: float, cwd: Path | None =
 
 @pytest.fixture
 def run_job(tmp_path: Path):
-    """``run_job(config, timeout)`` runs tests/run_job.py with ``config`` on ``config['devices']`` processes."""
+    """``run_job(config, timeout)`` runs tests/run_job.py with ``config`` on ``config['devices']`` processes; jobs of
+    one test given different ``name``s keep their results apart."""
 
-    def _run(config: dict[str, Any], timeout: float = 120, expect_success: bool = True) -> JobResult:
-        out_dir = tmp_path / "out"
+    def _run(config: dict[str, Any], timeout: float = 120, expect_success: bool = True, name: str = "out") -> JobResult:
+        out_dir = tmp_path / name
         out_dir.mkdir(exist_ok=True)
         config = {**config, "out_dir": str(out_dir)}
-        config_path = tmp_path / "config.json"
+        config_path = tmp_path / f"{name}.json"
         config_path.write_text(json.dumps(config))
         code, output = run_script(TESTS_DIR / "run_job.py", [str(config_path)], timeout)
         if expect_success and code != 0:

@@ -6,16 +6,21 @@ training batch, and its share of the parameters under their global names.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
 from lightning.pytorch.plugins import MixedPrecision
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
@@ -31,16 +36,24 @@ from lightning_bfpp import BFPPStrategy
 
 class OrderedData(pl.LightningDataModule):
     """The test data in a fixed order, split over the data-parallel replicas without shuffling, so that the global
-    batch of step ``k`` is the same samples whatever the number of replicas."""
+    batch of step ``k`` is the same samples whatever the number of replicas. With ``shuffled``, a plain shuffling
+    loader instead, for Lightning to replace with its ``DistributedSampler`` (``use_distributed_sampler=True``)."""
 
     def __init__(
-        self, batch_size: int, size: int, variable_length: bool = False, tokens: dict[str, int] | None = None
+        self,
+        batch_size: int,
+        size: int,
+        variable_length: bool = False,
+        tokens: dict[str, int] | None = None,
+        shuffled: bool = False,
     ) -> None:
         super().__init__()
-        self.batch_size, self.size, self.variable_length = batch_size, size, variable_length
+        self.batch_size, self.size, self.variable_length, self.shuffled = batch_size, size, variable_length, shuffled
         self.tokens = tokens  # {"seq_len": ..., "vocab": ...}: language-model samples instead of regression ones
 
     def train_dataloader(self) -> DataLoader:
+        if self.shuffled:
+            return DataLoader(loader(self.batch_size, size=self.size).dataset, self.batch_size, shuffle=True)
         replicas = self.trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
         if self.variable_length:
             return variable_length_batches(self.batch_size, replicas["num_replicas"], replicas["rank"])
@@ -79,6 +92,7 @@ class Recorder(pl.Callback):
         self.param_bytes: int | None = None
         self.allocated_before_setup: list[str] = []
         self.batched_linears = 0  # Linear modules whose weight gradients the strategy batches
+        self.targets: list[list[float]] = []  # the targets of each training batch: which samples this rank read
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         # before the strategy's set-up: the parameters that already have storage
@@ -93,6 +107,7 @@ class Recorder(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.losses.append(float(outputs["loss"]))
+        self.targets.append(batch["y"].tolist())
         self.logged.append(float(trainer.callback_metrics["train_loss"]))
 
 
@@ -121,6 +136,50 @@ class AutocastRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._recording = False
+
+
+@contextmanager
+def printed_summary() -> Iterator[dict[str, str]]:
+    """Yields a dict whose ``"text"`` is, after the block, what the summary callbacks printed inside it:
+    ``ModelSummary``'s log record and ``RichModelSummary``'s console output (on a console wide enough for every
+    column)."""
+    from rich import get_console
+
+    printed: dict[str, str] = {}
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("lightning.pytorch.callbacks.model_summary")
+    logger.addHandler(handler)
+    console = get_console()
+    width, console.width = console.width, 300
+    try:
+        with console.capture() as rich_output:
+            yield printed
+    finally:
+        logger.removeHandler(handler)
+        console.width = width
+    printed["text"] = stream.getvalue() + rich_output.get()
+
+
+class KeepsPrintedSummary:
+    """Mixed into a Lightning summary callback: shows every module and keeps what it prints in ``text``."""
+
+    def __init__(self) -> None:
+        super().__init__(max_depth=-1)  # type: ignore[call-arg]
+        self.text: str | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        with printed_summary() as printed:
+            super().on_fit_start(trainer, pl_module)  # type: ignore[misc]
+        self.text = printed["text"]
+
+
+class PrintedModelSummary(KeepsPrintedSummary, ModelSummary):
+    """Lightning's ``ModelSummary``, its text kept."""
+
+
+class PrintedRichModelSummary(KeepsPrintedSummary, RichModelSummary):
+    """Lightning's ``RichModelSummary``, its text kept."""
 
 
 def precision_arguments(config: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +259,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     reductions = ReductionLog() if config.get("record_reductions") and isinstance(strategy, BFPPStrategy) else None
     if reductions is not None:
         reductions.install()
+    summaries = [PrintedModelSummary(), PrintedRichModelSummary()] if config.get("summary") else []
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=config.get("devices", 1),
@@ -216,8 +276,9 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         logger=False,
         callbacks=[recorder]
         + [c for c in (saved, autocast) if c is not None]
-        + ([StepMarks(reductions)] if reductions else []),
-        use_distributed_sampler=False,
+        + ([StepMarks(reductions)] if reductions else [])
+        + summaries,
+        use_distributed_sampler=config.get("default_sampler", False),
     )
     if build_on == "init_module":
         with trainer.init_module(empty_init=True):
@@ -226,7 +287,11 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         with torch.device("meta"), trainer.precision_plugin.tensor_init_context():
             model = build()
     data = OrderedData(
-        config["batch_size"], config.get("data_size", 96), config.get("variable_length", False), config.get("tokens")
+        config["batch_size"],
+        config.get("data_size", 96),
+        config.get("variable_length", False),
+        config.get("tokens"),
+        shuffled=config.get("default_sampler", False),
     )
     collective_dtypes: Counter[tuple[str, str]] = Counter()  # (collective, dtype sent)
     counting = config.get("count_collectives")
@@ -251,6 +316,8 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "linear_dtypes": autocast.output_dtypes if autocast else None,
         "backward_autocast": autocast.backward_autocast if autocast else None,
         "reductions": reductions.events if reductions is not None else None,
+        "summaries": {type(s).__name__: s.text for s in summaries},  # printed on rank 0 only
+        "targets": recorder.targets,
     }
     out_dir = config.get("out_dir")
     if out_dir:

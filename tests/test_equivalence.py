@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from models import RegressionData
 from run_job import run
 
 MICRO_BATCH = 2  # samples per micro-batch per replica
@@ -18,7 +19,8 @@ def reference(config: dict[str, Any], data_parallel: int) -> dict[str, Any]:
     return run(ref)
 
 
-def assert_matches(result, config: dict[str, Any], data_parallel: int) -> None:
+def assert_matches(result, config: dict[str, Any], data_parallel: int) -> dict[str, Any]:
+    """Asserts that ``result`` equals the one-process run of ``config``; returns that run."""
     ref = reference(config, data_parallel)
     ranks = result.ranks()
     assert len(ranks) == config["devices"]
@@ -39,6 +41,47 @@ def assert_matches(result, config: dict[str, Any], data_parallel: int) -> None:
         torch.testing.assert_close(torch.tensor(rank["logged"]), torch.tensor(ref["logged"]), rtol=1e-9, atol=0)
         if data_parallel == 1:  # the returned loss is the replica's batch loss, as under DDP
             torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(ref["losses"]), rtol=1e-9, atol=0)
+    return ref
+
+
+# where the summary places each module of StackModel(num_blocks=4) split uniformly into P=2 x L=2 stages:
+# (pipeline rank, stage); stage s holds layers [first, blocks.0], [blocks.1, blocks.2], [blocks.3], [head]
+P2_L2_PLACEMENT = {
+    "first": ("0", "0"),
+    "blocks": ("0-1", "0-2"),
+    **{f"blocks.{i}{sub}": (str(s % 2), str(s)) for i, s in enumerate((0, 1, 1, 2)) for sub in ("", ".linear")},
+    "head": ("1", "3"),
+}
+
+
+def printed_table(text: str) -> tuple[list[dict[str, str]], list[str]]:
+    """The rows (column name -> cell) and the total lines of a summary printed by ``ModelSummary`` (``|`` columns)
+    or ``RichModelSummary`` (box drawing), with blanks normalized."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    rich = any(line.startswith("┃") for line in lines)
+    header_mark, row_mark = ("┃", "│") if rich else ("|", "|")
+    header_at = next(i for i, line in enumerate(lines) if f"{header_mark} Name" in line)
+    header = [cell.strip() for cell in lines[header_at].strip("┃").split(header_mark)]
+    rows, totals = [], []
+    for line in lines[header_at + 1 :]:
+        if row_mark in line:
+            cells = [cell.strip() for cell in line.strip("│").split(row_mark)]
+            rows.append(dict(zip(header, cells, strict=True)))
+        elif not set(line) <= set("-━┡┩╇└┘┴─"):
+            totals.append(" ".join(line.replace(":", " ").split()))
+    return rows, totals
+
+
+def assert_whole_model_summary(result, ref: dict[str, Any], placement: dict[str, tuple[str, str]]) -> None:
+    """``ModelSummary`` and ``RichModelSummary`` print on rank 0 every layer of the whole module with the one-process
+    parameter count, the same totals, and the pipeline rank and stage holding each layer."""
+    for callback in ("PrintedModelSummary", "PrintedRichModelSummary"):
+        rows, totals = printed_table(result.rank(0)["summaries"][callback])
+        one_process_rows, one_process_totals = printed_table(ref["summaries"][callback])
+        where = {row["Name"]: (row.pop("Pipeline rank", None), row.pop("Stage", None)) for row in rows}
+        assert rows == one_process_rows, callback
+        assert totals == one_process_totals and len(totals) == 7, callback
+        assert where == placement, callback
 
 
 CASES = [
@@ -49,7 +92,9 @@ CASES = [
     pytest.param((2, 2, 2, 4), "breadth_first", "uniform", "sgd", {"accumulate": 2}, id="P2-L2-D2-M4-bf-accum"),
     pytest.param((4, 2, 1, 8), "breadth_first", "uniform", "sgd", {"clip_val": 0.05}, id="P4-L2-M8-bf-clip"),
     pytest.param((1, 2, 2, 3), "breadth_first", "uniform", "adam", {}, id="P1-L2-D2-M3-bf-adam"),
-    pytest.param((2, 2, 1, 4), "depth_first", "uniform", "sgd", {"clip_val": 0.05}, id="P2-L2-M4-df-clip"),
+    pytest.param(
+        (2, 2, 1, 4), "depth_first", "uniform", "sgd", {"clip_val": 0.05, "summary": True}, id="P2-L2-M4-df-clip"
+    ),
     pytest.param((2, 2, 2, 4), "depth_first", "parameters", "adam", {"wide": True}, id="P2-L2-D2-df-params"),
     pytest.param((2, 1, 1, 4), "gpipe", "uniform", "sgd", {"accumulate": 2, "nccl": "rank"}, id="P2-gpipe-accum-nccl"),
     pytest.param((2, 2, 1, 4), "depth_first", "uniform", "sgd", {"nccl": "pair"}, id="P2-L2-M4-df-nccl-streams"),
@@ -88,9 +133,12 @@ def test_pipelined_training_matches_one_process(run_job, layout, schedule, parti
         "clip_val": extra.get("clip_val"),
         "clip_algorithm": extra.get("clip_algorithm", "norm"),
         "emulate_nccl_streams": extra.get("nccl"),  # NCCL's transfer order and rendezvous, emulated over gloo
+        "summary": extra.get("summary", False),
     }
     result = run_job(config, timeout=180)
-    assert_matches(result, config, D)
+    ref = assert_matches(result, config, D)
+    if config["summary"]:
+        assert_whole_model_summary(result, ref, P2_L2_PLACEMENT)
     if config["clip_val"] is not None:  # the clipping threshold is low enough to change the run
         unclipped = reference({**config, "clip_val": None}, D)
         assert not torch.allclose(unclipped["state"]["head.weight"], result.rank(P * D - 1)["state"]["head.weight"])
@@ -119,6 +167,36 @@ def test_strategy_selected_by_name(run_job) -> None:
     ranks = result.ranks()
     assert set(ranks[0]["state"]).isdisjoint(ranks[1]["state"])  # each rank holds its own stage only
     assert_matches(result, config, 1)
+
+
+def test_default_sampler_follows_ddp(run_job) -> None:
+    """With Lightning's default ``use_distributed_sampler=True`` and a shuffling loader, P=2 x D=2 trains exactly like
+    ``ddp`` on 2 processes: Lightning's DistributedSampler gives replica ``r`` the samples it gives DDP's rank ``r``
+    (reshuffled every epoch), and both pipeline ranks of a replica read the same batches."""
+    config = {
+        "devices": 4,
+        "strategy": {"pipeline_parallel_size": 2, "stages_per_rank": 2, "micro_batches": 2},
+        "model": {"num_blocks": 2, "optimizer": "adam"},
+        "batch_size": 4,
+        "data_size": 32,  # 4 batches per replica and epoch: the run goes into a second epoch
+        "max_steps": 5,
+        "default_sampler": True,
+    }
+    bfpp = run_job(config, timeout=180, name="bfpp").ranks()
+    ddp = run_job({**config, "devices": 2, "strategy": "ddp"}, timeout=120, name="ddp").ranks()
+    assert len(bfpp) == 4 and len(ddp) == 2
+    for rank in bfpp:
+        replica = ddp[rank["rank"] % 2]  # rank = pipeline rank * D + replica
+        assert rank["targets"] == replica["targets"]
+        torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(replica["losses"]), rtol=1e-9, atol=0)
+        torch.testing.assert_close(torch.tensor(rank["logged"]), torch.tensor(replica["logged"]), rtol=1e-9, atol=0)
+        for name, value in rank["state"].items():
+            torch.testing.assert_close(value, replica["state"][name], rtol=1e-9, atol=1e-12, msg=lambda m, n=name: n)
+    assert {name for rank in bfpp for name in rank["state"]} == set(ddp[0]["state"])
+    first_epoch = [y for batch in ddp[0]["targets"][:4] for y in batch]
+    targets = RegressionData(size=32).y
+    assert first_epoch not in (targets[:16].tolist(), targets[::2].tolist())  # shuffled: not one process's order
+    assert ddp[0]["targets"][4] != ddp[0]["targets"][0]  # and shuffled again in the second epoch
 
 
 def test_validate_after_fit_keeps_the_partition(run_job) -> None:

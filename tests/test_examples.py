@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from conftest import run_script
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from bfpp_examples.gpt import GPT  # noqa: E402
+
 TRAIN = ROOT / "examples" / "train.py"
 TRAIN_CONVNET = ROOT / "examples" / "train_convnet.py"
 
@@ -33,8 +39,13 @@ def logged_steps(output: str) -> list[int]:
 
 
 def test_main_job_trains_checkpoints_reports_throughput_and_resumes(tmp_path: Path) -> None:
-    code, output = train(TRAIN, *TINY_GPT, "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'first'}")
+    with_summary = [arg for arg in TINY_GPT if not arg.startswith("trainer.enable_model_summary")]
+    code, output = train(TRAIN, *with_summary, "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'first'}")
     assert code == 0, output[-4000:]
+    # the default model summary counts the whole model, not rank 0's stages
+    one_process = sum(p.numel() for p in GPT(vocab_size=256, seq_len=32, n_layer=2, n_head=2, n_embd=32).parameters())
+    assert f"Total params: {get_human_readable_count(one_process)}" in output, output[-4000:]
+    assert "RemoteLayer" not in output
     assert "cpu x 2" in output and "pipeline_parallel_size=2, stages_per_rank=2, micro_batches=4" in output
     assert logged_steps(output) == [2, 4, 6]
     assert re.search(r"mean throughput [\d,]+ tokens/s", output), output[-2000:]

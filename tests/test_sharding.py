@@ -11,7 +11,7 @@ from conftest import TESTS_DIR, JobResult, run_script
 from eval_job import run
 from models import OPTIMIZERS, RegressionData
 from test_checkpoint import DATA, _assert_state_equal, _merged, _stage
-from test_equivalence import assert_matches, reference
+from test_equivalence import P2_L2_PLACEMENT, assert_matches, assert_whole_model_summary, reference
 
 from lightning_bfpp.gathering import add_parameter_gathering, gathers_per_stage
 from lightning_bfpp.schedule import build_schedule
@@ -40,12 +40,15 @@ def sharded_config(sharding: str, accumulate: int = 1, **strategy) -> dict:
 def test_sharded_training_matches_one_process(run_job, sharding: str, accumulate: int) -> None:
     """P=2 x D=2: every sharding mode trains exactly like the unsplit module on one process, also with gradient
     clipping by norm (over shards and pipeline), and validates like it afterwards (the forward-only schedule gathers
-    and frees each stage too)."""
+    and frees each stage too). Under ZeRO-3 the model summary shows the full size of every sharded layer."""
     config = {**sharded_config(sharding, accumulate), "validate_after": accumulate == 1}
     if accumulate > 1:
         config["clip_val"] = 0.05
+    config["summary"] = sharding == "full" and accumulate == 1
     result = run_job(config, timeout=180)
-    assert_matches(result, config, 2)
+    ref = assert_matches(result, config, 2)
+    if config["summary"]:
+        assert_whole_model_summary(result, ref, P2_L2_PLACEMENT)
     if accumulate > 1:  # the threshold is low enough to change the run
         unclipped = reference({**config, "clip_val": None}, 2)
         assert not torch.allclose(unclipped["state"]["head.weight"], result.rank(3)["state"]["head.weight"])
