@@ -6,6 +6,7 @@ training batch, and its share of the parameters under their global names.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -33,15 +34,16 @@ class OrderedData(pl.LightningDataModule):
     """The test data in a fixed order, split over the data-parallel replicas without shuffling, so that the global
     batch of step ``k`` is the same samples whatever the number of replicas."""
 
-    def __init__(self, batch_size: int, size: int, variable_length: bool = False) -> None:
+    def __init__(self, batch_size: int, size: int, variable_length: bool = False, dataset: str | None = None) -> None:
         super().__init__()
         self.batch_size, self.size, self.variable_length = batch_size, size, variable_length
+        self.dataset = dataset  # "module:function" making the dataset from its size; default: RegressionData
 
     def train_dataloader(self) -> DataLoader:
         replicas = self.trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
         if self.variable_length:
             return variable_length_batches(self.batch_size, replicas["num_replicas"], replicas["rank"])
-        data = loader(self.batch_size, size=self.size).dataset
+        data = imported(self.dataset)(self.size) if self.dataset else loader(self.batch_size, size=self.size).dataset
         sampler = DistributedSampler(data, shuffle=False, drop_last=True, **replicas)
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
@@ -166,6 +168,12 @@ class StepMarks(pl.Callback):
         self.reductions.events.append(("step",))
 
 
+def imported(name: str) -> Any:
+    """The object ``module:attribute`` of a module importable from this folder."""
+    module, _, attribute = name.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a parameter sharded over the data-parallel replicas (every replica must call this)."""
     return value.full_tensor() if isinstance(value, DTensor) else value
@@ -178,7 +186,8 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     build_on = config.get("build_on")  # None; "init_module": trainer.init_module(empty_init=True); "meta"
 
     def build() -> pl.LightningModule:
-        return MODELS[config.get("model_class", "StackModel")](**config.get("model", {}))
+        name = config.get("model_class", "StackModel")  # a class of models.py, or "module:factory"
+        return (imported(name) if ":" in name else MODELS[name])(**config.get("model", {}))
 
     model = build() if build_on is None else None
     strategy_kwargs = config.get("strategy")
@@ -222,11 +231,15 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     elif build_on == "meta":  # on the meta device in the Trainer's dtype; configure_model materializes it
         with torch.device("meta"), trainer.precision_plugin.tensor_init_context():
             model = build()
-    data = OrderedData(config["batch_size"], config.get("data_size", 96), config.get("variable_length", False))
+    data = OrderedData(
+        config["batch_size"], config.get("data_size", 96), config.get("variable_length", False), config.get("dataset")
+    )
     collective_dtypes: Counter[tuple[str, str]] = Counter()  # (collective, dtype sent)
     counting = config.get("count_collectives")
     collectives = count_fsdp_collectives(trainer.strategy, collective_dtypes) if counting else None
     trainer.fit(model, datamodule=data)
+    if config.get("save_checkpoint"):  # every rank takes part; under bfpp a sharded checkpoint directory
+        trainer.save_checkpoint(Path(config["out_dir"]) / config["save_checkpoint"])
     validated = trainer.validate(model, datamodule=data, verbose=False) if config.get("validate_after") else None
     result = {
         "rank": trainer.global_rank,

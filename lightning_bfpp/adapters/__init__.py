@@ -1,0 +1,1 @@
+"""Adapters that wrap popular model libraries as PipelineModules."""
