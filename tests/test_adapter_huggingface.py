@@ -35,7 +35,8 @@ def pretrained(tmp_path: Path, family: str, tied: bool, seed: int = 0) -> Path:
 def test_layers_compute_the_model_forward(tmp_path: Path, family: str, tied: bool, attn: str) -> None:
     """Loaded from a ``save_pretrained`` directory, the adapter holds the model's state dict under the same keys and
     its layer stack gives the logits of the transformers forward exactly, with a padding mask and packed
-    sequences too; its loss is transformers' loss."""
+    sequences too; its loss is transformers' loss. An instantiated model wraps the same way, and a state dict exports
+    to a directory transformers loads."""
     path = pretrained(tmp_path, family, tied)
     hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float64).eval()
     module = HuggingFaceCausalLM.from_pretrained(path, attn_implementation=attn)
@@ -55,6 +56,17 @@ def test_layers_compute_the_model_forward(tmp_path: Path, family: str, tied: boo
         with torch.no_grad():  # without a cache, as in training: restarting positions mark packed sequences
             expected = hf(input_ids=ids, use_cache=False, **extra).logits
             assert torch.equal(module({"input_ids": ids, **extra}), expected), list(extra)
+    wrapped = HuggingFaceCausalLM(hf)  # an instantiated model: its own modules, under the same names
+    assert wrapped.state_dict().keys() == hf.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(wrapped(ids), hf(input_ids=ids).logits)
+
+    export_pretrained(module.state_dict(), tmp_path / "exported", config=module.hf_config)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float64)
+    assert (back.lm_head.weight is back.get_input_embeddings().weight) == tied
+    for key, value in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
     hf.float()
     module.float()
     with torch.no_grad():
@@ -79,21 +91,33 @@ def reference_training(hf: PreTrainedModel, data: TokenData, batch_size: int) ->
     return losses
 
 
+@torch.no_grad()
+def reference_loss(hf: PreTrainedModel, data: TokenData, batch_size: int) -> float:
+    """The mean loss of the model over ``data`` in batches of ``batch_size``."""
+    hf.eval()
+    losses = []
+    for start in range(0, len(data), batch_size):
+        ids = data.ids[start : start + batch_size]
+        logits = hf(input_ids=ids).logits
+        losses.append(F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).item())
+    return sum(losses) / len(losses)
+
+
 RUNS = [
     # (name, family, tied, built from: "config" or "pretrained", strategy options)
-    ("gpt2-tied-P2-L2", "gpt2", True, "config", {"stages_per_rank": 2}),
-    ("llama-untied-P2-full", "llama", False, "pretrained", {"stages_per_rank": 1, "sharding": "full"}),
-    ("gpt2-untied-P2-full", "gpt2", False, "pretrained", {"stages_per_rank": 1, "sharding": "full"}),
-    ("llama-tied-P2-L2", "llama", True, "config", {"stages_per_rank": 2}),
+    ("gpt2-tied-P2-L2", "gpt2", True, "pretrained", {"stages_per_rank": 2}),
+    ("llama-untied-P2-L2", "llama", False, "config", {"stages_per_rank": 2}),
+    ("gpt2-untied-P2-full", "gpt2", False, "config", {"stages_per_rank": 1, "sharding": "full"}),
+    ("llama-tied-P2-full", "llama", True, "pretrained", {"stages_per_rank": 1, "sharding": "full"}),
 ]
 
 
 def test_pipelined_fine_tuning_matches_one_process_and_exports(run_job, tmp_path: Path, monkeypatch) -> None:
     """One launch of 4 ranks (P=2 x D=2), a run per case: GPT-2 and Llama, tied and untied, from a config (meta
     device, transformers' initialization per layer) and from a ``save_pretrained`` directory (each rank reads its
-    layers' keys), P=2 x L=2 and P=2 x L=1 with ``sharding="full"``. Float64, 3 AdamW steps: the losses and the
-    exported weights equal those of the unwrapped model trained on one process; each rank allocated nothing before
-    set-up and holds only its layers."""
+    layers' keys), P=2 x L=2 and P=2 x L=1 with ``sharding="full"``. Float64, 3 AdamW steps: the losses, a
+    validation after the fit and the exported weights equal those of the unwrapped model trained on one process; each
+    rank allocated nothing before set-up and holds only its layers."""
     runs, references = [], {}
     data = TokenData(64)
     batch = MICRO_BATCHES * MICRO_BATCH
@@ -122,6 +146,7 @@ def test_pipelined_fine_tuning_matches_one_process_and_exports(run_job, tmp_path
                 "model": model,
                 "strategy": {"pipeline_parallel_size": 2, "micro_batches": MICRO_BATCHES, **strategy},
                 "record_initial": "sharding" not in strategy,  # whole tensors (not shards) to compare
+                "validate_after": not runs,  # the first run validates its trained model on the training data
             }
         )
     job = {
@@ -147,6 +172,10 @@ def test_pipelined_fine_tuning_matches_one_process_and_exports(run_job, tmp_path
         held = {frozenset(rank["state"]) for rank in ranks}  # the two pipeline ranks' layers, the same per replica
         assert len(held) == 2 and frozenset.intersection(*held) == set(), name
         assert frozenset.union(*held) == set(hf.state_dict()), name
+        if run["validate_after"]:
+            expected = reference_loss(hf, data, batch * REPLICAS)
+            for rank in ranks:
+                assert rank["validated"][0]["val_loss"] == pytest.approx(expected, rel=1e-10, abs=0)
         if run["record_initial"]:
             for rank in ranks:  # the initial weights of one process: read from the files or initialized per layer
                 for key, value in rank["initial"].items():
