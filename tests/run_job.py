@@ -80,6 +80,8 @@ class Recorder(pl.Callback):
         self.batched_linears = 0  # Linear modules whose weight gradients the strategy batches
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return  # a validation after the fit sets up again
         # before the strategy's set-up: the parameters that already have storage
         self.allocated_before_setup = [name for name, p in pl_module.named_parameters() if not p.is_meta]
 
