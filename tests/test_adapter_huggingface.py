@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, BertConfig, PreTrainedModel
 from lightning_bfpp.adapters.huggingface import HuggingFaceCausalLM, causal_lm_loss, export_pretrained
 
 STEPS, MICRO_BATCHES, REPLICAS, MICRO_BATCH = 3, 2, 2, 2
+DATA_SIZE = STEPS * MICRO_BATCHES * MICRO_BATCH * REPLICAS  # one epoch of 3 steps; the validation takes 3 batches
 SEED = 1  # run_job's seed_everything
 
 
@@ -66,6 +67,13 @@ def test_layers_compute_the_model_forward(tmp_path: Path, family: str, tied: boo
     assert (back.lm_head.weight is back.get_input_embeddings().weight) == tied
     for key, value in hf.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
+    checkpoint = {"state_dict": module.state_dict()}  # a one-file Lightning checkpoint, with what the module adds
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    export_pretrained(tmp_path / "plain.ckpt", tmp_path / "bf16", dtype=torch.bfloat16)
+    with safe_open(tmp_path / "bf16" / "model.safetensors", framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (not a dict)
+            assert torch.equal(f.get_tensor(key), hf.state_dict()[key].to(torch.bfloat16)), key
 
     hf.float()
     module.float()
@@ -119,7 +127,7 @@ def test_pipelined_fine_tuning_matches_one_process_and_exports(run_job, tmp_path
     validation after the fit and the exported weights equal those of the unwrapped model trained on one process; each
     rank allocated nothing before set-up and holds only its layers."""
     runs, references = [], {}
-    data = TokenData(64)
+    data = TokenData(DATA_SIZE)
     batch = MICRO_BATCHES * MICRO_BATCH
     monkeypatch.setenv("PL_GLOBAL_SEED", str(SEED))  # the per-layer seeds of run_job's run
     for name, family, tied, source, strategy in RUNS:
@@ -153,14 +161,14 @@ def test_pipelined_fine_tuning_matches_one_process_and_exports(run_job, tmp_path
         "devices": 4,
         "model_class": "hf_models:build_adapter",
         "dataset": "hf_models:TokenData",
-        "data_size": 64,
+        "data_size": DATA_SIZE,
         "build_on": "init_module",  # on the meta device until set-up, also for a model built from a config
         "batch_size": batch,
         "max_steps": STEPS,
         "save_checkpoint": "last.ckpt",
         "runs": runs,
     }
-    result = run_job(job, timeout=300)
+    result = run_job(job, timeout=240)
     for run in runs:
         name = run["name"]
         hf, losses, initial = references[name]
