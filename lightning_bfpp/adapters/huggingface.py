@@ -188,8 +188,8 @@ class HuggingFaceCausalLM(PipelineModule):
     def pipeline_init_layer(self, index: int, layer: nn.Module) -> None:
         """Fills layer ``index`` from the checkpoint files (its keys only), or initializes it as transformers does."""
         if self._checkpoint is not None:
-            prefix = self._layer_names[index] + "."
-            tensors = [*layer.named_parameters(prefix=prefix[:-1]), *_persistent_buffers(layer, prefix[:-1])]
+            name = self._layer_names[index]
+            tensors = [*layer.named_parameters(prefix=name), *_persistent_buffers(layer, name)]
             self._checkpoint.read_into(dict(tensors), self._aliases)
             return
         for submodule in layer.modules():
