@@ -204,8 +204,9 @@ def test_pipelined_fine_tuning_matches_one_process_and_exports(run_job, tmp_path
 
 
 def test_bad_input_is_refused_with_the_fix(tmp_path: Path) -> None:
-    """An architecture the adapter does not know, a checkpoint lacking a weight and a batch with token type ids are
-    refused when the module is built or run, naming what to change."""
+    """An architecture the adapter does not know, a checkpoint lacking a weight, a batch with token type ids or
+    without token ids are refused, when the module is built or by a hook every rank runs before a step, naming what to
+    change."""
     with pytest.raises(ValueError, match=r"supports the model types \['gpt2', 'llama'\], not 'bert'"):
         HuggingFaceCausalLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2))
     path = pretrained(tmp_path, "llama", tied=False)
@@ -217,5 +218,8 @@ def test_bad_input_is_refused_with_the_fix(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match=r"lacks \['model.layers.4.self_attn.q_proj.weight'"):
         HuggingFaceCausalLM(path)
     module = HuggingFaceCausalLM(config("gpt2", tied=True))
-    with pytest.raises(ValueError, match="token_type_ids"):
-        module.pipeline_input({"input_ids": torch.zeros(1, 4, dtype=torch.long), "token_type_ids": torch.zeros(1, 4)})
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="token_type_ids"):  # checked by a hook every rank runs before the step
+        module.on_train_batch_start({"input_ids": ids, "token_type_ids": ids}, 0)
+    with pytest.raises(ValueError, match=r"a dict with 'input_ids'; got \['tokens'\]"):
+        module.on_validation_batch_start({"tokens": ids}, 0)

@@ -135,11 +135,6 @@ class HuggingFaceCausalLM(PipelineModule):
 
     @override
     def pipeline_input(self, batch: Any) -> StageIO:
-        if isinstance(batch, Mapping) and batch.get("token_type_ids") is not None:
-            raise ValueError(
-                "HuggingFaceCausalLM does not take token_type_ids: drop them from the batch (the token embedding, "
-                "which transformers adds them through, may live on another pipeline stage)."
-            )
         return _field(batch, "input_ids")
 
     @override
@@ -197,6 +192,14 @@ class HuggingFaceCausalLM(PipelineModule):
 
     # ---------------------------------------------------------------------------------------- Lightning hooks
     @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        check_batch(batch)  # on every rank, before the step (a stage that cannot run would leave the others waiting)
+
+    @override
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        check_batch(batch)
+
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = causal_lm_loss(self(batch), _labels(batch))
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)
@@ -241,6 +244,17 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX
     )
+
+
+def check_batch(batch: Any) -> None:
+    """Raises a clear error for a batch the adapter cannot run: token ids, or a dict with ``input_ids`` and no
+    ``token_type_ids``."""
+    _field(batch, "input_ids")
+    if isinstance(batch, Mapping) and batch.get("token_type_ids") is not None:
+        raise ValueError(
+            "HuggingFaceCausalLM does not take token_type_ids: drop them from the batch (the token embedding, "
+            "which transformers adds them through, may live on another pipeline stage)."
+        )
 
 
 def _field(batch: Any, name: str) -> Tensor:
