@@ -6,6 +6,7 @@ training batch, and its share of the parameters under their global names.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -46,10 +47,12 @@ class OrderedData(pl.LightningDataModule):
         variable_length: bool = False,
         tokens: dict[str, int] | None = None,
         shuffled: bool = False,
+        dataset: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_size, self.size, self.variable_length, self.shuffled = batch_size, size, variable_length, shuffled
         self.tokens = tokens  # {"seq_len": ..., "vocab": ...}: language-model samples instead of regression ones
+        self.dataset = dataset  # "module:function" making the dataset from its size; default: RegressionData
 
     def train_dataloader(self) -> DataLoader:
         if self.shuffled:
@@ -57,7 +60,12 @@ class OrderedData(pl.LightningDataModule):
         replicas = self.trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
         if self.variable_length:
             return variable_length_batches(self.batch_size, replicas["num_replicas"], replicas["rank"])
-        data = TokenData(self.size, **self.tokens) if self.tokens else loader(self.batch_size, size=self.size).dataset
+        if self.tokens:
+            data = TokenData(self.size, **self.tokens)
+        elif self.dataset:
+            data = imported(self.dataset)(self.size)
+        else:
+            data = loader(self.batch_size, size=self.size).dataset
         sampler = DistributedSampler(data, shuffle=False, drop_last=True, **replicas)
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
@@ -95,6 +103,8 @@ class Recorder(pl.Callback):
         self.targets: list[list[float]] = []  # the targets of each training batch: which samples this rank read
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return  # a validation after the fit sets up again
         # before the strategy's set-up: the parameters that already have storage
         self.allocated_before_setup = [name for name, p in pl_module.named_parameters() if not p.is_meta]
 
@@ -228,6 +238,12 @@ class StepMarks(pl.Callback):
         self.reductions.events.append(("step",))
 
 
+def imported(name: str) -> Any:
+    """The object ``module:attribute`` of a module importable from this folder."""
+    module, _, attribute = name.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a parameter sharded over the data-parallel replicas (every replica must call this)."""
     return value.full_tensor() if isinstance(value, DTensor) else value
@@ -240,7 +256,8 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     build_on = config.get("build_on")  # None; "init_module": trainer.init_module(empty_init=True); "meta"
 
     def build() -> pl.LightningModule:
-        return MODELS[config.get("model_class", "StackModel")](**config.get("model", {}))
+        name = config.get("model_class", "StackModel")  # a class of models.py, or "module:factory"
+        return (imported(name) if ":" in name else MODELS[name])(**config.get("model", {}))
 
     model = build() if build_on is None else None
     strategy_kwargs = config.get("strategy")
@@ -292,12 +309,13 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         config.get("variable_length", False),
         config.get("tokens"),
         shuffled=config.get("default_sampler", False),
+        dataset=config.get("dataset"),
     )
     collective_dtypes: Counter[tuple[str, str]] = Counter()  # (collective, dtype sent)
     counting = config.get("count_collectives")
     collectives = count_fsdp_collectives(trainer.strategy, collective_dtypes) if counting else None
     trainer.fit(model, datamodule=data)
-    if config.get("save_checkpoint"):  # a file name in out_dir: the checkpoint after training (every rank saves)
+    if config.get("save_checkpoint"):  # a name in out_dir; every rank takes part (under bfpp a sharded directory)
         trainer.save_checkpoint(Path(config["out_dir"]) / config["save_checkpoint"])
     validated = trainer.validate(model, datamodule=data, verbose=False) if config.get("validate_after") else None
     result = {
