@@ -117,7 +117,8 @@ class Recorder(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.losses.append(float(outputs["loss"]))
-        self.targets.append(batch["y"].tolist())
+        if "y" in batch:  # regression data: which samples this rank read
+            self.targets.append(batch["y"].tolist())
         self.logged.append(float(trainer.callback_metrics["train_loss"]))
 
 
