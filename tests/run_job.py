@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.tuner import Tuner
@@ -176,7 +176,7 @@ def stock_callbacks(names: list[str], out_dir: str | None) -> list[pl.Callback]:
     root = out_dir or "."
     made: dict[str, Any] = {
         "DeviceStatsMonitor": lambda: cb.DeviceStatsMonitor(cpu_stats=True),
-        "EarlyStopping": lambda: cb.EarlyStopping("val_loss", patience=0, min_delta=1.0),
+        "EarlyStopping": lambda: cb.EarlyStopping("val_loss", patience=3, min_delta=1.0),
         "GradientAccumulationScheduler": lambda: cb.GradientAccumulationScheduler({1: 2}),
         "LambdaCallback": lambda: cb.LambdaCallback(on_train_batch_end=lambda *args: None),
         "LearningRateMonitor": lambda: cb.LearningRateMonitor("step"),
@@ -249,7 +249,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         accumulate_grad_batches=config.get("accumulate", 1),
         gradient_clip_val=config.get("clip_val"),
         gradient_clip_algorithm=config.get("clip_algorithm", "norm"),
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in extra_callbacks),
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in extra_callbacks),
         callbacks=[recorder]
         + [c for c in (saved, autocast) if c is not None]
         + ([StepMarks(reductions)] if reductions else [])
