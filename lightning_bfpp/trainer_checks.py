@@ -68,14 +68,13 @@ CALLBACK_SUPPORT: dict[str, Support] = {
     ),
     "LearningRateFinder": Support(
         "refused",
-        "(also added by Tuner.lr_find) runs trial steps and restores the model from a temporary whole-model "
-        "checkpoint. Find the learning rate on one process (strategy='auto', e.g. a smaller model) and set it",
+        "runs trial steps and restores the model from a temporary checkpoint (Tuner.lr_find adds it too). Find "
+        "the learning rate on one process (strategy='auto', e.g. with a smaller model) and set it",
     ),
     "BatchSizeFinder": Support(
         "refused",
-        "(also added by Tuner.scale_batch_size) changes the batch size between trial runs, and each must be a "
-        "multiple of micro_batches. Find the batch size on one process (strategy='auto') or by trying sizes, and "
-        "set it",
+        "changes the batch size between trial runs, and each must be a multiple of micro_batches. Find the batch "
+        "size on one process (strategy='auto') or by trying sizes, and set it",
     ),
     "OnExceptionCheckpoint": Support(
         "refused",

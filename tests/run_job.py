@@ -210,7 +210,8 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     local_overrides = config.get("rank_overrides", {}).get(os.environ.get("LOCAL_RANK", "0"), {})
     config = {k: {**v, **local_overrides[k]} if k in local_overrides else v for k, v in config.items()}
     pl.seed_everything(config.get("seed", 1), verbose=False)
-    build_on = config.get("build_on")  # None; "init_module": trainer.init_module(empty_init=True); "meta"
+    # build_on: None; "init_module": under trainer.init_module(empty_init=config's "empty_init", default True); "meta"
+    build_on = config.get("build_on")
 
     def build() -> pl.LightningModule:
         return MODELS[config.get("model_class", "StackModel")](**config.get("model", {}))
@@ -258,7 +259,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         **trainer_options,
     )
     if build_on == "init_module":
-        with trainer.init_module(empty_init=True):
+        with trainer.init_module(empty_init=config.get("empty_init", True)):
             model = build()
     elif build_on == "meta":  # on the meta device in the Trainer's dtype; configure_model materializes it
         with torch.device("meta"), trainer.precision_plugin.tensor_init_context():

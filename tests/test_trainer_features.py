@@ -75,6 +75,7 @@ COMPARED = [
         "trainer": {"enable_progress_bar": True, "enable_model_summary": True},
     },
     {"name": "fast_dev_run", "trainer": {"fast_dev_run": 2}},
+    {"name": "init_module", "build_on": "init_module", "empty_init": False, "max_steps": 2},
     {  # accumulation with a per-step scheduler, validation every other epoch, anomaly detection
         "name": "features",
         "accumulate": 2,
