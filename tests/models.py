@@ -59,7 +59,8 @@ class StackModel(PipelineModule):
     parameters get no gradient then). With ``gate_block``, that block acts on the samples whose first feature exceeds
     1 only, and is left out of a micro-batch that has none (so replicas can disagree on whether its parameters get a
     gradient). ``optimizer``: ``sgd`` (momentum), ``adam`` or ``adamw`` (weight decay), or a key of
-    :data:`OPTIMIZERS` (two parameter groups)."""
+    :data:`OPTIMIZERS` (two parameter groups). With ``step_scheduler``, the learning rate decays by 0.7 every
+    optimizer step (a scheduler with ``interval="step"``)."""
 
     def __init__(
         self,
@@ -73,7 +74,7 @@ class StackModel(PipelineModule):
         tied: bool = False,
         skip_block: int | None = None,
         gate_block: int | None = None,
-        scheduler: bool = False,
+        step_scheduler: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -128,7 +129,7 @@ class StackModel(PipelineModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self._optimizer()
-        if not self.hparams.get("scheduler"):
+        if not self.hparams.get("step_scheduler"):
             return optimizer
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)  # once per optimizer step
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -31,7 +31,7 @@ WORKING = [  # run together in one fit (the progress bars and summaries in two)
     "Timer",
 ]
 P2 = {"devices": 2, "strategy": {"pipeline_parallel_size": 2, "stages_per_rank": 2, "micro_batches": 2}}
-BASE = {**P2, "model": {"num_blocks": 4, "scheduler": True}, "batch_size": 4, "data_size": 32, "pg_timeout": 60}
+BASE = {**P2, "model": {"num_blocks": 4, "step_scheduler": True}, "batch_size": 4, "data_size": 32, "pg_timeout": 60}
 
 
 def test_every_stock_callback_is_classified() -> None:
