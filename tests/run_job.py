@@ -185,7 +185,9 @@ def stock_callbacks(names: list[str], out_dir: str | None) -> list[pl.Callback]:
         "RichModelSummary": lambda: cb.RichModelSummary(max_depth=2),
         "RichProgressBar": cb.RichProgressBar,
         "TQDMProgressBar": cb.TQDMProgressBar,
-        "SpikeDetection": lambda: cb.SpikeDetection(mode="min", window=2, warmup=2, atol=None, rtol=0.05),
+        "SpikeDetection": lambda: cb.SpikeDetection(
+            mode="min", window=2, warmup=2, atol=None, rtol=0.05, exclude_batches_path=str(Path(root, "skip.json"))
+        ),
         "ThroughputMonitor": lambda: cb.ThroughputMonitor(batch_size_fn=lambda batch: batch["x"].shape[0]),
         "Timer": lambda: cb.Timer({"hours": 1}),
         "BackboneFinetuning": lambda: cb.BackboneFinetuning(unfreeze_backbone_at_epoch=1),
