@@ -11,6 +11,10 @@ torchmetrics ``Metric`` objects are updated on the last stage only. They can be 
 and resets it on every rank at the same time. :func:`install_metric_sync` makes every ``compute()`` outside the
 last-stage hooks gather the states of the last stage's data-parallel replicas and hand them to every rank of the
 pipeline: each rank computes the same, exact, value.
+
+A collective called inside those hooks would wait forever for the ranks that do not run them. The strategy's
+collectives ask :func:`refuse_in_pipeline_hook` first: there it records a :class:`PipelineHookError`, which is relayed
+with the log calls and raised by :func:`replay` on every rank of the pipeline at the end of the step.
 """
 
 from __future__ import annotations
@@ -31,6 +35,20 @@ from lightning_bfpp.collectives import relay
 
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
 _capturing = 0  # > 0 while a last-stage hook runs under LogRecorder.capture
+_active: list[LogRecorder] = []  # the recorders capturing now, innermost last
+
+_LAST_STAGE_HOOKS = "pipeline_loss, validation_step, test_step and predict_step"
+
+
+class PipelineHookError(RuntimeError):
+    """A call that cannot work inside a hook that runs on the last pipeline stage only; raised on every rank."""
+
+
+@dataclass(frozen=True)
+class DeferredError:
+    """The message of a :class:`PipelineHookError` recorded on the last stage, to raise on every rank."""
+
+    message: str
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,12 @@ class LogRecorder:
         self._module: nn.Module | None = None
         self._counts_before: dict[str, int] | None = None
         self._batch_sizes: dict[str, list[int]] = {}
+        self._error: str | None = None
+
+    def defer_error(self, message: str) -> None:
+        """Keeps the first error of the batch, raised on every rank by :func:`replay`."""
+        if self._error is None:
+            self._error = message
 
     @contextmanager
     def capture(self, module: nn.Module) -> Iterator[None]:
@@ -83,19 +107,22 @@ class LogRecorder:
             self._counts_before = {name: m._update_count for name, m in _metrics(module)}
         module.__dict__["log"] = self._record
         _capturing += 1
+        _active.append(self)
         try:
             yield
         finally:
+            _active.pop()
             _capturing -= 1
             module.__dict__.pop("log", None)
 
     def _record(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         if "sync_dist_group" in kwargs and kwargs["sync_dist_group"] is not None:
-            raise ValueError(
+            self.defer_error(
                 f"self.log({name!r}, ..., sync_dist_group=...) inside a pipeline hook: under bfpp these calls are "
                 "replayed on every rank of the pipeline, and `sync_dist=True` already reduces over the data-parallel "
                 "replicas; remove sync_dist_group."
             )
+            return
         entry = self._entries.setdefault(name, _Entry())
         if isinstance(value, Metric):
             entry.metric = kwargs.pop("metric_attribute", None) or self._metric_name(name, value)
@@ -126,10 +153,13 @@ class LogRecorder:
             "assign it as an attribute in __init__ (e.g. `self.val_acc = Accuracy(...)`) so that every rank has it."
         )
 
-    def calls(self) -> list[LogCall | MetricCounts]:
+    def calls(self) -> list[LogCall | MetricCounts | DeferredError]:
         """The metric update counts, then the recorded calls in first-logged order, each value combined over the
-        micro-batches as the call's ``reduce_fx`` combines batches (mean, sum, max or min; mean otherwise)."""
-        result: list[LogCall | MetricCounts] = []
+        micro-batches as the call's ``reduce_fx`` combines batches (mean, sum, max or min; mean otherwise); first the
+        deferred error, if a call could not be made."""
+        result: list[LogCall | MetricCounts | DeferredError] = []
+        if self._error is not None:
+            result.append(DeferredError(self._error))
         if self._module is not None and self._counts_before is not None:
             changed = tuple(
                 (name, m._update_count)
@@ -150,6 +180,20 @@ class LogRecorder:
             value, dtype = _combine(entry.values, kwargs.get("reduce_fx", "mean"))
             result.append(LogCall(name, value, dtype, entry.args, tuple(sorted(kwargs.items()))))
         return result
+
+
+def refuse_in_pipeline_hook(call: str) -> bool:
+    """Whether ``call``, a collective, was made inside a last-stage hook: then the error is recorded (raised on every
+    rank at the end of the step) and the caller must return without communicating."""
+    if not _active:
+        return False
+    _active[-1].defer_error(
+        f"{call} was called inside a hook that runs on the last pipeline stage only ({_LAST_STAGE_HOOKS}): the other "
+        "ranks never join it, so it would hang. Log the value with self.log(..., sync_dist=True) (reduced over the "
+        "data-parallel replicas and shown on every rank), or move the collective to a hook that every rank runs "
+        "(on_train_batch_end, on_validation_epoch_end, a callback)."
+    )
+    return True
 
 
 def _combine(values: list[Any], reduce_fx: Any) -> tuple[float, torch.dtype | None]:
@@ -180,9 +224,11 @@ def _metrics(module: nn.Module) -> Iterator[tuple[str, Metric]]:
             yield name, sub
 
 
-def replay(module: Any, calls: list[LogCall | MetricCounts], device: torch.device) -> None:
-    """Makes the recorded ``self.log`` calls on ``module`` (a LightningModule)."""
+def replay(module: Any, calls: list[LogCall | MetricCounts | DeferredError], device: torch.device) -> None:
+    """Makes the recorded ``self.log`` calls on ``module`` (a LightningModule); raises the deferred error, if any."""
     for call in calls:
+        if isinstance(call, DeferredError):
+            raise PipelineHookError(call.message)
         if isinstance(call, MetricCounts):
             for name, count in call.counts:
                 metric = module.get_submodule(name)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bfpp.materialize import check_materialized, materialize_layers
+from lightning_bfpp.partition import RemoteLayer
 
 StageIO = Tensor | tuple[Tensor, ...]
 
@@ -79,9 +80,20 @@ class PipelineModule(pl.LightningModule):
         check_materialized(self)
 
     def forward(self, batch: Any) -> StageIO:
-        """Runs the whole layer stack on ``batch`` (the one-device path)."""
+        """Runs the whole layer stack on ``batch`` (the one-device path). Under ``strategy="bfpp"`` a rank holds only
+        some layers: ``self(batch)`` works inside ``validation_step``, ``test_step`` and ``predict_step`` (it answers
+        the pipeline's output there) and raises anywhere else."""
+        layers = self.pipeline_layers()
+        if any(isinstance(layer, RemoteLayer) for layer in layers):
+            raise RuntimeError(
+                f"{type(self).__name__}.forward (`self(batch)`) was called outside the pipeline hooks, on a rank that "
+                "holds only some of the layers (BFPPStrategy split the module). Run the model through the pipeline: "
+                "call self(batch) in validation_step, test_step or predict_step (there it returns the last layer's "
+                "output) and use trainer.validate/test/predict; or load a checkpoint into a fresh module on one "
+                "process (strategy='auto')."
+            )
         outputs = self.pipeline_input(batch)
-        for index, layer in enumerate(self.pipeline_layers()):
+        for index, layer in enumerate(layers):
             outputs = self.pipeline_layer_forward(index, layer, outputs, batch)
         return outputs
 

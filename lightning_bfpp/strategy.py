@@ -36,7 +36,13 @@ from lightning_bfpp.executor import PipelineExecutor, StageIO
 from lightning_bfpp.faults import explain_lost_rank
 from lightning_bfpp.gathering import add_parameter_gathering
 from lightning_bfpp.grad_clip import clip_grad_norm_global
-from lightning_bfpp.log_relay import LogRecorder, PipelineMetricSync, install_metric_sync, replay
+from lightning_bfpp.log_relay import (
+    LogRecorder,
+    PipelineMetricSync,
+    install_metric_sync,
+    refuse_in_pipeline_hook,
+    replay,
+)
 from lightning_bfpp.materialize import check_materialized, materialize_layers
 from lightning_bfpp.microbatch import batch_size_of, merge_outputs, split_batch
 from lightning_bfpp.module import missing_hooks
@@ -57,6 +63,7 @@ from lightning_bfpp.stream_order import validate_stream_order
 from lightning_bfpp.summary import record_whole_model, use_whole_model_summary
 from lightning_bfpp.tied import TiedGradients, check_ties_sharding, dedupe_stage_parameters, module_ties, set_aliases
 from lightning_bfpp.timeline import wall_clock, write_timeline
+from lightning_bfpp.trainer_checks import check_callbacks
 from lightning_bfpp.weight_grad import WEIGHT_GRADIENTS, WeightGradientBatcher
 from lightning_bfpp.zero import shard_optimizer_states
 
@@ -378,6 +385,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
+        check_callbacks(self.lightning_module.trainer.callbacks)  # on every rank, before the process group exists
         super().setup_environment()
         reset_seed()
         self.set_world_ranks()
@@ -801,6 +809,8 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         # Over every rank: `reduce` sums over the data-parallel replicas only, while callers (ModelCheckpoint's top-k
         # test, file_exists) compare the sum with the world size.
+        if refuse_in_pipeline_hook("trainer.strategy.reduce_boolean_decision()"):
+            return decision
         flag = torch.tensor(int(decision), device=self.root_device)
         flag = _sync_ddp_if_available(flag, dist.group.WORLD, reduce_op=ReduceOp.SUM)
         return bool(flag == self.world_size) if all else bool(flag)
@@ -808,7 +818,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
     # ------------------------------------------------------------------------------------------ collectives
     @override
     def barrier(self, name: str | None = None) -> None:
-        if not _distributed_is_initialized():
+        if not _distributed_is_initialized() or refuse_in_pipeline_hook("trainer.strategy.barrier()"):
             return
         with self._explain_lost_rank(f"a barrier{f' ({name})' if name else ''}"):
             if dist.get_backend() == "nccl":
@@ -818,7 +828,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized():
+        if not _distributed_is_initialized() or refuse_in_pipeline_hook("trainer.strategy.broadcast()"):
             return obj
         box = [obj]
         with self._explain_lost_rank("a broadcast"):
@@ -830,9 +840,15 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
     ) -> Tensor | Any:
         """Reduces over the data-parallel replicas by default: the ranks of one pipeline hold the same values."""
-        if isinstance(tensor, Tensor):
+        if isinstance(tensor, Tensor) and not refuse_in_pipeline_hook("trainer.strategy.reduce()"):
             return _sync_ddp_if_available(tensor, group if group is not None else self.dp_group, reduce_op=reduce_op)
         return tensor
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        if refuse_in_pipeline_hook("self.all_gather() / trainer.strategy.all_gather()"):
+            return torch.stack([tensor] * (self.world_size if group is None else dist.get_world_size(group)))
+        return super().all_gather(tensor, group, sync_grads)
 
     @override
     def teardown(self) -> None:

@@ -59,7 +59,8 @@ class StackModel(PipelineModule):
     parameters get no gradient then). With ``gate_block``, that block acts on the samples whose first feature exceeds
     1 only, and is left out of a micro-batch that has none (so replicas can disagree on whether its parameters get a
     gradient). ``optimizer``: ``sgd`` (momentum), ``adam`` or ``adamw`` (weight decay), or a key of
-    :data:`OPTIMIZERS` (two parameter groups)."""
+    :data:`OPTIMIZERS` (two parameter groups). With ``step_scheduler``, the learning rate decays by 0.7 every
+    optimizer step (a scheduler with ``interval="step"``)."""
 
     def __init__(
         self,
@@ -73,6 +74,7 @@ class StackModel(PipelineModule):
         tied: bool = False,
         skip_block: int | None = None,
         gate_block: int | None = None,
+        step_scheduler: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -126,6 +128,13 @@ class StackModel(PipelineModule):
         return self(batch).squeeze(-1)
 
     def configure_optimizers(self) -> Any:
+        optimizer = self._optimizer()
+        if not self.hparams.get("step_scheduler"):
+            return optimizer
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)  # once per optimizer step
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _optimizer(self) -> Any:
         if self.hparams.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.hparams.lr * 0.1)
         if self.hparams.optimizer == "adamw":
@@ -294,8 +303,45 @@ def litgpt_module(name: str, overrides: dict[str, Any], exact_rmsnorm: bool = Fa
     return LitGPTModule(Config.from_name(name, **overrides), **kwargs)
 
 
+class TrapModel(StackModel):
+    """Makes a call that cannot work under a pipeline (``trap``): a collective inside a hook that runs on the last
+    stage only, or ``self(batch)`` outside the pipeline hooks."""
+
+    def __init__(self, trap: str = "all_gather", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.trap = trap
+
+    def pipeline_loss(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        loss = super().pipeline_loss(outputs, batch)
+        if self.trap == "all_gather":
+            self.log("gathered", self.all_gather(loss.detach()).mean())
+        elif self.trap == "barrier":
+            self.trainer.strategy.barrier()
+        elif self.trap == "sync_dist_group":
+            self.log("grouped", loss, sync_dist=True, sync_dist_group=torch.distributed.group.WORLD)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = super().validation_step(batch, batch_idx)
+        if self.trap == "reduce":
+            self.log("reduced", self.trainer.strategy.reduce(loss, reduce_op="sum"))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self.trap == "forward":
+            self(batch)
+
+
 MODELS: dict[str, Any] = {
     cls.__name__: cls
-    for cls in (StackModel, MetaStackModel, NoHooksModel, ManualOptimizationModel, VectorLossModel, DictOutputModel)
+    for cls in (
+        StackModel,
+        MetaStackModel,
+        NoHooksModel,
+        ManualOptimizationModel,
+        VectorLossModel,
+        DictOutputModel,
+        TrapModel,
+    )
 }
 MODELS["LitGPTModule"] = litgpt_module

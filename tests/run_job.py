@@ -22,7 +22,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.tuner import Tuner
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -245,6 +248,40 @@ def imported(name: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
+def stock_callbacks(names: list[str], out_dir: str | None) -> list[pl.Callback]:
+    """Lightning's callbacks by class name, with arguments that make them act within a few steps of the test data."""
+    from lightning.pytorch import callbacks as cb
+
+    root = out_dir or "."
+    made: dict[str, Any] = {
+        "DeviceStatsMonitor": lambda: cb.DeviceStatsMonitor(cpu_stats=True),
+        "EarlyStopping": lambda: cb.EarlyStopping("val_loss", patience=3, min_delta=1.0),
+        "GradientAccumulationScheduler": lambda: cb.GradientAccumulationScheduler({1: 2}),
+        "LambdaCallback": lambda: cb.LambdaCallback(on_train_batch_end=lambda *args: None),
+        "LearningRateMonitor": lambda: cb.LearningRateMonitor("step"),
+        "ModelCheckpoint": lambda: cb.ModelCheckpoint(Path(root, "checkpoints"), monitor="val_loss", save_last=True),
+        "ModelSummary": lambda: cb.ModelSummary(max_depth=2),
+        "RichModelSummary": lambda: cb.RichModelSummary(max_depth=2),
+        "RichProgressBar": cb.RichProgressBar,
+        "TQDMProgressBar": cb.TQDMProgressBar,
+        "SpikeDetection": lambda: cb.SpikeDetection(
+            mode="min", window=2, warmup=2, atol=None, rtol=0.05, exclude_batches_path=str(Path(root, "skip.json"))
+        ),
+        "ThroughputMonitor": lambda: cb.ThroughputMonitor(batch_size_fn=lambda batch: batch["x"].shape[0]),
+        "Timer": lambda: cb.Timer({"hours": 1}),
+        "BackboneFinetuning": lambda: cb.BackboneFinetuning(unfreeze_backbone_at_epoch=1),
+        "StochasticWeightAveraging": lambda: cb.StochasticWeightAveraging(swa_lrs=0.01),
+        "EMAWeightAveraging": cb.EMAWeightAveraging,
+        "WeightAveraging": cb.WeightAveraging,
+        "ModelPruning": lambda: cb.ModelPruning("l1_unstructured", amount=0.5),
+        "LearningRateFinder": lambda: cb.LearningRateFinder(num_training_steps=3),
+        "BatchSizeFinder": lambda: cb.BatchSizeFinder(max_trials=2),
+        "OnExceptionCheckpoint": lambda: cb.OnExceptionCheckpoint(root),
+        "UserEMA": lambda: type("UserEMA", (cb.EMAWeightAveraging,), {})(),
+    }
+    return [made[name]() for name in names]
+
+
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a parameter sharded over the data-parallel replicas (every replica must call this)."""
     return value.full_tensor() if isinstance(value, DTensor) else value
@@ -254,7 +291,8 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     local_overrides = config.get("rank_overrides", {}).get(os.environ.get("LOCAL_RANK", "0"), {})
     config = {k: {**v, **local_overrides[k]} if k in local_overrides else v for k, v in config.items()}
     pl.seed_everything(config.get("seed", 1), verbose=False)
-    build_on = config.get("build_on")  # None; "init_module": trainer.init_module(empty_init=True); "meta"
+    # build_on: None; "init_module": under trainer.init_module(empty_init=config's "empty_init", default True); "meta"
+    build_on = config.get("build_on")
 
     def build() -> pl.LightningModule:
         name = config.get("model_class", "StackModel")  # a class of models.py, or "module:factory"
@@ -278,28 +316,34 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     if reductions is not None:
         reductions.install()
     summaries = [PrintedModelSummary(), PrintedRichModelSummary()] if config.get("summary") else []
+    extra_callbacks = stock_callbacks(config.get("callbacks", []), config.get("out_dir"))
+    trainer_options = {
+        "max_steps": config.get("max_steps", 3),
+        "limit_val_batches": None if config.get("validate_after") else 0,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": CSVLogger(config["out_dir"]) if config.get("csv_logger") else False,
+        **config.get("trainer", {}),  # Trainer features: fast_dev_run, max_epochs, val_check_interval, ...
+    }
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=config.get("devices", 1),
         strategy=strategy,
         **precision_arguments(config),
-        max_steps=config.get("max_steps", 3),
         accumulate_grad_batches=config.get("accumulate", 1),
         gradient_clip_val=config.get("clip_val"),
         gradient_clip_algorithm=config.get("clip_algorithm", "norm"),
-        limit_val_batches=None if config.get("validate_after") else 0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in extra_callbacks),
         callbacks=[recorder]
         + [c for c in (saved, autocast) if c is not None]
         + ([StepMarks(reductions)] if reductions else [])
-        + summaries,
+        + summaries
+        + extra_callbacks,
         use_distributed_sampler=config.get("default_sampler", False),
+        **trainer_options,
     )
     if build_on == "init_module":
-        with trainer.init_module(empty_init=True):
+        with trainer.init_module(empty_init=config.get("empty_init", True)):
             model = build()
     elif build_on == "meta":  # on the meta device in the Trainer's dtype; configure_model materializes it
         with torch.device("meta"), trainer.precision_plugin.tensor_init_context():
@@ -315,12 +359,18 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     collective_dtypes: Counter[tuple[str, str]] = Counter()  # (collective, dtype sent)
     counting = config.get("count_collectives")
     collectives = count_fsdp_collectives(trainer.strategy, collective_dtypes) if counting else None
+    tune = config.get("tune")  # "lr_find" or "scale_batch_size": the Tuner's method, run before fit
+    if tune is not None:
+        getattr(Tuner(trainer), tune)(model, datamodule=data)
     trainer.fit(model, datamodule=data)
     if config.get("save_checkpoint"):  # a name in out_dir; every rank takes part (under bfpp a sharded directory)
         trainer.save_checkpoint(Path(config["out_dir"]) / config["save_checkpoint"])
     validated = trainer.validate(model, datamodule=data, verbose=False) if config.get("validate_after") else None
     result = {
         "rank": trainer.global_rank,
+        "global_step": trainer.global_step,
+        "epoch": trainer.current_epoch,
+        "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "losses": recorder.losses,
         "logged": recorder.logged,
         "state": {k: full_tensor(v).detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -360,7 +410,7 @@ def run_all(config: dict[str, Any]) -> None:
         except Exception as error:
             if not overrides.get("expect_error"):
                 raise
-            (out_dir / f"rank{os.environ.get('LOCAL_RANK', '0')}.error").write_text(str(error))
+            (out_dir / f"rank{os.environ.get('LOCAL_RANK', '0')}.error").write_text(f"{type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":
