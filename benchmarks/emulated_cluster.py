@@ -42,6 +42,16 @@ SCHEDULES = ("breadth_first", "depth_first", "gpipe")
 TORCH_SCHEDULES = ("torch_loopedbfs", "torch_interleaved1f1b")
 
 
+SLEPT = {"forward": [0.0, 0], "backward": [0.0, 0]}  # seconds and count of this process's emulated kernels
+
+
+def _sleep(kind: str, seconds: float) -> None:
+    start = time.perf_counter()
+    time.sleep(seconds)
+    SLEPT[kind][0] += time.perf_counter() - start
+    SLEPT[kind][1] += 1
+
+
 class _Sleep(torch.autograd.Function):
     """Identity on the activations that waits ``forward_s`` / ``backward_s`` without using the CPU."""
 
@@ -49,13 +59,24 @@ class _Sleep(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, forward_s: float, backward_s: float) -> Tensor:
         ctx.backward_s = backward_s
         ctx.weight_shape = weight.shape
-        time.sleep(forward_s)
+        _sleep("forward", forward_s)
         return x.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        time.sleep(ctx.backward_s)
+        _sleep("backward", ctx.backward_s)
         return grad, grad.new_zeros(ctx.weight_shape), None, None
+
+
+def executed_kernel_ms() -> dict[str, float]:
+    """The mean time one emulated layer's forward and backward took, over every rank (a sleep wakes up late on a
+    loaded machine), since the last call."""
+    mine = {kind: (total, count) for kind, (total, count) in SLEPT.items()}
+    for kind in SLEPT:
+        SLEPT[kind] = [0.0, 0]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {kind: 1e3 * sum(g[kind][0] for g in gathered) / max(1, sum(g[kind][1] for g in gathered)) for kind in mine}
 
 
 class EmulatedLayer(nn.Module):
@@ -220,19 +241,20 @@ def rank_main(cases: list[dict[str, Any]], dp: int) -> None:
     links = measure_links(dp)
     if rank == 0:
         print("LINKS " + json.dumps(links), flush=True)
-    for case in cases:
+    for case in [{**cases[0], "warm_up": True}, *cases]:  # the first fit of a launch is slower: not counted
+        executed_kernel_ms()
         try:
             result: dict[str, Any] = dict(case)
             if case["schedule"].startswith("torch"):
                 result["times"] = run_torch(case["schedule"], case["L"], case["M"])
             else:
-                result["times"], result["cpu"] = run_bfpp(
-                    case["schedule"], case["L"], case["M"], dp, case.get("timeline")
-                )
+                timeline = None if case.get("warm_up") else case.get("timeline")
+                result["times"], result["cpu"] = run_bfpp(case["schedule"], case["L"], case["M"], dp, timeline)
+            result["executed_ms"] = executed_kernel_ms()
         except Exception as error:  # a schedule a peer does not support: recorded, the launch goes on
             result = {**case, "error": f"{type(error).__name__}: {error}"[:300]}
             dist.barrier()
-        if rank == 0:
+        if rank == 0 and not case.get("warm_up"):
             print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -265,7 +287,7 @@ def launch(cases: list[dict[str, Any]], dp: int, cfg: dict[str, Any], timeout: f
 
 
 def simulated(case: dict[str, Any], dp: int, links: dict[str, float], cfg: dict[str, Any], events: bool = False) -> Any:
-    """:func:`lightning_bfpp.simulate.simulate` of ``case`` with the emulated kernel times and the measured links."""
+    """:func:`lightning_bfpp.simulate.simulate` of ``case`` with the kernel times of ``cfg`` and the measured links."""
     from lightning_bfpp.schedule import build_schedule
     from lightning_bfpp.simulate import CostModel, simulate
 
@@ -338,6 +360,9 @@ def main() -> None:
                 result["measured"] = statistics.median(result["times"])
                 if not result["schedule"].startswith("torch"):
                     result["simulated"] = simulated(result, dp, links, cfg).step_time
+                    executed = result["executed_ms"]
+                    as_run = {**cfg, "forward_ms": executed["forward"], "backward_ms": executed["backward"]}
+                    result["simulated_as_run"] = simulated(result, dp, links, as_run).step_time
                     result["cpu_step"] = statistics.median(result["cpu"])
                 if "timeline" in result:
                     from lightning_bfpp.simulate import plot_timeline
@@ -348,7 +373,7 @@ def main() -> None:
             rows.append(result)
     print(
         f"\n{'schedule':22s} {'L':>2s} {'M':>3s} {'D':>2s} {'measured ms':>12s} {'simulated ms':>13s} {'ratio':>6s}"
-        f" {'extra ms/action':>16s} {'rank 0 CPU ms':>14s}"
+        f" {'extra ms/action':>16s} {'rank 0 CPU ms':>14s} {'kernels as run F/B ms':>22s} {'ratio as run':>13s}"
     )
     for r in rows:
         if "error" in r:
@@ -359,6 +384,9 @@ def main() -> None:
             extra = (r["measured"] - r["simulated"]) / (2 * r["L"] * r["M"])  # per compute action of a rank
             line += f" {r['simulated'] * 1e3:13.1f} {r['measured'] / r['simulated']:6.3f} {extra * 1e3:16.2f}"
             line += f" {r['cpu_step'] * 1e3:14.1f}"
+            executed = r["executed_ms"]
+            line += f" {executed['forward']:10.2f} / {executed['backward']:<9.2f}"
+            line += f" {r['measured'] / r['simulated_as_run']:13.3f}"
         print(line)
     ok = [r for r in rows if "simulated" in r]
     ratios = [r["measured"] / r["simulated"] for r in ok]
@@ -379,6 +407,16 @@ def main() -> None:
                     pairs.append(r["measured"] / theirs)
         return statistics.median(pairs) if pairs else float("nan")
 
+    as_run = [r["measured"] / r["simulated_as_run"] for r in ok]
+    fwd, bwd = (statistics.median(r["executed_ms"][kind] for r in ok) for kind in ("forward", "backward"))
+    print(
+        f"one emulated layer as run, median over cases: forward {fwd:.2f} ms (prescribed {cfg['forward_ms']}),"
+        f" backward {bwd:.2f} ms (prescribed {cfg['backward_ms']})"
+    )
+    print(
+        f"measured over simulated with the kernels as run: median {statistics.median(as_run):.3f},"
+        f" worst error {max(abs(x - 1) for x in as_run):.3f}"
+    )
     agree, pairs = _ranking(ok)
     print(f"schedule pairs the simulator separates by more than 5%: the measured order agrees in {agree} of {pairs}")
     bf_df = ratio_over("depth_first", lambda r: r["M"] < PIPELINE)
