@@ -189,7 +189,9 @@ def main() -> None:
     parser.add_argument("--role", choices=ROLES, default=None)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per launch (after 10 warm-up steps)")
     parser.add_argument("--repeats", type=int, default=5, help="alternating launches per configuration")
-    parser.add_argument("--profile", default=None, help="with --role bfpp: write each rank's cProfile stats to PROFILE.rank<r>")
+    parser.add_argument(
+        "--profile", default=None, help="with --role bfpp: write each rank's cProfile stats to PROFILE.rank<r>"
+    )
     parser.add_argument(
         "--compare", default=None, help="also run bfpp from this source tree (e.g. a worktree of an earlier commit)"
     )
