@@ -105,31 +105,34 @@ def make_batch(cfg: dict[str, Any], micro_batches: int) -> tuple[Tensor, Tensor]
 # ------------------------------------------------------------------------------------------------ inside a rank
 def measure_links(dp: int) -> dict[str, float]:
     """gloo ping-pong latency and bandwidth between global ranks 0 and 1, and the all-reduce time of one layer's
-    gradients over ``dp`` ranks (0 when ``dp == 1``)."""
+    gradients over ``dp`` ranks (0 when ``dp == 1``); medians, as seen from rank 0."""
     rank, cfg = dist.get_rank(), CONFIG
     out: dict[str, float] = {}
     for name, numel in (("small", 1), ("large", cfg["rows"] * cfg["width"])):
-        buf, rounds = torch.zeros(numel), 100
+        buf, trips = torch.zeros(numel), []
         dist.barrier()
-        start = time.perf_counter()
-        for _ in range(rounds if rank < 2 else 0):
+        for _ in range(100 if rank < 2 else 0):  # the median one-way time: a loaded machine has long outliers
+            start = time.perf_counter()
             if rank == 0:
                 dist.send(buf, 1)
                 dist.recv(buf, 1)
             else:
                 dist.recv(buf, 0)
                 dist.send(buf, 0)
-        out[name] = (time.perf_counter() - start) / (2 * rounds)
+            trips.append((time.perf_counter() - start) / 2)
+        out[name] = statistics.median(trips) if trips else 0.0
     out["allreduce"] = 0.0
     if dp > 1:
         groups = [dist.new_group(list(range(r, r + dp))) for r in range(0, dist.get_world_size(), dp)]
         group = groups[rank // dp]
         grads = torch.zeros(cfg["layer_params"])
+        times = []
         dist.barrier()
-        start = time.perf_counter()
         for _ in range(20):
+            start = time.perf_counter()
             dist.all_reduce(grads, group=group)
-        out["allreduce"] = (time.perf_counter() - start) / 20
+            times.append(time.perf_counter() - start)
+        out["allreduce"] = statistics.median(times)
     return {
         "latency": out["small"],
         "bandwidth": (cfg["rows"] * cfg["width"] - 1) * 4 / max(out["large"] - out["small"], 1e-9),
@@ -300,7 +303,7 @@ def simulated(case: dict[str, Any], dp: int, links: dict[str, float], cfg: dict[
         p2p_bandwidth=links["bandwidth"],
         stage_params=layers_per_stage * cfg["layer_params"],
         dp_size=dp,
-        dp_latency=layers_per_stage * links["allreduce"] / 2,  # all_reduce = 2 x latency with infinite bandwidth
+        dp_latency=layers_per_stage * links["allreduce"],  # with infinite bandwidth the all-reduce takes the latency
         grad_bytes=4,
     )
     schedule = build_schedule(case["schedule"], PIPELINE, case["L"], case["M"])
