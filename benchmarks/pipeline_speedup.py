@@ -4,11 +4,15 @@ Every configuration runs as its own launch; the compared launches alternate and 
 ratios of paired runs (this machine is shared and noisy). Workload: 8 MLP blocks (hidden 512, 4x expansion), batch
 256, M=8, L=2 stages per rank, SGD, one thread per process. ``bfpp`` runs with autograd's per-micro-batch weight
 gradients, ``bfpp_batched`` with ``weight_gradients="batched"`` (one weight-gradient product per Linear and run of
-backwards); the headline figures are those of ``bfpp_batched``.
+backwards).
 
-    python benchmarks/pipeline_speedup.py [--repeats 3] [--steps 8]
+    python benchmarks/pipeline_speedup.py [--repeats 5] [--steps 8]
 
-The last line is ``speedup=<x> vs_torch_loopedbfs=<y> single_rank_overhead=<z>`` (``bfpp_p1``: P = L = M = 1).
+Each ratio is printed as the median of the paired ratios with their min-max. The last line is
+``speedup=<bfpp_batched over one process> default_speedup=<bfpp over one process> vs_torch_loopedbfs=<bfpp over
+torch LoopedBFS> batched_vs_torch_loopedbfs=<bfpp_batched over torch LoopedBFS> single_rank_overhead=<bfpp_p1 over
+one process>`` (step-time ratios except the speedups; ``bfpp_p1``: P = L = M = 1). ``vs_torch_loopedbfs`` compares
+like with like (default options, which torch's schedule also has); the batched option has no torch counterpart.
 """
 
 from __future__ import annotations
@@ -188,7 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--role", default=None)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating launches per configuration")
     parser.add_argument("--micro-batches", type=int, default=8, help="M for the pipelined runs (default 8)")
     parser.add_argument("--overhead-only", action="store_true", help="only the one-rank overhead, in paired runs")
     args = parser.parse_args()
@@ -206,28 +210,35 @@ def main() -> None:
             times[role].append(launch(role, args.steps))
             print(f"repeat {repeat} {role:24s} step {times[role][-1] * 1e3:8.1f} ms", flush=True)
 
-    def paired(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+    def ratios(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(times[a], times[b], strict=True)]
 
-    print("\nconfiguration            median step (ms)  speedup vs one process")
+    def paired(a: str, b: str) -> float:
+        return statistics.median(ratios(a, b))
+
+    def spread(a: str, b: str) -> str:
+        r = ratios(a, b)
+        return f"{statistics.median(r):.3f} (min {min(r):.3f}, max {max(r):.3f}, {len(r)} pairs)"
+
+    print("\nconfiguration            median step (ms)  speedup vs one process: median (min, max)")
     for role in roles:
-        print(f"{role:24s} {statistics.median(times[role]) * 1e3:17.1f}  {paired('single', role):10.3f}x")
+        print(f"{role:24s} {statistics.median(times[role]) * 1e3:17.1f}  {spread('single', role)}")
     if args.overhead_only:
-        pairs = ", ".join(f"{x / y:.3f}" for x, y in zip(times["bfpp_p1"], times["single"], strict=True))
-        print(f"pairs: {pairs}")
+        print(f"one-rank overhead (bfpp_p1 / single step time): {spread('bfpp_p1', 'single')}")
         print(f"single_rank_overhead={paired('bfpp_p1', 'single'):.3f}")
         return
-    best = "bfpp_batched"  # the headline: bfpp with weight_gradients="batched"
-    speedup = paired("single", best)
-    vs_torch = paired(best, "torch_loopedbfs")
-    overhead = paired("bfpp_p1", "single")
+    print(f"bfpp / torch LoopedBFS step time: {spread('bfpp', 'torch_loopedbfs')}")
+    print(f"bfpp batched / torch LoopedBFS step time: {spread('bfpp_batched', 'torch_loopedbfs')}")
+    print(f"bfpp batched / bfpp step time: {spread('bfpp_batched', 'bfpp')}")
+    print(f"bfpp / torch Interleaved1F1B step time: {spread('bfpp', 'torch_interleaved1f1b')}")
+    print(f"bfpp / torch GPipe step time: {spread('bfpp', 'torch_gpipe')}")
+    print(f"bfpp_p1 / one process step time: {spread('bfpp_p1', 'single')}")
     print(
-        f"bfpp (per-micro-batch weight gradients) / torch LoopedBFS step time: {paired('bfpp', 'torch_loopedbfs'):.3f}"
+        f"speedup={paired('single', 'bfpp_batched'):.3f} default_speedup={paired('single', 'bfpp'):.3f}"
+        f" vs_torch_loopedbfs={paired('bfpp', 'torch_loopedbfs'):.3f}"
+        f" batched_vs_torch_loopedbfs={paired('bfpp_batched', 'torch_loopedbfs'):.3f}"
+        f" single_rank_overhead={paired('bfpp_p1', 'single'):.3f}"
     )
-    print(f"bfpp batched / per-micro-batch weight gradients step time: {paired(best, 'bfpp'):.3f}")
-    print(f"bfpp batched / torch Interleaved1F1B step time: {paired(best, 'torch_interleaved1f1b'):.3f}")
-    print(f"bfpp batched / torch GPipe step time: {paired(best, 'torch_gpipe'):.3f}")
-    print(f"speedup={speedup:.3f} vs_torch_loopedbfs={vs_torch:.3f} single_rank_overhead={overhead:.3f}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ with the log calls and raised by :func:`replay` on every rank of the pipeline at
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -248,6 +249,97 @@ def replay(module: Any, calls: list[LogCall | MetricCounts | DeferredError], dev
             module.log(call.name, value, *call.args, **kwargs)
         else:
             module.log(call.name, torch.tensor(call.value, dtype=call.dtype, device=device), *call.args, **kwargs)
+
+
+class StepRelay:
+    """Hands the last stage's batch loss and recorded calls (:meth:`LogRecorder.calls`) to every rank of the pipeline,
+    once per training step.
+
+    The first step, and a step whose calls differ from the previous step's in anything but their values (names,
+    options, which values are missing), sends everything as a pickled object (two broadcasts). Otherwise one broadcast
+    of a float64 tensor carries the values: exact for the loss, the logged floats and the metric update counts.
+
+    Arguments:
+        group: the pipeline's process group (None: nothing to send).
+        src: the group rank of the last stage.
+        device: where the process group's backend takes tensors.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, src: int, device: torch.device) -> None:
+        self.group, self.src, self.device = group, src, device
+        self._layout: tuple[Any, ...] | None = None  # the previous step's, the same on every rank of the pipeline
+
+    def __call__(self, loss: Tensor | None, calls: list[LogCall | MetricCounts] | None) -> tuple[Any, Any]:
+        """``loss`` (on the CPU) and ``calls`` on the last stage (None elsewhere); returns them on every rank."""
+        if self.group is None or dist.get_world_size(self.group) == 1:
+            return loss, calls
+        mine = _split(loss, calls) if dist.get_rank(self.group) == self.src else None
+        if self._layout is not None:
+            values = torch.zeros(1 + _value_count(self._layout), dtype=torch.float64)
+            if mine is not None and _same(mine[0], self._layout):
+                values[0] = 1.0
+                values[1:] = torch.tensor(mine[1], dtype=torch.float64)
+            values = values.to(self.device)
+            dist.broadcast(values, group=self.group, group_src=self.src)
+            received = values.tolist()
+            if received[0] == 1.0:
+                return _join(self._layout, received[1:])
+        layout, numbers_ = relay(mine, self.group, self.src)
+        self._layout = layout
+        return _join(layout, numbers_)
+
+
+def _split(
+    loss: Tensor | None, calls: list[LogCall | MetricCounts | DeferredError] | None
+) -> tuple[tuple[Any, ...], list[float]]:
+    """The structure of a step's loss and calls (``("counts", names)``, ``("error", error)`` or ``("call", call
+    without value, has value)`` per call), and their values in order."""
+    values: list[float] = []
+    layout: list[Any] = [None if loss is None else loss.dtype]
+    if loss is not None:
+        values.append(float(loss))
+    for call in calls or []:
+        if isinstance(call, DeferredError):
+            layout.append(("error", call))
+        elif isinstance(call, MetricCounts):
+            layout.append(("counts", tuple(name for name, _ in call.counts)))
+            values += [float(count) for _, count in call.counts]
+        else:
+            layout.append(("call", dataclasses.replace(call, value=None), call.value is not None))
+            if call.value is not None:
+                values.append(call.value)
+    return tuple(layout), values
+
+
+def _value_count(layout: tuple[Any, ...]) -> int:
+    count = 0 if layout[0] is None else 1
+    for item in layout[1:]:
+        if item[0] == "counts":
+            count += len(item[1])
+        elif item[0] == "call":
+            count += int(item[2])
+    return count
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # an option that does not compare (a tensor): send the calls as an object
+        return False
+
+
+def _join(layout: tuple[Any, ...], values: list[float]) -> tuple[Tensor | None, list[LogCall | MetricCounts]]:
+    it = iter(values)
+    loss = None if layout[0] is None else torch.tensor(next(it), dtype=layout[0])
+    calls: list[LogCall | MetricCounts] = []
+    for item in layout[1:]:
+        if item[0] == "counts":
+            calls.append(MetricCounts(tuple((name, int(next(it))) for name in item[1])))
+        elif item[0] == "error":
+            calls.append(item[1])
+        else:
+            calls.append(dataclasses.replace(item[1], value=next(it)) if item[2] else item[1])
+    return loss, calls
 
 
 class PipelineMetricSync:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -89,11 +89,22 @@ def check_stage_outputs(outputs: object, stage: int) -> None:
         raise TypeError(f"Stage {stage} returned a tensor of an unsupported dtype; supported: {DTYPES}.")
 
 
+class Transfer(NamedTuple):
+    """One send or receive of a batch; ``peer`` is the global rank."""
+
+    is_send: bool
+    tensor: Tensor
+    peer: int
+    tag: int
+
+
 class PeerLink:
     """Sends and receives to the pipeline neighbours of one rank, with unique tags per message.
 
     :meth:`send` and :meth:`recv` add transfers to a batch, which :meth:`issue` starts as one ``batch_isend_irecv``
-    (on NCCL the transfers between two ranks run in issue order, and a batch is posted at once; gloo matches by tag).
+    (on NCCL the transfers between two ranks run in issue order, and a batch is posted at once). Gloo matches by tag
+    and has no groups: there each transfer is started on the process group directly, without the per-operation
+    Python of ``batch_isend_irecv``.
     """
 
     emulates_nccl: ClassVar[bool] = False
@@ -104,9 +115,11 @@ class PeerLink:
         self.num_micro_batches = num_micro_batches
         self.device = device
         self._global_ranks = [dist.get_global_rank(group, r) for r in range(dist.get_world_size(group))]
+        self._group_ranks = {g: r for r, g in enumerate(self._global_ranks)}
+        self._direct = dist.get_backend(group) == "gloo" and not self.emulates_nccl
         self._pending_sends: list[tuple[dist.Work, tuple[int, int, int], int]] = []
         self._send_buffers: list[Tensor] = []  # kept alive until wait_sends
-        self._ops: list[dist.P2POp] = []
+        self._ops: list[Transfer] = []
         self._batch_sends: list[tuple[int, int, tuple[int, int, int], int]] = []  # (first op, end op, message, peer)
         self._batch_recvs: list[tuple[int, int, PendingRecv]] = []
 
@@ -119,7 +132,7 @@ class PeerLink:
         for index, tensor in enumerate(tensors):
             buffer = tensor.detach().contiguous()
             tag = self._tag(kind, stage, micro_batch, index)
-            self._ops.append(dist.P2POp(dist.isend, buffer, self._global_ranks[peer], self.group, tag))
+            self._ops.append(Transfer(True, buffer, self._global_ranks[peer], tag))
             self._send_buffers.append(buffer)
         self._batch_sends.append((first, len(self._ops), (kind, stage, micro_batch), self._global_ranks[peer]))
 
@@ -130,7 +143,7 @@ class PeerLink:
         for index, meta in enumerate(metas):
             buffer = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
             tag = self._tag(kind, stage, micro_batch, index)
-            self._ops.append(dist.P2POp(dist.irecv, buffer, self._global_ranks[peer], self.group, tag))
+            self._ops.append(Transfer(False, buffer, self._global_ranks[peer], tag))
             buffers.append(buffer)
         pending = PendingRecv([], buffers, (kind, stage, micro_batch), self._global_ranks[peer])
         self._batch_recvs.append((first, len(self._ops), pending))
@@ -152,8 +165,16 @@ class PeerLink:
             pending.works = works_of(first, end)
         self._ops, self._batch_sends, self._batch_recvs = [], [], []
 
-    def _start(self, ops: list[dist.P2POp]) -> list[dist.Work]:
-        return dist.batch_isend_irecv(ops)
+    def _start(self, ops: list[Transfer]) -> list[dist.Work]:
+        if self._direct:
+            group, ranks = self.group, self._group_ranks
+            return [
+                group.send([op.tensor], ranks[op.peer], op.tag)
+                if op.is_send
+                else group.recv([op.tensor], ranks[op.peer], op.tag)
+                for op in ops
+            ]
+        return dist.batch_isend_irecv([as_p2p_op(op, self.group) for op in ops])
 
     def send_header(self, meta: StageIOMeta, stage: int, peer: int) -> None:
         """Adds the header of ``stage``'s input boundary to the batch."""
@@ -181,6 +202,12 @@ class PeerLink:
             _wait(work, "sending", message, peer)
         self._pending_sends.clear()
         self._send_buffers.clear()
+
+
+def as_p2p_op(transfer: Transfer, group: dist.ProcessGroup) -> dist.P2POp:
+    """The ``torch.distributed`` operation of ``transfer``."""
+    op = dist.isend if transfer.is_send else dist.irecv
+    return dist.P2POp(op, transfer.tensor, transfer.peer, group, transfer.tag)
 
 
 class PendingRecv:

@@ -39,6 +39,7 @@ from lightning_bfpp.grad_clip import clip_grad_norm_global
 from lightning_bfpp.log_relay import (
     LogRecorder,
     PipelineMetricSync,
+    StepRelay,
     install_metric_sync,
     refuse_in_pipeline_hook,
     replay,
@@ -210,6 +211,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         self.nonfinite_loss = nonfinite_loss
         self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite_loss="skip")
         self._nonfinite: NonFiniteCheck | None = None
+        self._step_relay: StepRelay | None = None
         self._skip_optimizer_step = False
         self.failed = False  # a run ended with an exception: the process groups are left alone at exit
 
@@ -650,7 +652,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
             self._data_parallel.finish()
             if self._tied is not None:
                 self._tied.sum_gradients()  # after the data-parallel average, before clipping and the optimizer
-        loss = self._relay_from_last_stage(torch.stack(losses).mean() if losses else None, recorder)
+        loss = self._relay_step(torch.stack(losses).mean() if losses else None, recorder)
         call._call_callback_hooks(trainer, "on_before_backward", loss)
         call._call_lightning_module_hook(trainer, "on_before_backward", loss)
         call._call_callback_hooks(trainer, "on_after_backward")
@@ -726,6 +728,17 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
                 f"{self.schedule_name}: P={self.pipeline_parallel_size} L={self.stages_per_rank} M={self.micro_batches}"
             )
             write_timeline(dict(enumerate(gathered)), self.timeline_dir, title)  # type: ignore[arg-type]
+
+    def _relay_step(self, loss: Tensor | None, recorder: LogRecorder) -> Tensor:
+        """The training step's :meth:`_relay_from_last_stage` of the batch loss: while the logged names and options stay
+        the same, one tensor broadcast per step (see :class:`~lightning_bfpp.log_relay.StepRelay`)."""
+        if self._step_relay is None or self._step_relay.group is not self.pp_group:
+            self._step_relay = StepRelay(self.pp_group, self.pipeline_parallel_size - 1, self.root_device)
+        last = self.is_last_stage_rank
+        assert not last or loss is not None
+        loss, calls = self._step_relay(loss.cpu() if last else None, recorder.calls() if last else None)
+        replay(self.lightning_module, calls, self.root_device)
+        return loss.to(self.root_device)
 
     def _relay_from_last_stage(self, result: Any, recorder: LogRecorder) -> Any:
         """Sends ``result`` (computed on the last stage; ignored elsewhere) and the calls ``recorder`` captured there to
@@ -870,6 +883,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         self._executors.clear()
         self._data_parallel = None
         self._tied = None
+        self._step_relay = None
         self.pp_group = self.dp_group = None
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)  # its closure holds the groups
         if self.model is not None:

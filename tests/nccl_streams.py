@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from lightning_bfpp.p2p import PeerLink
+from lightning_bfpp.p2p import PeerLink, Transfer, as_p2p_op
 
 ACK_TAG_OFFSET = 1 << 24  # acknowledgements use the tag of their message plus this
 
@@ -87,7 +87,8 @@ class NcclStreamLink(PeerLink):
             threading.Thread(target=_worker, args=(self._queues[key],), daemon=True).start()
         return self._queues[key]
 
-    def _start(self, ops: list[dist.P2POp]) -> list[dist.Work]:
+    def _start(self, transfers: list[Transfer]) -> list[dist.Work]:
+        ops = [as_p2p_op(transfer, self.group) for transfer in transfers]
         by_stream: dict[int, list[dist.P2POp]] = {}
         for op in ops:
             by_stream.setdefault(op.peer if self.streams == "pair" else -1, []).append(op)

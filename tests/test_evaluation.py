@@ -266,6 +266,32 @@ def test_recorder_combines_micro_batches_by_reduce_fx_and_replays_metrics() -> N
     assert other.acc._update_count == 2 and float(other.acc._forward_cache) == 0.75
 
 
+def test_step_relay_values_survive_the_tensor_path_exactly() -> None:
+    """What the last stage logged reaches the other ranks unchanged when only the values travel (as float64): the
+    loss in its dtype, every value, a Metric's missing step value, update counts; a changed option is noticed."""
+    from lightning_bfpp.log_relay import DeferredError, LogCall, MetricCounts, _join, _split
+
+    calls = [
+        MetricCounts((("acc", 3),)),
+        LogCall("loss", 0.1 + 0.2, torch.float32, (), (("prog_bar", True),)),
+        LogCall("acc", None, None, (), (), "acc"),
+        LogCall("n", 12.0, None, (), (("reduce_fx", "sum"),)),
+    ]
+    loss = torch.tensor(1 / 3, dtype=torch.bfloat16)
+    layout, values = _split(loss, calls)
+    sent = torch.tensor(values, dtype=torch.float64).tolist()
+    joined_loss, joined_calls = _join(layout, sent)
+    assert joined_loss.dtype == torch.bfloat16 and joined_loss.item() == loss.item()
+    assert joined_calls == calls
+    changed = [*calls[:3], LogCall("n", 12.0, None, (), (("reduce_fx", "max"),))]
+    assert _split(loss, changed)[0] != layout
+    # a collective refused in a later step: the error changes the layout (so it travels) and survives the join
+    failed = [*calls, DeferredError("all_gather inside pipeline_loss")]
+    failed_layout, failed_values = _split(loss, failed)
+    assert failed_layout != layout and failed_values == values
+    assert _join(failed_layout, failed_values)[1] == failed
+
+
 def test_evaluation_results_merge_per_micro_batch() -> None:
     from lightning_bfpp.microbatch import merge_outputs
 
