@@ -235,7 +235,7 @@ def arguments_docstring(indent: str = "    ") -> str:
     """The options as a docstring's ``Arguments:`` entries (reStructuredText literals)."""
     lines = []
     for f in dataclasses.fields(PipelineOptions):
-        help_text = re.sub(r"\[([^]]+)\]\(#[^)]+\)", r"README's \"\1\"", f.metadata["help"]).replace("`", "``")
+        help_text = re.sub(r"\[([^]]+)\]\(#[^)]+\)", "README's section \\1", f.metadata["help"]).replace("`", "``")
         entry = f"{f.name}: {help_text}. Default ``{_shown(f.default)}``."
         lines.append(textwrap.fill(entry, 120, initial_indent=indent, subsequent_indent=indent + "    "))
     return "\n".join(lines)
