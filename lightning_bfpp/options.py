@@ -39,6 +39,7 @@ def option(default: Any, help: str, check: Check) -> Any:
 
 # ------------------------------------------------------------------------------------------- per-option checks
 def positive(name: str, value: Any) -> int:
+    """An integer >= 1."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
     return value
@@ -50,10 +51,15 @@ def optional(check: Check) -> Check:
 
 
 def positive_or_auto(name: str, value: Any) -> int | str:
-    return value if value == "auto" else positive(name, value)
+    """An integer >= 1, or ``"auto"``."""
+    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be an integer >= 1 or 'auto', got {value!r}.")
+    return value
 
 
 def one_of(choices: Sequence[str]) -> Check:
+    """One of ``choices``."""
+
     def check(name: str, value: Any) -> str:
         if value not in choices:
             raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, choices))}.")
@@ -63,12 +69,14 @@ def one_of(choices: Sequence[str]) -> Check:
 
 
 def text(name: str, value: Any) -> str:
+    """A string."""
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string, got {value!r}.")
     return value
 
 
 def layer_indices(name: str, value: Any) -> tuple[int, ...]:
+    """A sequence of integers, kept as a tuple."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(f"{name} must be a list of layer indices, got {value!r}.")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -77,6 +85,7 @@ def layer_indices(name: str, value: Any) -> tuple[int, ...]:
 
 
 def seconds(name: str, value: Any) -> timedelta:
+    """A positive duration: a ``timedelta`` or a number of seconds, kept as a ``timedelta``."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = timedelta(seconds=float(value))
     if not isinstance(value, timedelta) or value.total_seconds() <= 0:
@@ -85,6 +94,7 @@ def seconds(name: str, value: Any) -> timedelta:
 
 
 def batch_range(name: str, value: Any) -> tuple[int, int]:
+    """Two batch indices ``(first, stop)``, ``0 <= first < stop``."""
     if (
         isinstance(value, (str, bytes))
         or not isinstance(value, Sequence)
@@ -214,6 +224,7 @@ class PipelineOptions:
 
 
 def option_names() -> list[str]:
+    """The options' names, in the order of :class:`PipelineOptions`."""
     return [f.name for f in dataclasses.fields(PipelineOptions)]
 
 

@@ -51,8 +51,8 @@ def group_options(group: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------------ options
 BAD_OPTIONS = [  # the options -> what the error must say
-    ({"pipeline_parallel_size": 0}, "pipeline_parallel_size must be an integer >= 1, got 0"),
-    ({"pipeline_parallel_size": "all"}, "pipeline_parallel_size must be an integer >= 1, got 'all'"),
+    ({"pipeline_parallel_size": 0}, "pipeline_parallel_size must be an integer >= 1 or 'auto', got 0"),
+    ({"pipeline_parallel_size": "all"}, "pipeline_parallel_size must be an integer >= 1 or 'auto', got 'all'"),
     ({"stages_per_rank": 1.5}, "stages_per_rank must be an integer >= 1"),
     ({"micro_batches": True}, "micro_batches must be an integer >= 1, got True"),
     ({"schedule": "looped"}, "schedule='looped' is not supported: choose one of 'breadth_first'"),
