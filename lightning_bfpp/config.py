@@ -8,36 +8,70 @@ Store it in Hydra's ConfigStore and instantiate it::
 
     ConfigStore.instance().store(group="strategy", name="bfpp", node=BFPPStrategyConfig)
     ...
-    trainer = Trainer(strategy=instantiate(cfg.strategy), ...)
+    trainer = Trainer(strategy=instantiate(cfg.strategy, _convert_="all"), ...)
 
-OmegaConf then rejects unknown keys and values of the wrong type when the config is composed; the strategy's own
-constructor checks the values (choices, sizes) when it is instantiated. The fields and defaults mirror the
-constructor's arguments (a test checks that they stay in step).
+OmegaConf then rejects unknown keys and values of the wrong type when the config is composed; the options' own
+checks run when the strategy is instantiated. The config is made from the fields of
+:class:`~lightning_bfpp.options.PipelineOptions` when this module is imported, in types OmegaConf holds: a
+``timedelta`` as seconds, tuples as lists, a value of several types as ``Any``.
 """
 
-from dataclasses import dataclass, field
-from typing import Any
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any, Optional
+
+from lightning_bfpp.options import PipelineOptions
+
+_PLAIN = (int, float, str, bool)
 
 
-@dataclass
-class BFPPStrategyConfig:
-    """The arguments of :class:`~lightning_bfpp.BFPPStrategy` (see its docstring for their meaning)."""
+def _config_type(annotation: Any) -> Any:
+    """The type OmegaConf is given for an option of type ``annotation``."""
+    if annotation in _PLAIN:
+        return annotation
+    if annotation is timedelta:
+        return float
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1:
+            return Optional[_config_type(kinds[0])]  # noqa: UP045 (OmegaConf needs typing's Optional)
+        mapped = {_config_type(k) for k in kinds}  # timedelta | float: float
+        return mapped.pop() if len(mapped) == 1 else Any
+    if origin in (tuple, list, Sequence):
+        elements = {a for a in args if a is not Ellipsis}
+        return list[elements.pop()] if len(elements) == 1 and next(iter(elements)) in _PLAIN else list[Any]
+    return Any
 
-    _target_: str = "lightning_bfpp.BFPPStrategy"
-    pipeline_parallel_size: Any = "auto"  # an int >= 1 or "auto"
-    stages_per_rank: int = 1
-    micro_batches: int | None = None
-    schedule: str = "breadth_first"
-    partition: str = "uniform"
-    # a list of ints or None (`Any`: OmegaConf 2.3 cannot merge an interpolation onto an Optional[list] field)
-    partition_boundaries: Any = None
-    rank_layout: str = "dp_contiguous"
-    sharding: str = "none"
-    activation_checkpointing: str = "none"  # none | stage | layer
-    breadth_first_micro_batches: int | None = None  # group size of memory-bounded breadth-first; None: all M
-    weight_gradients: str = "per_micro_batch"  # per_micro_batch | batched
-    process_group_backend: str | None = None
-    timeout: float = 1800.0  # seconds
-    nonfinite_loss: str = "raise"  # raise | skip
-    timeline_dir: str | None = None
-    timeline_batches: list[int] = field(default_factory=lambda: [2, 4])  # (first, stop)
+
+def _config_value(value: Any) -> Any:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _config_field(option: dataclasses.Field, annotation: Any) -> tuple[str, Any, dataclasses.Field]:
+    value = _config_value(option.default)
+    if isinstance(value, list):
+        default = dataclasses.field(default_factory=lambda: list(value))
+    else:
+        default = dataclasses.field(default=value)
+    return option.name, _config_type(annotation), default
+
+
+def _structured_config() -> type:
+    hints = typing.get_type_hints(PipelineOptions)
+    fields = [_config_field(f, hints[f.name]) for f in dataclasses.fields(PipelineOptions)]
+    target = ("_target_", str, dataclasses.field(default="lightning_bfpp.BFPPStrategy"))
+    config = dataclasses.make_dataclass("BFPPStrategyConfig", [target, *fields])
+    config.__module__ = __name__
+    config.__doc__ = "The options of :class:`~lightning_bfpp.BFPPStrategy` (:class:`PipelineOptions`) for Hydra."
+    return config
+
+
+BFPPStrategyConfig = _structured_config()

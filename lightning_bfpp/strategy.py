@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -47,33 +47,27 @@ from lightning_bfpp.log_relay import (
 from lightning_bfpp.materialize import check_materialized, materialize_layers
 from lightning_bfpp.microbatch import batch_size_of, merge_outputs, split_batch
 from lightning_bfpp.module import missing_hooks
-from lightning_bfpp.nonfinite import NONFINITE_POLICIES, NonFiniteCheck, NonFiniteError, back_off
+from lightning_bfpp.nonfinite import NonFiniteCheck, NonFiniteError, back_off
+from lightning_bfpp.options import PipelineOptions, arguments_docstring
 from lightning_bfpp.p2p import PeerLink
-from lightning_bfpp.partition import PARTITIONS, Partition, build_partition, drop_remote_layers, layer_names
+from lightning_bfpp.partition import Partition, build_partition, drop_remote_layers, layer_names
 from lightning_bfpp.process_groups import destroy_at_exit
-from lightning_bfpp.recompute import ACTIVATION_CHECKPOINTING, run_layers
-from lightning_bfpp.schedule import (
-    SCHEDULES,
-    Schedule,
-    build_schedule,
-    check_micro_batch_groups,
-)
-from lightning_bfpp.sharding import FSDP_MODES, SHARDING_MODES, ShardedStages, StageGradientReducer
+from lightning_bfpp.recompute import run_layers
+from lightning_bfpp.schedule import Schedule, build_schedule
+from lightning_bfpp.sharding import FSDP_MODES, ShardedStages, StageGradientReducer
 from lightning_bfpp.strategy_checkpoints import ShardedCheckpoints
 from lightning_bfpp.stream_order import validate_stream_order
 from lightning_bfpp.summary import record_whole_model, use_whole_model_summary
 from lightning_bfpp.tied import TiedGradients, check_ties_sharding, dedupe_stage_parameters, module_ties, set_aliases
 from lightning_bfpp.timeline import wall_clock, write_timeline
 from lightning_bfpp.trainer_checks import check_callbacks
-from lightning_bfpp.weight_grad import WEIGHT_GRADIENTS, WeightGradientBatcher
+from lightning_bfpp.weight_grad import WeightGradientBatcher
 from lightning_bfpp.zero import shard_optimizer_states
 
 if TYPE_CHECKING:
     from lightning.fabric.accelerators import Accelerator
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-RANK_LAYOUTS = ("dp_contiguous", "pp_contiguous")
-DEFAULT_TIMEOUT = timedelta(minutes=30)
 SUPPORTED_PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # the compute dtype of mixed precisions
 SHARDED_ATTRIBUTE = "_bfpp_sharded"  # set on a module once its stages are sharded with FSDP2
@@ -88,43 +82,12 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
     schedule; the ``D = world_size / P`` data-parallel replicas average their gradients.
 
     Arguments:
-        pipeline_parallel_size: ``P``, the number of pipeline ranks. ``"auto"`` uses every process (``D = 1``).
-        stages_per_rank: ``L``, the number of (non-neighbouring) stages each pipeline rank holds.
-        micro_batches: ``M``, the number of micro-batches each batch is split into; the batch size must be a multiple.
-            ``None`` uses ``P``.
-        schedule: ``"breadth_first"`` (default; looped, any ``M``), ``"depth_first"`` (interleaved 1F1B, ``M`` a
-            multiple of ``P`` when ``L > 1``), ``"gpipe"`` or ``"1f1b"`` (both ``L = 1``).
-        partition: how layers are assigned to stages: ``"uniform"`` (equal layer counts), ``"parameters"``
-            (balanced parameter counts) or ``"explicit"`` (``partition_boundaries``).
-        partition_boundaries: for ``partition="explicit"``: ``P * L + 1`` increasing layer indices from 0 to the
-            number of layers; stage ``s`` holds layers ``[b[s], b[s+1])``.
-        rank_layout: which dimension is contiguous in global rank order: ``"dp_contiguous"`` (the replicas of a
-            pipeline rank are neighbours, e.g. on one node: rank = pp_rank * D + dp_rank) or ``"pp_contiguous"``
-            (the ranks of one pipeline are neighbours: rank = dp_rank * P + pp_rank).
-        sharding: data-parallel sharding mode: ``"none"`` averages gradients over the replicas (all-reduce);
-            ``"optimizer"`` (ZeRO-1) also shards the optimizer state (``ZeroRedundancyOptimizer``); ``"gradients"``
-            (ZeRO-2) shards parameters, gradients and optimizer state with FSDP2, gathering each stage's parameters
-            once per step; ``"full"`` (ZeRO-3) also frees them after the forward and gathers them again for the
-            backward. Gradients are reduced once per optimizer step, right after each stage's last backward.
-        activation_checkpointing: ``"none"`` (default), ``"layer"`` (keep each layer's input, recompute the layer in
-            backward) or ``"stage"`` (keep each stage's input, recompute the whole stage); training only.
-        breadth_first_micro_batches: with ``schedule="breadth_first"``, run the micro-batches breadth-first in groups
-            of this many (a divisor of ``M``), the groups one after another: each rank keeps the activations of one
-            group instead of all ``M`` micro-batches, at the price of a pass over the stages per group (pipeline
-            fill and drain, and parameter gathers when sharded). ``None`` (default): one group of all ``M``.
-        weight_gradients: ``"per_micro_batch"`` (default; autograd's weight gradient in every backward) or
-            ``"batched"``: each ``nn.Linear`` computes its weight gradient once per run of its stage's backwards, as
-            one matrix product over all the run's micro-batches (faster where small products are slow; keeps each
-            Linear's inputs and output gradients until the run ends). Sharding ``none`` or ``optimizer`` only.
-        process_group_backend: ``"gloo"``, ``"nccl"``, ...; default by device.
-        timeout: timeout of every collective and point-to-point operation (``timedelta`` or seconds).
-        nonfinite_loss: what to do when a micro-batch loss or a gradient holds a NaN or inf on any rank (checked with
-            one small all-reduce before each optimizer step): ``"raise"`` (default) ends every rank with an error
-            naming the step and the values; ``"skip"`` skips that optimizer step on every rank (gradients zeroed, a
-            warning on rank 0, counted in ``skipped_steps``).
-        timeline_dir: if set, records when every action runs on every rank during the training batches
-            ``timeline_batches = (first, stop)`` and writes ``timeline.json`` (Chrome trace) and ``timeline.png``
-            there (rank 0, after batch ``stop - 1``).
+        options: a :class:`~lightning_bfpp.options.PipelineOptions`; the keyword arguments below replace its values.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: Lightning's, as for
+            every strategy.
+        **option_values: the options (``BFPPStrategy(pipeline_parallel_size=2, micro_batches=8)``), each checked
+            when the strategy is created:
+
     """
 
     strategy_name = "bfpp"
@@ -132,28 +95,16 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
 
     def __init__(
         self,
-        pipeline_parallel_size: int | Literal["auto"] = "auto",
-        stages_per_rank: int = 1,
-        micro_batches: int | None = None,
-        schedule: str = "breadth_first",
-        partition: str = "uniform",
-        partition_boundaries: Sequence[int] | None = None,
-        rank_layout: str = "dp_contiguous",
-        sharding: str = "none",
-        activation_checkpointing: str = "none",
-        breadth_first_micro_batches: int | None = None,
-        weight_gradients: str = "per_micro_batch",
-        process_group_backend: str | None = None,
-        timeout: timedelta | float = DEFAULT_TIMEOUT,
-        nonfinite_loss: str = "raise",
-        timeline_dir: str | None = None,
-        timeline_batches: tuple[int, int] = (2, 4),
+        options: PipelineOptions | None = None,
+        *,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
+        **option_values: Any,
     ) -> None:
+        options = PipelineOptions.build(options, **option_values)  # checks every option, on every rank
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -161,43 +112,23 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        _check_positive("stages_per_rank", stages_per_rank)
-        if pipeline_parallel_size != "auto":
-            _check_positive("pipeline_parallel_size", pipeline_parallel_size)
-        if micro_batches is not None:
-            _check_positive("micro_batches", micro_batches)
-        _check_choice("schedule", schedule, tuple(SCHEDULES))
-        _check_choice("partition", partition, PARTITIONS)
-        _check_choice("rank_layout", rank_layout, RANK_LAYOUTS)
-        _check_choice("sharding", sharding, SHARDING_MODES)
-        _check_choice("nonfinite_loss", nonfinite_loss, NONFINITE_POLICIES)
-        _check_choice("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)
-        _check_choice("weight_gradients", weight_gradients, WEIGHT_GRADIENTS)
-        check_micro_batch_groups(schedule, micro_batches, breadth_first_micro_batches)
-        if weight_gradients == "batched" and sharding in FSDP_MODES:
-            raise ValueError(
-                f"weight_gradients='batched' does not work with sharding={sharding!r}: FSDP reduces a stage's "
-                "gradients inside its last backward, before the batched weight gradients exist. Use "
-                "sharding='none' or 'optimizer', or weight_gradients='per_micro_batch'."
-            )
-        if partition_boundaries is not None and partition != "explicit":
-            raise ValueError("partition_boundaries is only used with partition='explicit': set both or neither.")
-        self._pipeline_parallel_size = pipeline_parallel_size
-        self.stages_per_rank = stages_per_rank
-        self._micro_batches = micro_batches
-        self.schedule_name = schedule
-        self.partition_method = partition
-        self.partition_boundaries = partition_boundaries
-        self.rank_layout = rank_layout
-        self.sharding = sharding
-        self.activation_checkpointing = activation_checkpointing
-        self.breadth_first_micro_batches = breadth_first_micro_batches
-        self.weight_gradients = weight_gradients
+        self.options = options
+        self._pipeline_parallel_size = options.pipeline_parallel_size
+        self.stages_per_rank = options.stages_per_rank
+        self._micro_batches = options.micro_batches
+        self.schedule_name = options.schedule
+        self.partition_method = options.partition
+        self.partition_boundaries = options.partition_boundaries
+        self.rank_layout = options.rank_layout
+        self.sharding = options.sharding
+        self.activation_checkpointing = options.activation_checkpointing
+        self.breadth_first_micro_batches = options.breadth_first_micro_batches
+        self.weight_gradients = options.weight_gradients
         self._weight_gradient_batcher: WeightGradientBatcher | None = None
-        self._process_group_backend = process_group_backend
-        self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
-        self.timeline_dir = timeline_dir
-        self.timeline_batches = tuple(timeline_batches)
+        self._process_group_backend = options.process_group_backend
+        self._timeout: timedelta = options.timeout  # type: ignore[assignment]  # a timedelta once checked
+        self.timeline_dir = options.timeline_dir
+        self.timeline_batches = options.timeline_batches
         self.num_nodes = 1
         self.partition: Partition | None = None
         self.pp_group: dist.ProcessGroup | None = None
@@ -208,7 +139,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         self._tied: TiedGradients | None = None
         self._stage_layers_cache: dict[int, list[tuple[int, nn.Module]]] | None = None
         self._link_class: type[PeerLink] = PeerLink  # tests put an emulation of NCCL's ordering over gloo here
-        self.nonfinite_loss = nonfinite_loss
+        self.nonfinite_loss = options.nonfinite_loss
         self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite_loss="skip")
         self._nonfinite: NonFiniteCheck | None = None
         self._step_relay: StepRelay | None = None
@@ -890,11 +821,4 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
             install_metric_sync(self.lightning_module, None)
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, choices))}.")
+BFPPStrategy.__doc__ = f"{BFPPStrategy.__doc__.rstrip()}\n{arguments_docstring(indent=' ' * 12)}\n"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 
 from lightning_bfpp import BFPPStrategy
 from lightning_bfpp.config import BFPPStrategyConfig
+from lightning_bfpp.options import PipelineOptions, markdown_table, option_names
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -23,9 +25,10 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from bfpp_examples.app import (  # noqa: E402
     ConfigError,
+    build_strategy,
     check_config,
-    check_conflicts,
     check_pipeline,
+    check_single_device,
     resolve_trainer,
 )
 from bfpp_examples.config import register_configs  # noqa: E402
@@ -46,21 +49,83 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def test_strategy_config_mirrors_the_constructor() -> None:
-    """BFPPStrategyConfig has one field per constructor argument (minus Lightning's plumbing), with its default."""
-    plumbing = {"accelerator", "parallel_devices", "cluster_environment", "checkpoint_io", "precision_plugin"}
-    params = {n: p for n, p in inspect.signature(BFPPStrategy.__init__).parameters.items() if n != "self"}
-    fields = OmegaConf.structured(BFPPStrategyConfig)
-    assert set(fields) - {"_target_"} == set(params) - plumbing
-    for name in fields:
-        if name == "_target_":
-            continue
-        default = params[name].default
-        expected = default.total_seconds() if hasattr(default, "total_seconds") else default
-        value = fields[name]
-        assert (list(value) == list(expected)) if isinstance(expected, tuple) else value == expected, name
+# ------------------------------------------------------------------------------------------------------ options
+BAD_OPTIONS = [  # the options -> what the error must say
+    ({"pipeline_parallel_size": 0}, "pipeline_parallel_size must be an integer >= 1 or 'auto', got 0"),
+    ({"pipeline_parallel_size": "all"}, "pipeline_parallel_size must be an integer >= 1 or 'auto', got 'all'"),
+    ({"stages_per_rank": 1.5}, "stages_per_rank must be an integer >= 1"),
+    ({"micro_batches": True}, "micro_batches must be an integer >= 1, got True"),
+    ({"schedule": "looped"}, "schedule='looped' is not supported: choose one of 'breadth_first'"),
+    ({"partition": "greedy"}, "partition='greedy' is not supported"),
+    ({"partition": "explicit", "partition_boundaries": "0,2,4"}, "partition_boundaries must be a list of layer"),
+    ({"rank_layout": "dp_first"}, "rank_layout='dp_first' is not supported"),
+    ({"sharding": "zero3"}, "sharding='zero3' is not supported"),
+    ({"activation_checkpointing": "all"}, "activation_checkpointing='all' is not supported"),
+    ({"breadth_first_micro_batches": 0}, "breadth_first_micro_batches must be an integer >= 1"),
+    ({"weight_gradients": "rows"}, "weight_gradients='rows' is not supported"),
+    ({"process_group_backend": 1}, "process_group_backend must be a string"),
+    ({"timeout": -1}, "timeout must be a positive number of seconds"),
+    ({"nonfinite_loss": "ignore"}, "nonfinite_loss='ignore' is not supported"),
+    ({"timeline_dir": 3}, "timeline_dir must be a string"),
+    ({"timeline_batches": (4, 2)}, "timeline_batches must be two batch indices (first, stop) with 0 <= first < stop"),
+    # options that exclude each other
+    ({"micro_batches": 4, "breadth_first_micro_batches": 3}, "breadth_first_micro_batches=3 must divide"),
+    ({"schedule": "gpipe", "breadth_first_micro_batches": 2}, "not of schedule='gpipe'"),
+    ({"sharding": "gradients", "weight_gradients": "batched"}, "weight_gradients='batched' does not work with"),
+    ({"partition_boundaries": [0, 2, 4]}, "partition_boundaries is only used with partition='explicit'"),
+]
 
 
+def test_every_option_has_a_description_and_a_check_that_names_it() -> None:
+    """Every option is refused with a message naming it; the table of bad values covers every option."""
+    covered = {name for values, _ in BAD_OPTIONS for name in values}
+    assert covered == set(option_names())
+    for values, message in BAD_OPTIONS:
+        for make in (lambda v: PipelineOptions(**v), lambda v: BFPPStrategy(**v)):
+            with pytest.raises(ValueError) as error:
+                make(values)
+            assert message in str(error.value), (values, str(error.value))
+
+
+def test_options_are_normalized_and_combined() -> None:
+    options = PipelineOptions(partition="explicit", partition_boundaries=[0, 2, 4], timeout=60, timeline_batches=[1, 3])
+    assert options.partition_boundaries == (0, 2, 4) and options.timeline_batches == (1, 3)
+    assert options.timeout == timedelta(seconds=60)
+    strategy = BFPPStrategy(options, micro_batches=8)  # keyword arguments replace the given options' values
+    assert strategy.options == PipelineOptions(
+        partition="explicit", partition_boundaries=(0, 2, 4), timeout=60, timeline_batches=(1, 3), micro_batches=8
+    )
+    assert (strategy.micro_batches, strategy.partition_method, strategy.partition_boundaries) == (
+        8,
+        "explicit",
+        (0, 2, 4),
+    )
+    assert BFPPStrategy().options == PipelineOptions()  # Trainer(strategy="bfpp") builds it without arguments
+    with pytest.raises(TypeError, match=r"Unknown option\(s\) micro_batch: the options are pipeline_parallel_size, "):
+        BFPPStrategy(micro_batch=2)
+    with pytest.raises(TypeError, match="give the options as keyword arguments"):
+        BFPPStrategy(2)  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.micro_batches = 2  # type: ignore[misc]
+
+
+def test_the_structured_config_holds_every_option_with_its_default() -> None:
+    """The Hydra config made from the options instantiates to the strategy with the options' defaults."""
+    config = OmegaConf.structured(BFPPStrategyConfig)
+    assert list(config) == ["_target_", *option_names()]
+    strategy = instantiate(config, _convert_="all")
+    assert isinstance(strategy, BFPPStrategy) and strategy.options == PipelineOptions()
+
+
+def test_readme_option_table_is_generated_from_the_options() -> None:
+    """README's "Strategy options" table is ``python -m lightning_bfpp.options --markdown``, exactly."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Strategy options\n", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|")) + "\n"
+    assert table == markdown_table(), "regenerate it: python -m lightning_bfpp.options --markdown"
+
+
+# ------------------------------------------------------------------------------------------------------- Hydra
 @pytest.mark.parametrize("config", ["train", "train_convnet"])
 def test_defaults_compose_and_resolve(config: str) -> None:
     cfg = compose_cfg(config=config)
@@ -76,19 +141,27 @@ def test_every_group_option_composes(group: str) -> None:
     for option in group_options(group):
         if group == "launcher" and option != "local":
             continue  # needs the hydra-submitit-launcher plugin
-        extra = ["partition.boundaries=[0,2,4,6,8]"] if (group, option) == ("partition", "explicit") else []
+        extra = ["strategy.partition_boundaries=[0,2,4,6,8]"] if (group, option) == ("partition", "explicit") else []
         cfg = compose_cfg(f"{group}={option}", *extra)
         check_config(cfg)
 
 
 def test_groups_set_the_strategy_fields() -> None:
-    cfg = compose_cfg("schedule=depth_first", "partition=explicit", "partition.boundaries=[0,3,5,7,8]")
+    cfg = compose_cfg("schedule=depth_first", "partition=explicit", "strategy.partition_boundaries=[0,3,5,7,8]")
     assert cfg.strategy.schedule == "depth_first"
     assert cfg.strategy.partition == "explicit"
     assert list(cfg.strategy.partition_boundaries) == [0, 3, 5, 7, 8]
     assert cfg.strategy.sharding == "none"
-    # a direct override of the strategy field wins over the group
+    grouped = compose_cfg("schedule=breadth_first_grouped", "sharding=full").strategy
+    assert (grouped.schedule, grouped.breadth_first_micro_batches, grouped.sharding) == ("breadth_first", 2, "full")
+    # a direct override of the strategy field wins over the group, given before or after it
     assert compose_cfg("strategy.schedule=gpipe").strategy.schedule == "gpipe"
+    assert compose_cfg("strategy.schedule=gpipe", "schedule=depth_first").strategy.schedule == "gpipe"
+    # the groups belong to strategy=bfpp: the other strategies compose without them
+    for other in ("ddp", "single"):
+        cfg = compose_cfg(f"strategy={other}")
+        check_config(cfg)
+        assert "schedule" not in cfg.strategy and "schedule" not in cfg
 
 
 def test_strategy_instantiates_with_the_configured_values() -> None:
@@ -140,35 +213,53 @@ def test_pipeline_layout_is_checked_before_launch() -> None:
     kwargs = resolve_trainer(cfg)
     model = GPT(vocab_size=256, seq_len=8, **OmegaConf.to_container(cfg.model))
     with pytest.raises(ConfigError, match="only 4 layers"):
-        check_pipeline(cfg, model, kwargs)
+        check_pipeline(cfg, build_strategy(cfg), model, kwargs)
     cfg = compose_cfg("strategy.micro_batches=3")
-    with pytest.raises(ConfigError, match=r"data\.batch_size=16 is not a multiple"):
-        check_pipeline(cfg, model, resolve_trainer(cfg))
+    with pytest.raises(ConfigError, match=r"data\.batch_size=16: .* does not split into micro_batches=3"):
+        check_pipeline(cfg, build_strategy(cfg), model, resolve_trainer(cfg))
 
 
-CONFLICTS = {  # the overrides -> the two options the message must name
-    "group-and-field": (("schedule=depth_first", "strategy.schedule=gpipe"),) * 2,
-    "gpipe-with-looped-stages": (("schedule=gpipe",), ("schedule=gpipe", "strategy.stages_per_rank=2")),
-    "explicit-no-boundaries": (("partition=explicit",), ("partition=explicit", "partition.boundaries")),
-    "boundaries-not-explicit": (("partition.boundaries=[0,2,4,6,8]",), ("partition.boundaries=", "partition=uniform")),
-    "half-parameters": (("trainer.precision=16-true",), ("trainer.precision=16-true", "strategy=bfpp")),
+def checks_before_launch(cfg) -> None:
+    """What the main job checks before it starts any process (``bfpp_examples.app.run``), on a tiny GPT."""
+    check_config(cfg)
+    check_single_device(cfg)
+    kwargs = resolve_trainer(cfg)
+    strategy = build_strategy(cfg)
+    check_pipeline(cfg, strategy, GPT(vocab_size=256, seq_len=8, n_layer=6, n_embd=16, n_head=2), kwargs)
+
+
+CONFLICTS = {  # overrides, each valid alone -> what the message must say
+    "gpipe-with-looped-stages": (("schedule=gpipe",), ("gpipe places one stage per rank", "stages_per_rank=2")),
+    "explicit-no-boundaries": (("partition=explicit",), ("partition='explicit' needs partition_boundaries",)),
+    "boundaries-not-explicit": (
+        ("strategy.partition_boundaries=[0,2,4,6,8]",),
+        ("partition_boundaries is only used with partition='explicit'",),
+    ),
+    "batched-weight-gradients-fsdp": (
+        ("sharding=full", "strategy.weight_gradients=batched"),
+        ("weight_gradients='batched' does not work with sharding='full'",),
+    ),
+    "groups-of-depth-first": (
+        ("schedule=depth_first", "strategy.breadth_first_micro_batches=2"),
+        ("breadth_first_micro_batches=2 groups the micro-batches of schedule='breadth_first'",),
+    ),
     "single-on-two": (("strategy=single", "trainer.devices=2"), ("strategy=single", "trainer.devices=2")),
 }
 
 
 @pytest.mark.parametrize(("overrides", "named"), list(CONFLICTS.values()), ids=list(CONFLICTS))
-def test_conflicting_options_fail_naming_both(overrides: tuple[str, ...], named: tuple[str, str]) -> None:
+def test_conflicting_options_fail_before_launch(overrides: tuple[str, ...], named: tuple[str, ...]) -> None:
     cfg = compose_cfg(*overrides)
-    check_config(cfg)  # each option is valid alone
-    with pytest.raises(ConfigError) as error:
-        check_conflicts(cfg, overrides)
-    assert all(option in str(error.value) for option in named), str(error.value)
+    with pytest.raises(Exception) as error:  # ConfigError from the job, or the options' own error via Hydra
+        checks_before_launch(cfg)
+    text = f"{error.value} {error.value.__cause__}"
+    assert all(part in text for part in named), text
 
 
-def test_a_field_override_alone_is_no_conflict() -> None:
-    for overrides in [("strategy.schedule=depth_first",), ("schedule=depth_first", "strategy.schedule=depth_first")]:
-        check_conflicts(compose_cfg(*overrides), overrides)
-    check_conflicts(compose_cfg("schedule=gpipe", "strategy.stages_per_rank=1"), ("schedule=gpipe",))
+def test_valid_layouts_pass_the_checks_before_launch() -> None:
+    for overrides in [(), ("schedule=gpipe", "strategy.stages_per_rank=1"), ("schedule=breadth_first_grouped",)]:
+        checks_before_launch(compose_cfg(*overrides))
+    checks_before_launch(compose_cfg("partition=explicit", "strategy.partition_boundaries=[0,1,3,5,8]"))
 
 
 def test_conflicting_options_stop_the_job_before_it_starts(tmp_path: Path) -> None:
@@ -177,7 +268,7 @@ def test_conflicting_options_stop_the_job_before_it_starts(tmp_path: Path) -> No
         ROOT / "examples" / "train.py", ["schedule=gpipe", f"hydra.run.dir={tmp_path}"], timeout=60, cwd=ROOT
     )
     assert code != 0
-    assert "schedule=gpipe" in output and "strategy.stages_per_rank=2" in output, output[-3000:]
+    assert "gpipe places one stage per rank" in output and "stages_per_rank=2" in output, output[-3000:]
     assert "Initializing distributed" not in output
 
 

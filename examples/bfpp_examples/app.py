@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bfpp_examples.config import SingleStrategyConfig
+from lightning_bfpp import BFPPStrategy
 from lightning_bfpp.checkpoint import is_incomplete_checkpoint
 from lightning_bfpp.config import BFPPStrategyConfig
+from lightning_bfpp.microbatch import check_divisible
 from lightning_bfpp.partition import build_partition
 from lightning_bfpp.schedule import build_schedule
 
@@ -93,59 +95,12 @@ def _unknown_keys(node: DictConfig, prefix: str) -> Iterator[tuple[str, type, se
             yield from _unknown_keys(child, f"{prefix}{key}.")
 
 
-# The groups that set one strategy field each: group -> (the group's key, the strategy field it sets).
-_GROUP_FIELDS = {
-    "schedule": ("name", "schedule"),
-    "partition": ("method", "partition"),
-    "sharding": ("mode", "sharding"),
-}
-_SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
-_UNSUPPORTED_PRECISIONS = ("16-true", "bf16-true")  # half-precision parameters: no float32 copy to update
-
-
-def check_conflicts(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
-    """Fails with a message naming both options when two options cannot work together (each may be fine alone).
-
-    ``overrides`` are the command line's overrides (``hydra.overrides.task``): a group chosen there and the strategy
-    field it sets, given a different value there too, conflict (``schedule=depth_first strategy.schedule=gpipe``).
-    Runs in every process before the trainer exists, so no rank reaches a collective.
-    """
-    schema = OmegaConf.get_type(cfg.strategy)
-    if schema is SingleStrategyConfig and str(cfg.trainer.devices) not in ("auto", "1"):
+def check_single_device(cfg: DictConfig) -> None:
+    """Fails before any process starts when ``strategy=single`` (one process) is given several devices."""
+    if OmegaConf.get_type(cfg.strategy) is SingleStrategyConfig and str(cfg.trainer.devices) not in ("auto", "1"):
         raise ConfigError(
             f"strategy=single runs one process, but trainer.devices={cfg.trainer.devices}: drop trainer.devices, or "
             "use strategy=bfpp or strategy=ddp for several processes."
-        )
-    if schema is not BFPPStrategyConfig:
-        return
-    given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[-1] for o in overrides}
-    s = cfg.strategy
-    for group, (key, field) in _GROUP_FIELDS.items():
-        if group in given and f"strategy.{field}" in given and s[field] != cfg[group][key]:
-            raise ConfigError(
-                f"{group}={given[group]} and strategy.{field}={given[f'strategy.{field}']} conflict: both choose the "
-                f"{field}; give only one of them."
-            )
-    if s.schedule in _SINGLE_STAGE_SCHEDULES and s.stages_per_rank != 1:
-        raise ConfigError(
-            f"schedule={s.schedule} runs one stage per pipeline rank, but strategy.stages_per_rank={s.stages_per_rank}:"
-            " add strategy.stages_per_rank=1, or choose schedule=breadth_first or schedule=depth_first for looped "
-            "stages."
-        )
-    if s.partition == "explicit" and s.partition_boundaries is None:
-        raise ConfigError(
-            "partition=explicit needs partition.boundaries, which is not set: add partition.boundaries=[0,...,<number "
-            "of layers>] (P*L+1 layer indices), or choose partition=uniform."
-        )
-    if s.partition != "explicit" and s.partition_boundaries is not None:
-        raise ConfigError(
-            f"partition.boundaries={list(s.partition_boundaries)} is only read by partition=explicit, but "
-            f"partition={s.partition}: add partition=explicit, or drop partition.boundaries."
-        )
-    if str(cfg.trainer.precision) in _UNSUPPORTED_PRECISIONS:
-        raise ConfigError(
-            f"trainer.precision={cfg.trainer.precision} does not work with strategy=bfpp: use trainer.precision="
-            "bf16-mixed, 16-mixed or 32-true, or strategy=ddp."
         )
 
 
@@ -186,16 +141,16 @@ def resolve_trainer(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_strategy(cfg: DictConfig) -> Any:
-    """Instantiates ``cfg.strategy``; the strategy's constructor checks the values and names the bad one."""
+    """Instantiates ``cfg.strategy``; the strategy's options check the values and name the bad one."""
     return instantiate(cfg.strategy, _convert_="all")
 
 
-def check_pipeline(cfg: DictConfig, model: pl.LightningModule, trainer_kwargs: dict[str, Any]) -> None:
+def check_pipeline(cfg: DictConfig, strategy: Any, model: pl.LightningModule, trainer_kwargs: dict[str, Any]) -> None:
     """Checks the pipeline layout against the model and the batch size before any process starts (the strategy
     checks again on every rank), so that a layout that cannot work fails once, with one message."""
-    if OmegaConf.get_type(cfg.strategy) is not BFPPStrategyConfig:
+    if not isinstance(strategy, BFPPStrategy):
         return
-    s = cfg.strategy
+    s = strategy.options
     world = _count_devices(trainer_kwargs["devices"], trainer_kwargs["accelerator"]) * trainer_kwargs["num_nodes"]
     pipeline = world if s.pipeline_parallel_size == "auto" else s.pipeline_parallel_size
     micro_batches = s.micro_batches or pipeline
@@ -205,17 +160,18 @@ def check_pipeline(cfg: DictConfig, model: pl.LightningModule, trainer_kwargs: d
             "trainer.num_nodes): change one of them."
         )
     batch_size = cfg.data.get("batch_size")
-    if batch_size is not None and batch_size % micro_batches:
-        raise ConfigError(
-            f"data.batch_size={batch_size} is not a multiple of strategy.micro_batches={micro_batches}: each batch "
-            "is cut into that many equal micro-batches."
-        )
+    if batch_size is not None:
+        try:
+            check_divisible(batch_size, micro_batches)
+        except ValueError as error:
+            raise ConfigError(f"data.batch_size={batch_size}: {error}") from error
     try:
         layers = list(model.pipeline_layers())
         build_partition(layers, pipeline, s.stages_per_rank, s.partition, s.partition_boundaries)
-        build_schedule(s.schedule, pipeline, s.stages_per_rank, micro_batches)
+        groups = s.breadth_first_micro_batches  # M checked against its groups once M is known (P = "auto")
+        build_schedule(s.schedule, pipeline, s.stages_per_rank, micro_batches, breadth_first_micro_batches=groups)
     except ValueError as error:
-        raise ConfigError(f"The pipeline layout does not fit (strategy.*, partition.*, schedule.*): {error}") from error
+        raise ConfigError(f"The pipeline layout does not fit (strategy.*): {error}") from error
 
 
 def _count_devices(devices: Any, accelerator: str) -> int:
@@ -294,8 +250,8 @@ def _resume_command(hydra_cfg: DictConfig, ckpt: str, max_steps: int) -> str:
 def run(cfg: DictConfig, build: Builder) -> dict[str, float]:
     """Trains what ``build(cfg)`` returns as ``cfg`` says; returns the final metrics (for sweepers)."""
     check_config(cfg)
+    check_single_device(cfg)
     hydra_cfg = HydraConfig.get()
-    check_conflicts(cfg, hydra_cfg.overrides.task)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     env_before = {key: os.environ.get(key) for key in _LAUNCHER_ENV}
     _single_job_argv(hydra_cfg)
@@ -306,7 +262,7 @@ def run(cfg: DictConfig, build: Builder) -> dict[str, float]:
         torch.set_float32_matmul_precision("high")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model, data, throughput = build(cfg)
-    check_pipeline(cfg, model, trainer_kwargs)
+    check_pipeline(cfg, strategy, model, trainer_kwargs)
 
     checkpoint_dir = Path(to_absolute_path(cfg.checkpoint.dir)) if cfg.checkpoint.dir else run_dir / "checkpoints"
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir, checkpoint_dir, sweep=hydra_cfg.mode == RunMode.MULTIRUN)

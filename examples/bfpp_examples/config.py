@@ -2,8 +2,8 @@
 
 Hydra merges each YAML file of ``conf/`` onto one of these dataclasses, so a misspelt key or a value of the wrong
 type fails while the config is composed, with a message naming the key (``full_key: strategy.stages_per_rank``).
-Values with a fixed set of choices (schedules, partitions, sharding modes) are checked by the code that uses them,
-when the job starts, so that a new choice needs no change here.
+The strategy's values (choices, sizes, options that exclude each other) are checked by the library
+(``lightning_bfpp.options.PipelineOptions``) when the strategy is instantiated, before any process starts.
 """
 
 from dataclasses import dataclass, field
@@ -32,30 +32,6 @@ class DDPStrategyConfig:
     process_group_backend: str | None = None
     find_unused_parameters: bool = False
     timeout: float = 1800.0  # seconds
-
-
-@dataclass
-class ScheduleConfig:
-    """The pipeline schedule; ``strategy/bfpp.yaml`` reads ``name`` into ``strategy.schedule``."""
-
-    name: str = "breadth_first"
-    # breadth_first only: micro-batches per group (a divisor of M), the groups run one after another; None: all M
-    breadth_first_micro_batches: int | None = None
-
-
-@dataclass
-class PartitionConfig:
-    """How layers are cut into stages; read into ``strategy.partition`` and ``strategy.partition_boundaries``."""
-
-    method: str = "uniform"
-    boundaries: list[int] | None = None
-
-
-@dataclass
-class ShardingConfig:
-    """The data-parallel mode; ``strategy/bfpp.yaml`` reads ``mode`` into ``strategy.sharding``."""
-
-    mode: str = "none"
 
 
 # -------------------------------------------------------------------------------------------------------- trainer
@@ -197,10 +173,7 @@ class TrainConfig:
     ckpt_path: str | None = None  # a .ckpt file, or "last": the newest last.ckpt of runs next to this one
     log_interval: int = 10  # print loss and throughput every so many optimizer steps
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    strategy: Any = MISSING
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    strategy: Any = MISSING  # strategy=bfpp: lightning_bfpp.config.BFPPStrategyConfig, set by the groups too
     model: Any = MISSING
     data: Any = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
