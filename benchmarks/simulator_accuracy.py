@@ -62,7 +62,7 @@ def stage_times(trace: Path, rank: int | None = None) -> tuple[list[float], list
 
     for e in events:
         name = e["name"]
-        if e["cat"] in ("forward", "backward") and name[0] in "FBW":
+        if e["cat"] in ("forward", "backward", "backward_weight") and name[0] in "FBW":
             compute = e["dur"] - waited(e)
             per_rank_busy[e["tid"]] += compute
             if name[0] == "W":  # batched weight gradients of a stage: counted in its backwards

@@ -24,6 +24,7 @@ from lightning_bfpp.p2p import (
 )
 from lightning_bfpp.schedule import Action, ActionKind, Schedule, communication_groups
 from lightning_bfpp.timeline import TimedEvent
+from lightning_bfpp.weight_flush import validate_weight_flush
 
 StageIO = Tensor | tuple[Tensor, ...]
 ForwardFn = Callable[[int, int, StageIO | None], StageIO]
@@ -80,25 +81,6 @@ class StepState:
         return [f"{name}{sorted(getattr(self, name))}" for name in names if getattr(self, name)]
 
 
-def _weight_gradient_flushes(actions: tuple[Action, ...]) -> dict[int, int]:
-    """``{position: stage}``: the deferred weight gradients of ``stage`` are added right before the action at
-    ``position``, the first compute or gradient reduction after the last backward of a run of ``stage``'s backwards
-    (so that the run's input-gradient sends go first); position ``len(actions)``: at the end of the step."""
-    flushes: dict[int, int] = {}
-    pending: int | None = None
-    for i, action in enumerate(actions):
-        if action.kind not in (ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.REDUCE_GRAD):
-            continue
-        if pending is not None and not (action.kind is ActionKind.BACKWARD and action.stage == pending):
-            flushes[i] = pending
-            pending = None
-        if action.kind is ActionKind.BACKWARD:
-            pending = action.stage
-    if pending is not None:
-        flushes[len(actions)] = pending
-    return flushes
-
-
 def _as_tuple(value: StageIO) -> tuple[Tensor, ...]:
     return value if isinstance(value, tuple) else (value,)
 
@@ -125,8 +107,8 @@ class PipelineExecutor:
             boundary's shapes received on their own, first.
         data_parallel: what the data-parallel mode does at the schedule's GATHER, RESHARD and REDUCE_GRAD actions and
             around each backward (see :class:`DataParallelHooks`); None when there is nothing to do.
-        weight_gradients: deferred weight gradients, flushed after the last backward of each run of a stage's
-            backwards, once its input gradient is sent (right before the rank's next compute or gradient reduction).
+        weight_gradients: deferred weight gradients, added to ``.grad`` at the schedule's BACKWARD_WEIGHT actions
+            (see :mod:`lightning_bfpp.weight_flush`, which checks that the schedule has them).
     """
 
     def __init__(
@@ -141,6 +123,8 @@ class PipelineExecutor:
         self.rank = rank
         self.link = link
         self.data_parallel = data_parallel
+        if weight_gradients is not None and not schedule.forward_only:
+            validate_weight_flush(schedule)  # a backward without its flush would leave its weight gradients out
         self.weight_gradients = weight_gradients
         self.events: list[TimedEvent] | None = None  # set to a list to record when each action runs
         self.actions: tuple[Action, ...] = schedule.actions[rank]
@@ -155,18 +139,15 @@ class PipelineExecutor:
             ActionKind.REDUCE_GRAD: self._reduce_grad,
             ActionKind.GATHER: self._gather,
             ActionKind.RESHARD: self._reshard,
+            ActionKind.BACKWARD_WEIGHT: self._backward_weight,
         }
         # the micro-batch of each stage's last backward: gradients are synchronised after it
         self._last_backward = {a.stage: a.micro_batch for a in self.actions if a.kind is ActionKind.BACKWARD}
         # what run() does, in order, built once: (function, argument, timeline label, timeline category)
         self._program: list[tuple[Callable[[Any], None], Any, str, str]] = []
-        flushes = _weight_gradient_flushes(self.actions) if weight_gradients is not None else {}
         group_ends = {group[-1]: group for group in communication_groups(self.actions)}
-        for i, action in enumerate((*self.actions, None)):
-            if i in flushes:
-                assert weight_gradients is not None
-                self._program.append((weight_gradients.flush, flushes[i], f"W{flushes[i]}", "backward"))
-            if action is not None and action.kind is not ActionKind.GROUP_END:  # a marker: nothing to run
+        for i, action in enumerate(self.actions):
+            if action.kind is not ActionKind.GROUP_END:  # a marker: nothing to run
                 self._program.append((self._handlers[action.kind], action, str(action), action.kind.name.lower()))
             if i in group_ends:  # the group's transfers were added to the link's batch: start them together
                 label = "issue " + " ".join(str(self.actions[j]) for j in group_ends[i])
@@ -330,6 +311,10 @@ class PipelineExecutor:
         stage, m = action.stage, action.micro_batch
         grads = self._state.input_grads.pop((stage, m))
         self.link.send(grads, KIND_GRAD, stage, m, self._peer(stage - 1))
+
+    def _backward_weight(self, action: Action) -> None:
+        if self.weight_gradients is not None:
+            self.weight_gradients.flush(action.stage)
 
     def _reduce_grad(self, action: Action) -> None:
         if self.data_parallel is not None:

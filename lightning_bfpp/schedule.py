@@ -25,10 +25,11 @@ class ActionKind(str, enum.Enum):
     REDUCE_GRAD = "RD"  # start the data-parallel gradient reduction of stage s (micro_batch is -1)
     GATHER = "AG"  # start all-gathering the sharded parameters of stage s (micro_batch is -1; see gathering.py)
     RESHARD = "FR"  # free the gathered parameters of stage s (micro_batch is -1; see gathering.py)
+    BACKWARD_WEIGHT = "W"  # weight gradients of stage s's finished run of backwards (micro_batch -1; weight_flush.py)
     GROUP_END = "|"  # ends a communication group: the transfers around it are issued as two groups (stage is -1)
 
 
-_F, _B, _RA, _SA, _RG, _SG, _RD = (
+_F, _B, _RA, _SA, _RG, _SG, _RD, _W = (
     ActionKind.FORWARD,
     ActionKind.BACKWARD,
     ActionKind.RECV_ACT,
@@ -36,6 +37,7 @@ _F, _B, _RA, _SA, _RG, _SG, _RD = (
     ActionKind.RECV_GRAD,
     ActionKind.SEND_GRAD,
     ActionKind.REDUCE_GRAD,
+    ActionKind.BACKWARD_WEIGHT,
 )
 
 
@@ -56,6 +58,9 @@ class Action:
 
 PARAMETER_KINDS = frozenset({ActionKind.GATHER, ActionKind.RESHARD})
 """Actions that move parameters, not activations: present only with sharded parameters."""
+
+PASS_KINDS = PARAMETER_KINDS | {ActionKind.BACKWARD_WEIGHT}
+"""Actions that a pass adds to a built schedule when an option needs them, each pass with its own validator."""
 
 COMMUNICATION_KINDS = frozenset({ActionKind.RECV_ACT, ActionKind.SEND_ACT, ActionKind.RECV_GRAD, ActionKind.SEND_GRAD})
 """Point-to-point actions between pipeline ranks."""
@@ -464,8 +469,8 @@ def _structure_problems(schedule: Schedule) -> list[str]:
             if not isinstance(action, Action) or not isinstance(action.kind, ActionKind):
                 problems.append(f"{at}: {action!r} is not an Action")
                 continue
-            if action.kind in PARAMETER_KINDS:
-                continue  # optional; checked by gathering.validate_gathering
+            if action.kind in PASS_KINDS:
+                continue  # optional; checked by gathering.validate_gathering or weight_flush.validate_weight_flush
             if action == GROUP_END:
                 continue
             if not 0 <= action.stage < schedule.num_stages:

@@ -11,6 +11,9 @@ data-parallel collectives, which overlaps compute:
   (:func:`~lightning_bfpp.schedule.communication_groups`): a rank's groups run one after another, each from its
   issue once the previous one is done; a transfer runs once the groups of both sides have started; a compute waits
   for the whole group that holds its input.
+- ``W(s)`` (batched weight gradients, :mod:`lightning_bfpp.weight_flush`) runs on the compute stream: it costs
+  ``weight_grad_time`` for every backward of ``s`` since the previous ``W(s)``, and those backwards cost that much
+  less each.
 - ``RD(s)`` launches the stage's gradient reduction on the communication stream: an all-reduce without sharding, a
   reduce-scatter with ZeRO-1/2/3. The step ends when every compute and every collective is done.
 - ZeRO-1/2 (``optimizer``/``gradients``) all-gather each stage's updated parameters before its first forward; ZeRO-3
@@ -40,6 +43,7 @@ from lightning_bfpp.schedule import (
     _RG,
     _SA,
     _SG,
+    _W,
     Action,
     Schedule,
     ScheduleError,
@@ -62,6 +66,9 @@ class CostModel:
     Arguments:
         forward_time: forward time of one micro-batch through a stage (the last stage includes the loss).
         backward_time: backward time of one micro-batch through a stage; default ``2 * forward_time``.
+        weight_grad_time: the part of ``backward_time`` that computes weight gradients, which a schedule with
+            batched weight gradients (``W`` actions) moves into the ``W`` of the run; default half of
+            ``backward_time``.
         activation_bytes: memory a stage keeps per micro-batch from its forward to its backward.
         boundary_bytes: size of a stage's output for one micro-batch (sent to the next stage; its gradient is sent
             back and has the same size). With activation checkpointing it is what a stage keeps per micro-batch.
@@ -84,6 +91,7 @@ class CostModel:
 
     forward_time: PerStage
     backward_time: PerStage | None = None
+    weight_grad_time: PerStage | None = None
     activation_bytes: PerStage = 0.0
     boundary_bytes: PerStage = 0.0
     p2p_latency: float = 0.0
@@ -117,8 +125,9 @@ class CostModel:
 
 
 class SimEvent(NamedTuple):
-    """One simulated span on ``rank``: a compute (``forward``/``backward``), a data-parallel collective
-    (``all_gather``/``reduce_scatter``/``all_reduce``) or a transfer sent by the rank (``send_act``/``send_grad``)."""
+    """One simulated span on ``rank``: a compute (``forward``/``backward``/``backward_weight``), a data-parallel
+    collective (``all_gather``/``reduce_scatter``/``all_reduce``) or a transfer sent by the rank
+    (``send_act``/``send_grad``)."""
 
     rank: int
     name: str
@@ -306,8 +315,19 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
         if cost.backward_time is None
         else _per_stage(cost.backward_time, num_stages, "backward_time")
     )
+    weight = (
+        tuple(b / 2 for b in backward)
+        if cost.weight_grad_time is None
+        else _per_stage(cost.weight_grad_time, num_stages, "weight_grad_time")
+    )
+    for s, (w, b) in enumerate(zip(weight, backward, strict=True)):
+        if not 0 <= w <= b:
+            raise ValueError(f"CostModel.weight_grad_time of stage {s} is {w}: give a time in [0, backward_time={b}]")
+    batched = {a.stage for actions in schedule.actions for a in actions if a.kind is _W}
+    backward = tuple(b - w if s in batched else b for s, (b, w) in enumerate(zip(backward, weight, strict=True)))
     if cost.activation_checkpointing:
         backward = tuple(b + f for b, f in zip(backward, forward, strict=True))
+    unflushed = [0] * num_stages  # backwards of each stage since its last W
     boundary = _per_stage(cost.boundary_bytes, num_stages, "boundary_bytes")
     bandwidth = _per_stage(cost.p2p_bandwidth, pipeline_size, "p2p_bandwidth")
     params = _per_stage(cost.stage_params, num_stages, "stage_params")
@@ -405,9 +425,16 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
                     duration = forward[a.stage] if a.kind is _F else backward[a.stage]
                     clock[rank] = start + duration
                     busy[rank] += duration
+                    unflushed[a.stage] += a.kind is _B
                     if record_events:
                         name = "forward" if a.kind is _F else "backward"
                         events.append(SimEvent(rank, str(a), name, start, clock[rank]))
+                elif a.kind is _W:
+                    start, duration = clock[rank], unflushed[a.stage] * weight[a.stage]
+                    clock[rank], unflushed[a.stage] = start + duration, 0
+                    busy[rank] += duration
+                    if record_events:
+                        events.append(SimEvent(rank, str(a), "backward_weight", start, clock[rank]))
                 elif i in group_of[rank]:
                     group = group_of[rank][i]
                     if i == group[0]:  # the group is issued: it starts after the rank's previous group

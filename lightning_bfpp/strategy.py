@@ -61,6 +61,7 @@ from lightning_bfpp.summary import record_whole_model, use_whole_model_summary
 from lightning_bfpp.tied import TiedGradients, check_ties_sharding, dedupe_stage_parameters, module_ties, set_aliases
 from lightning_bfpp.timeline import wall_clock, write_timeline
 from lightning_bfpp.trainer_checks import check_callbacks
+from lightning_bfpp.weight_flush import add_weight_flush
 from lightning_bfpp.weight_grad import WeightGradientBatcher
 from lightning_bfpp.zero import shard_optimizer_states
 
@@ -301,6 +302,8 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         )
         if self.sharding in FSDP_MODES:
             schedule = add_parameter_gathering(schedule, reshard_after_forward=self.sharding == "full")
+        if self.weight_gradients == "batched" and not forward_only:
+            schedule = add_weight_flush(schedule)
         return schedule
 
     @contextmanager

@@ -22,6 +22,7 @@ class TimedEvent(NamedTuple):
 COLORS = {
     "forward": "#4c72b0",
     "backward": "#dd8452",
+    "backward_weight": "#da8bc3",
     "wait": "#d9d9d9",
     "reduce_grad": "#55a868",
     "all_reduce": "#55a868",
@@ -30,7 +31,7 @@ COLORS = {
     "gather": "#8172b3",
     "reshard": "#c4ad66",
 }
-FULL_HEIGHT = ("forward", "backward", "wait")  # other categories are drawn as a thin strip under the row
+FULL_HEIGHT = ("forward", "backward", "backward_weight", "wait")  # others are drawn as a thin strip under the row
 OTHER = "#937860"  # sends and receive posts
 
 

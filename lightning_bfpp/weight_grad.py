@@ -104,8 +104,9 @@ def _plain_linears(layers: Iterable[nn.Module]) -> list[nn.Linear]:
 class WeightGradientBatcher:
     """Defers the weight gradients of the ``nn.Linear`` modules of each local stage over a run of its backwards.
 
-    The executor calls :meth:`flush` with a stage once the last backward of one of its runs has run (and its input
-    gradient has been sent). :meth:`remove` restores the layers.
+    The executor calls :meth:`flush` with a stage at the schedule's ``BACKWARD_WEIGHT`` actions, which
+    :func:`lightning_bfpp.weight_flush.add_weight_flush` places after each run of backwards. :meth:`remove` restores
+    the layers.
 
     Arguments:
         stage_layers: the layers of each local stage.

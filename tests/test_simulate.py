@@ -11,6 +11,7 @@ import pytest
 from lightning_bfpp.gathering import add_parameter_gathering, gathers_per_stage
 from lightning_bfpp.schedule import GROUP_END, Action, ActionKind, Schedule, build_schedule
 from lightning_bfpp.simulate import CostModel, SimEvent, estimate_memory, plot_timeline, resident_bytes, simulate
+from lightning_bfpp.weight_flush import add_weight_flush
 
 
 def _parse(text: str) -> Action:
@@ -160,6 +161,30 @@ def test_activation_checkpointing_time_and_memory() -> None:
     assert plain.step_time == pytest.approx(5 * 3) and ckpt.step_time == pytest.approx(5 * 4)
     assert plain.memory.peak_activation_bytes == (4000.0, 4000.0)
     assert ckpt.memory.peak_activation_bytes == (1040.0, 1040.0)
+
+
+def test_batched_weight_gradients_cost_the_weight_share_in_one_action_per_run() -> None:
+    """GPipe P = 2, M = 2, f = 1, b = 2 of which w = 1 computes weight gradients. Batched, each backward costs
+    b - w = 1 and W<s> costs M w = 2 after the run, so the gradients travel up sooner:
+    rank 1: F1.0 [1, 2], F1.1 [2, 3], B1.0 [3, 4], B1.1 [4, 5], W1 [5, 7]
+    rank 0: B0.0 [4, 5] (needs SG1.0 at 4), B0.1 [5, 6], W0 [6, 8]: the step takes 8 instead of (M + P - 1) 3 = 9,
+    with the same busy time."""
+    schedule = build_schedule("gpipe", 2, 1, 2)
+    flushed = add_weight_flush(schedule)
+    plain, batched = simulate(schedule, CostModel(forward_time=1.0)), simulate(flushed, CostModel(forward_time=1.0))
+    assert plain.step_time == pytest.approx(9) and batched.step_time == pytest.approx(8)  # default w = b / 2
+    assert batched.compute_time == pytest.approx(plain.compute_time)
+    spans = _spans(batched.events)
+    assert spans["B1.1"] == (4.0, 5.0) and spans["W1"] == (5.0, 7.0) and spans["B0.0"] == (4.0, 5.0)
+    assert spans["W0"] == (6.0, 8.0)
+    assert {e.category for e in batched.events if e.name[0] == "W"} == {"backward_weight"}
+    free = simulate(flushed, CostModel(forward_time=1.0, weight_grad_time=[0.0, 0.5]))
+    assert _spans(free.events)["B1.1"] == (4.5, 6.0) and _spans(free.events)["W1"] == (6.0, 7.0)
+    assert _spans(free.events)["W0"] == (8.5, 8.5) and free.step_time == pytest.approx(8.5)  # stage 0: b unchanged
+    with pytest.raises(
+        ValueError, match=r"weight_grad_time of stage 1 is 3.0: give a time in \[0, backward_time=2.0\]"
+    ):
+        simulate(flushed, CostModel(forward_time=1.0, weight_grad_time=[1.0, 3.0]))
 
 
 def test_depth_first_holds_fewer_activations_than_breadth_first() -> None:

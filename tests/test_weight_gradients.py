@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from dataclasses import replace
+
 import pytest
 import torch
 from test_config import compose_cfg
@@ -10,8 +14,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_bfpp import BFPPStrategy
-from lightning_bfpp.executor import _weight_gradient_flushes
-from lightning_bfpp.schedule import ActionKind, build_schedule
+from lightning_bfpp.executor import PipelineExecutor
+from lightning_bfpp.schedule import Action, ActionKind, Schedule, ScheduleError, build_schedule, validate_schedule
+from lightning_bfpp.stream_order import validate_stream_order
+from lightning_bfpp.weight_flush import add_weight_flush, validate_weight_flush
 from lightning_bfpp.weight_grad import WeightGradientBatcher
 
 
@@ -91,26 +97,36 @@ def test_three_dimensional_inputs_evaluation_and_autocast() -> None:
     batcher.remove()
 
 
+_W, _B = ActionKind.BACKWARD_WEIGHT, ActionKind.BACKWARD
+
+
 @pytest.mark.parametrize(
     "schedule_name, groups", [("breadth_first", None), ("breadth_first", 2), ("depth_first", None)]
 )
 def test_flushes_follow_the_last_backward_of_each_run_and_its_send(schedule_name: str, groups: int | None) -> None:
-    schedule = build_schedule(schedule_name, 2, 2, 4, breadth_first_micro_batches=groups)
+    plain = build_schedule(schedule_name, 2, 2, 4, breadth_first_micro_batches=groups)
+    schedule = add_weight_flush(plain)
+    assert add_weight_flush(schedule) == schedule  # applied twice: the same flushes
+    validate_stream_order(schedule)  # a local compute: the order of the transfers cannot hang on NCCL
     for rank in range(2):
         actions = schedule.actions[rank]
-        flushes = _weight_gradient_flushes(actions)
+        assert [a for a in actions if a.kind is not _W] == list(plain.actions[rank])  # only flushes are added
         per_stage: dict[int, int] = {}
-        for position, stage in flushes.items():
+        for position, flush in ((i, a) for i, a in enumerate(actions) if a.kind is _W):
+            stage = flush.stage
             per_stage[stage] = per_stage.get(stage, 0) + 1
-            before = [a for a in actions[:position] if a.stage == stage and a.kind is ActionKind.BACKWARD]
+            before = [a for a in actions[:position] if a.stage == stage and a.kind is _B]
             assert before, f"flush of stage {stage} before any of its backwards"
-            if position < len(actions):  # else at the end of the step
-                assert actions[position].kind in (ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.REDUCE_GRAD)
+            if position + 1 < len(actions):  # else at the end of the step
+                following = actions[position + 1].kind
+                assert following in (ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.REDUCE_GRAD)
             if stage > 0:  # the send of the input gradient of the run's last backward goes first
                 assert any(
                     a.kind is ActionKind.SEND_GRAD and a.stage == stage and a.micro_batch == before[-1].micro_batch
                     for a in actions[:position]
                 )
+            if before[-1] == [a for a in actions if a.kind is _B and a.stage == stage][-1]:  # the stage's last run
+                assert position < actions.index(Action(ActionKind.REDUCE_GRAD, stage))
         computes = [a for a in actions if a.kind in (ActionKind.FORWARD, ActionKind.BACKWARD)]
         backward_runs: dict[int, int] = {}
         for previous, action in zip([None, *computes[:-1]], computes, strict=True):
@@ -122,9 +138,54 @@ def test_flushes_follow_the_last_backward_of_each_run_and_its_send(schedule_name
             assert sum(backward_runs.values()) == 2 * (4 // (groups or 4))
         else:  # interleaved: the backwards of a stage come in several runs
             assert sum(backward_runs.values()) > 2
+    forward_only = build_schedule(schedule_name, 2, 2, 4, forward_only=True)
+    assert add_weight_flush(forward_only) == forward_only
 
 
-def test_training_matches_one_process_with_accumulation_and_clipping(run_job) -> None:
+def _edited(schedule: Schedule, action: Action, after: Action | None = None) -> Schedule:
+    """``schedule`` without the first ``action`` of its rank, put back right after ``after`` if given."""
+    ranks = []
+    for actions in map(list, schedule.actions):
+        if action in actions:
+            del actions[actions.index(action)]
+        if after is not None and after in actions:
+            actions.insert(actions.index(after) + 1, action)
+        ranks.append(tuple(actions))
+    return replace(schedule, actions=tuple(ranks))
+
+
+def test_a_missing_or_misplaced_flush_is_rejected_naming_the_stage() -> None:
+    schedule = add_weight_flush(build_schedule("breadth_first", 2, 2, 4, breadth_first_micro_batches=2))
+    validate_schedule(schedule)  # the other checks accept the flushes
+    cases = [  # (edit, what the error says)
+        (
+            _edited(schedule, Action(_W, 3)),
+            r"stage 3 needs a BACKWARD_WEIGHT \(W3\) between its backward B3.1 .* and B1.0",
+        ),
+        (
+            _edited(schedule, Action(_W, 0)),
+            r"stage 0 needs a BACKWARD_WEIGHT \(W0\) between its backward B0.1 .* and F0.2",
+        ),
+        (
+            _edited(_edited(schedule, Action(_W, 2)), Action(_W, 2)),  # both flushes of the stage gone
+            r"stage 2 needs a BACKWARD_WEIGHT \(W2\) between its backward B2.3 .* and RD2 .*: its reduction would miss",
+        ),
+        (
+            _edited(_edited(_edited(schedule, Action(_W, 1)), Action(_W, 1)), Action(ActionKind.REDUCE_GRAD, 1)),
+            r"stage 1 .* after its backward B1.3 .*: the step ends",
+        ),
+        (_edited(schedule, Action(_W, 0), Action(ActionKind.FORWARD, 0, 0)), r"W0\): stage 0 has no backward to flush"),
+        (_edited(schedule, Action(_W, 1), Action(_W, 0)), r"W1\): must name a stage of rank 0"),
+    ]
+    for edited, message in cases:
+        with pytest.raises(ScheduleError, match=message):
+            validate_weight_flush(edited)
+    plain = build_schedule("breadth_first", 2, 2, 4)
+    with pytest.raises(ScheduleError, match=r"stage 0 needs a BACKWARD_WEIGHT"):  # refused before any transfer
+        PipelineExecutor(plain, 0, None, weight_gradients=WeightGradientBatcher({}))
+
+
+def test_training_matches_one_process_with_accumulation_and_clipping(run_job, tmp_path) -> None:
     config = {
         "devices": 2,
         "strategy": {
@@ -138,10 +199,14 @@ def test_training_matches_one_process_with_accumulation_and_clipping(run_job) ->
         "accumulate": 2,
         "clip_val": 0.05,
         "max_steps": 2,
+        "timeline_dir": str(tmp_path / "timeline"),
     }
     result = run_job(config, timeout=150)
     assert all(rank["batched_linears"] > 0 for rank in result.ranks())  # the option reached every rank's layers
     assert_matches(result, config, 1)
+    trace = json.loads((tmp_path / "timeline" / "timeline.json").read_text())["traceEvents"]
+    flushes = Counter((e["tid"], e["name"]) for e in trace if e.get("cat") == "backward_weight")
+    assert flushes == {(r, f"W{s}"): 2 for r in (0, 1) for s in (r, r + 2)}  # one per stage and recorded batch
 
 
 @pytest.mark.parametrize("sharding", ["gradients", "full"])
