@@ -98,8 +98,9 @@ def skip_loop_backward(trainer: pl.Trainer) -> None:
 
     The pipelined ``training_step`` runs every micro-batch's forward and backward itself; the closure would otherwise
     zero those gradients and call backward on the returned loss. ``FitLoop._skip_backward`` (a property writing
-    ``_AutomaticOptimization._skip_backward``) turns off both: the closure then builds neither function. Lightning
-    resets it to False after each batch."""
+    ``_AutomaticOptimization._skip_backward``) turns off both: the closure then builds neither function. The closure
+    is built before ``training_step`` runs, so call this earlier (``on_train_batch_start``); Lightning never clears
+    it (``StochasticWeightAveraging`` sets and clears it the same way)."""
     trainer.fit_loop._skip_backward = True
 
 
