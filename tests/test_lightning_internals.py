@@ -36,10 +36,11 @@ OWN_NAMES = {
         "_timeout",  # BFPPStrategy's own, likewise
         "_executor",  # BFPPStrategy method: the pipeline executor for a micro-batch count
         "_training_step",  # BFPPStrategy method
+        "_evaluation_step",  # BFPPStrategy method
     },
     "log_relay.py": {"_error", "_module", "_metrics"},  # LogRecorder's fields; a module-level helper
     "tied.py": {"_module"},
-    "sharding.py": {"_reductions"},
+    "sharding.py": {"_reductions", "_store"},
     "p2p.py": {"_start"},
     "plan.py": {"_schedule"},
     "simulate.py": {"_mode"},
@@ -47,13 +48,14 @@ OWN_NAMES = {
 
 
 def _library_private_names() -> set[str]:
-    """Every ``self._name`` a Lightning or torchmetrics class assigns or defines as a method."""
+    """Every ``self._name`` that Lightning or torchmetrics assigns, and every private function, method or class it
+    defines."""
     names: set[str] = set()
     for root in (Path(lightning.__file__).parent, Path(torchmetrics.__file__).parent):
         for source in root.rglob("*.py"):
             text = source.read_text(errors="ignore")
             names.update(re.findall(r"\bself\.(_[A-Za-z]\w*)\s*(?::[^=\n]+)?=(?!=)", text))
-            names.update(re.findall(r"^\s*def (_[A-Za-z]\w*)\(self", text, re.M))
+            names.update(re.findall(r"^\s*(?:def|class) (_[A-Za-z]\w*)\b", text, re.M))
     return {n for n in names if not n.startswith("__")}
 
 
