@@ -136,6 +136,7 @@ class _SelfBackwardModule(pl.LightningModule):
     def __init__(self, calls: list[str]) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(()))
+        self.metric = torchmetrics.MeanMetric()
         self.calls = calls
         self.accumulates: list[bool] = []
         self.grads_at_step: list[float] = []
@@ -151,6 +152,8 @@ class _SelfBackwardModule(pl.LightningModule):
         loss.backward()
         internals.call_hook(self.trainer, "on_before_backward", loss.detach() + 7)
         internals.call_hook(self.trainer, "on_after_backward")
+        internals.set_metric_forward_value(self.metric, torch.tensor(batch_idx + 0.5))
+        self.log("metric", self.metric, on_step=True, on_epoch=False)  # logs the Metric's last forward value
         return loss
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
@@ -183,10 +186,12 @@ def _trainer(**kwargs: Any) -> pl.Trainer:
 
 
 def test_fit_loop_skips_backward_and_zero_grad_accumulates_and_calls_hooks() -> None:
-    """One fit of 5 batches with accumulate_grad_batches=2, each ``training_step`` running its own backward."""
+    """One fit of 5 batches with accumulate_grad_batches=2, each ``training_step`` running its own backward and logging
+    a Metric's forward value set as the log relay sets it."""
     recorder = _Recorder()
     module = _SelfBackwardModule(recorder.calls)
-    _trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[recorder]).fit(module)
+    trainer = _trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[recorder])
+    trainer.fit(module)
     # Neither the closure's zero_grad nor its backward ran: 2 own backwards per window (Lightning's would make 3),
     # and the epoch's last batch steps alone.
     assert module.grads_at_step == [2.0, 2.0, 1.0]
@@ -202,6 +207,7 @@ def test_fit_loop_skips_backward_and_zero_grad_accumulates_and_calls_hooks() -> 
         ]
         * 5
     )
+    assert trainer.callback_metrics["metric"].item() == 4.5
 
 
 def test_attached_trainer() -> None:
@@ -311,3 +317,12 @@ def test_metric_update_count_and_forward_value() -> None:
     assert metric.compute().item() == 4.0  # the cached result was dropped
     internals.set_metric_forward_value(metric, torch.tensor(9.0))
     assert internals.metric_forward_value(metric).item() == 9.0  # type: ignore[union-attr]
+
+
+def test_log_dict_goes_through_the_instances_log() -> None:
+    """The log relay records ``self.log`` by setting ``log`` on the module instance; ``log_dict`` must reach it."""
+    module = pl.LightningModule()
+    seen: list[tuple[str, Any]] = []
+    module.__dict__["log"] = lambda name, value, *args, **kwargs: seen.append((name, value))
+    module.log_dict({"a": 1.0, "b": torch.tensor(2.0)})
+    assert [name for name, _ in seen] == ["a", "b"]
