@@ -5,9 +5,14 @@ Each function or constant below says why the plugin needs it and what Lightning 
 there checks that no other module of the package uses a private Lightning name. To move to another Lightning version,
 change this module.
 
-Attributes the plugin sets on the user's LightningModule are its own (``lightning_bfpp.*`` keys of the instance's
-``__dict__``: the split, the sharded stages, the ties and their aliases, the whole-model summary record); they are not
-Lightning's and are not listed here.
+The plugin also sets attributes of its own on the user's LightningModule, in the instance's ``__dict__`` (so that
+``nn.Module.__setattr__`` does not register them): ``_bfpp_split`` (partition and layer names), ``_bfpp_sharded``
+(the FSDP2-sharded stages), ``_bfpp_ties`` and ``_bfpp_tied_aliases`` (tied parameters), ``_bfpp_whole_model`` (the
+sizes for the summary). Lightning defines none of these names; the test of this module checks that no name the
+package uses is one of Lightning's private names.
+
+Two public methods are replaced on instances, not private names: ``log`` on the module while the log relay records a
+hook's calls (``log_dict`` reaches it, tested), and ``forward`` on the module during a pipelined evaluation step.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class SubprocessLauncherMixin:
     num_processes: int
     num_nodes: int
 
+    @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         if not self.cluster_environment.creates_processes_externally:
