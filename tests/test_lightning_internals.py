@@ -60,20 +60,14 @@ def _library_private_names() -> set[str]:
 
 
 def _private_uses(tree: ast.AST) -> list[tuple[int, str]]:
-    """``(line, name)`` of every ``x._name``, ``getattr(x, "_name")`` and method ``def _name`` in ``tree``."""
+    """``(line, name)`` of every ``x._name``, every string ``"_name"`` (``getattr(x, "_name")``, a ``__dict__`` key)
+    and every method ``def _name`` in ``tree``."""
     uses = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
             uses.append((node.lineno, node.attr))
-        elif (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Name)
-            and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
-            and len(node.args) > 1
-            and isinstance(node.args[1], ast.Constant)
-            and isinstance(node.args[1].value, str)
-        ):
-            uses.append((node.lineno, node.args[1].value))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"_\w+", node.value):
+            uses.append((node.lineno, node.value))
         elif isinstance(node, ast.ClassDef):
             uses += [(f.lineno, f.name) for f in node.body if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)]
     return [(line, name) for line, name in uses if name.startswith("_") and not name.startswith("__")]
