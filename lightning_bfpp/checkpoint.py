@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
 from lightning_bfpp.collectives import all_gather_objects
+from lightning_bfpp.lightning_internals import unwrap_optimizer
 from lightning_bfpp.tied import canonical_names
 from lightning_bfpp.zero import local_optimizer
 
@@ -221,7 +222,7 @@ def load_plain(
     canonical = canonical_names(module)  # tied copies: the plain checkpoint's optimizer state uses the first name
     local_params = [canonical.get(name, name) for name, _ in module.named_parameters()]
     optimizer_states = checkpoint.pop("optimizer_states", None)
-    optimizers = [getattr(o, "_optimizer", o) for o in optimizers]
+    optimizers = [unwrap_optimizer(o) for o in optimizers]
     param_names = {id(p): canonical.get(name, name) for name, p in module.named_parameters()}
     local_groups = [[[param_names[id(p)] for p in g["params"]] for g in o.param_groups] for o in optimizers]
 

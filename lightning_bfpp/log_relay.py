@@ -33,6 +33,12 @@ from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_bfpp.collectives import relay
+from lightning_bfpp.lightning_internals import (
+    metric_forward_value,
+    metric_update_count,
+    set_metric_forward_value,
+    set_metric_update_count,
+)
 
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
 _capturing = 0  # > 0 while a last-stage hook runs under LogRecorder.capture
@@ -105,7 +111,7 @@ class LogRecorder:
         global _capturing
         if self._counts_before is None:
             self._module = module
-            self._counts_before = {name: m._update_count for name, m in _metrics(module)}
+            self._counts_before = {name: metric_update_count(m) for name, m in _metrics(module)}
         module.__dict__["log"] = self._record
         _capturing += 1
         _active.append(self)
@@ -127,7 +133,7 @@ class LogRecorder:
         entry = self._entries.setdefault(name, _Entry())
         if isinstance(value, Metric):
             entry.metric = kwargs.pop("metric_attribute", None) or self._metric_name(name, value)
-            cache = value._forward_cache
+            cache = metric_forward_value(value)
             entry.values.append(cache.detach().double().reshape(()) if isinstance(cache, Tensor) else None)
         elif isinstance(value, Tensor):
             if value.numel() != 1:
@@ -163,9 +169,9 @@ class LogRecorder:
             result.append(DeferredError(self._error))
         if self._module is not None and self._counts_before is not None:
             changed = tuple(
-                (name, m._update_count)
+                (name, metric_update_count(m))
                 for name, m in _metrics(self._module)
-                if self._counts_before.get(name) != m._update_count
+                if self._counts_before.get(name) != metric_update_count(m)
             )
             if changed:
                 result.append(MetricCounts(changed))
@@ -232,16 +238,14 @@ def replay(module: Any, calls: list[LogCall | MetricCounts | DeferredError], dev
             raise PipelineHookError(call.message)
         if isinstance(call, MetricCounts):
             for name, count in call.counts:
-                metric = module.get_submodule(name)
-                if metric._update_count != count:
-                    metric._update_count = count
-                    metric._computed = None
+                set_metric_update_count(module.get_submodule(name), count)
             continue
         kwargs = dict(call.kwargs)
         if call.metric is not None:
             metric = module.get_submodule(call.metric)
-            metric._forward_cache = (
-                torch.tensor(call.value, dtype=metric.dtype, device=metric.device) if call.value is not None else None
+            set_metric_forward_value(
+                metric,
+                torch.tensor(call.value, dtype=metric.dtype, device=metric.device) if call.value is not None else None,
             )
             module.log(call.name, metric, *call.args, metric_attribute=call.metric, **kwargs)
         elif call.dtype is None:

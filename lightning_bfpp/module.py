@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_bfpp.lightning_internals import attached_trainer
 from lightning_bfpp.materialize import check_materialized, materialize_layers
 from lightning_bfpp.partition import RemoteLayer
 
@@ -72,7 +73,8 @@ class PipelineModule(pl.LightningModule):
         """Materializes the layers created on the meta device (see :meth:`pipeline_init_layer`), except under
         ``BFPPStrategy``, which materializes only the layers of each rank. Call ``super().configure_model()`` if you
         override it."""
-        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        strategy = getattr(trainer, "strategy", None) if trainer is not None else None
         if getattr(strategy, "materializes_pipeline_layers", False):
             return
         device = strategy.root_device if strategy is not None else torch.device("cpu")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
@@ -13,18 +12,10 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-    _sync_ddp_if_available,
-)
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
@@ -36,6 +27,18 @@ from lightning_bfpp.executor import PipelineExecutor, StageIO
 from lightning_bfpp.faults import explain_lost_rank
 from lightning_bfpp.gathering import add_parameter_gathering
 from lightning_bfpp.grad_clip import clip_grad_norm_global
+from lightning_bfpp.lightning_internals import (
+    SubprocessLauncherMixin,
+    accumulates_this_batch,
+    call_hook,
+    default_process_group_backend,
+    distributed_is_initialized,
+    init_dist_connection,
+    replace_clip_grad_by_norm,
+    restore_clip_grad_by_norm,
+    skip_loop_backward,
+    sync_ddp_if_available,
+)
 from lightning_bfpp.log_relay import (
     LogRecorder,
     PipelineMetricSync,
@@ -75,7 +78,7 @@ SHARDED_ATTRIBUTE = "_bfpp_sharded"  # set on a module once its stages are shard
 SPLIT_ATTRIBUTE = "_bfpp_split"  # set on a module once its remote layers are dropped: (partition, layer names)
 
 
-class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
+class BFPPStrategy(ShardedCheckpoints, SubprocessLauncherMixin, ParallelStrategy):
     """Breadth-first pipeline parallelism with data-parallel replicas.
 
     The module's layer stack (``pipeline_layers()``) is cut into ``P * L`` stages; stage ``s`` runs on pipeline
@@ -221,12 +224,6 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         )
 
     # ------------------------------------------------------------------------------------------------ set-up
-    @override
-    def _configure_launcher(self) -> None:
-        assert self.cluster_environment is not None
-        if not self.cluster_environment.creates_processes_externally:
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
-
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
@@ -327,12 +324,12 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         self.set_world_ranks()
         self._check_world_size()
         if self._process_group_backend is None:
-            self._process_group_backend = _get_default_process_group_backend_for_device(self.root_device)
+            self._process_group_backend = default_process_group_backend(self.root_device)
         assert self.cluster_environment is not None
         kwargs: dict[str, Any] = {"timeout": self._timeout}
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
         self._create_groups()
         destroy_at_exit(self)  # kept between runs of this process (fit, then validate), destroyed at its exit
 
@@ -470,7 +467,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
             params = list(plugin.main_params(optimizer))
             clip_grad_norm_global(params, clip_val, groups, not_counted, shard_group, self.root_device)
 
-        self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
+        replace_clip_grad_by_norm(self.precision_plugin, clip_grad_by_norm)
 
     def _executor(self, micro_batches: int, forward_only: bool) -> PipelineExecutor:
         key = (forward_only, micro_batches)
@@ -515,7 +512,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The pipelined step runs forward and backward itself: Lightning must neither zero the gradients between
         # the step and its (skipped) backward, nor call backward on the returned loss.
-        self.lightning_module.trainer.fit_loop._skip_backward = True
+        skip_loop_backward(self.lightning_module.trainer)
         super().on_train_batch_start(batch, batch_idx)
 
     @override
@@ -548,7 +545,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
             zero_grad()
         micro_batches = split_batch(batch, self.micro_batches)
         recorder = LogRecorder()
-        steps_optimizer = not trainer.fit_loop._should_accumulate()
+        steps_optimizer = not accumulates_this_batch(trainer)
         assert self._data_parallel is not None
         self._data_parallel.enabled = steps_optimizer  # reduce gradients only on batches that step the optimizer
 
@@ -587,10 +584,8 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
             if self._tied is not None:
                 self._tied.sum_gradients()  # after the data-parallel average, before clipping and the optimizer
         loss = self._relay_step(torch.stack(losses).mean() if losses else None, recorder)
-        call._call_callback_hooks(trainer, "on_before_backward", loss)
-        call._call_lightning_module_hook(trainer, "on_before_backward", loss)
-        call._call_callback_hooks(trainer, "on_after_backward")
-        call._call_lightning_module_hook(trainer, "on_after_backward")
+        call_hook(trainer, "on_before_backward", loss)
+        call_hook(trainer, "on_after_backward")
         if steps_optimizer:
             self._check_nonfinite(batch_idx)
         return loss
@@ -759,13 +754,13 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         if refuse_in_pipeline_hook("trainer.strategy.reduce_boolean_decision()"):
             return decision
         flag = torch.tensor(int(decision), device=self.root_device)
-        flag = _sync_ddp_if_available(flag, dist.group.WORLD, reduce_op=ReduceOp.SUM)
+        flag = sync_ddp_if_available(flag, dist.group.WORLD, reduce_op=ReduceOp.SUM)
         return bool(flag == self.world_size) if all else bool(flag)
 
     # ------------------------------------------------------------------------------------------ collectives
     @override
     def barrier(self, name: str | None = None) -> None:
-        if not _distributed_is_initialized() or refuse_in_pipeline_hook("trainer.strategy.barrier()"):
+        if not distributed_is_initialized() or refuse_in_pipeline_hook("trainer.strategy.barrier()"):
             return
         with self._explain_lost_rank(f"a barrier{f' ({name})' if name else ''}"):
             if dist.get_backend() == "nccl":
@@ -775,7 +770,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized() or refuse_in_pipeline_hook("trainer.strategy.broadcast()"):
+        if not distributed_is_initialized() or refuse_in_pipeline_hook("trainer.strategy.broadcast()"):
             return obj
         box = [obj]
         with self._explain_lost_rank("a broadcast"):
@@ -788,7 +783,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
     ) -> Tensor | Any:
         """Reduces over the data-parallel replicas by default: the ranks of one pipeline hold the same values."""
         if isinstance(tensor, Tensor) and not refuse_in_pipeline_hook("trainer.strategy.reduce()"):
-            return _sync_ddp_if_available(tensor, group if group is not None else self.dp_group, reduce_op=reduce_op)
+            return sync_ddp_if_available(tensor, group if group is not None else self.dp_group, reduce_op=reduce_op)
         return tensor
 
     @override
@@ -819,7 +814,7 @@ class BFPPStrategy(ShardedCheckpoints, ParallelStrategy):
         self._tied = None
         self._step_relay = None
         self.pp_group = self.dp_group = None
-        self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)  # its closure holds the groups
+        restore_clip_grad_by_norm(self.precision_plugin)  # its closure holds the groups
         if self.model is not None:
             install_metric_sync(self.lightning_module, None)
 

@@ -8,7 +8,6 @@ them without any communication, so it can run on rank 0 alone.
 
 from __future__ import annotations
 
-import types
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from lightning.pytorch.utilities.model_summary.model_summary import UNKNOWN_SIZE
 from torch import nn
 from typing_extensions import override
 
+from lightning_bfpp.lightning_internals import SummaryWithColumns, install_summary_factory, summary_max_depth
 from lightning_bfpp.partition import Partition
 
 WHOLE_MODEL_ATTRIBUTE = "_bfpp_whole_model"  # set on a module before its remote layers are dropped
@@ -103,7 +103,7 @@ class _PipelineLayerSummary:
         self.stages = _spans(record.stages) if record.stages else "-"
 
 
-class PipelineSummary(ModelSummary):
+class PipelineSummary(SummaryWithColumns):
     """Lightning's model summary of a module split by ``BFPPStrategy``: every layer of the whole module with its
     parameter count (full size, also when sharded), the pipeline rank(s) and stage(s) holding it, and totals for the
     whole module. Input and output sizes and FLOPs are not measured (the module cannot run a forward on one rank).
@@ -125,7 +125,7 @@ class PipelineSummary(ModelSummary):
 
     @override
     def summarize(self) -> dict[str, _PipelineLayerSummary]:  # type: ignore[override]
-        depth = self._max_depth
+        depth = self.max_depth
         shown = [r for r in self._whole.modules if depth == -1 or (depth > 0 and r.name.count(".") < depth)]
         partition = self._whole.partition
         return OrderedDict((r.name, _PipelineLayerSummary(r, partition, self._live(r.name))) for r in shown)
@@ -134,10 +134,10 @@ class PipelineSummary(ModelSummary):
         """The module called ``name`` on this rank, or the placeholder that stands in for the layer holding it."""
         while name:
             try:
-                return self._model.get_submodule(name)
+                return self.model.get_submodule(name)
             except AttributeError:
                 name = name.rpartition(".")[0]
-        return self._model
+        return self.model
 
     @property
     @override
@@ -156,14 +156,11 @@ class PipelineSummary(ModelSummary):
         return self._whole.trainable_parameters
 
     @override
-    def _get_summary_data(self) -> list[tuple[str, list[str]]]:
-        arrays = super()._get_summary_data()
-        rows = len(arrays[0][1])  # one more than the layers when Lightning adds "other params"
-        layers = list(self._layer_summary.values())
+    def extra_columns(self, rows: int) -> list[tuple[str, list[str]]]:
+        layers: list[Any] = self.layer_summaries()  # _PipelineLayerSummary rows, built by summarize()
         ranks = [layer.pipeline_ranks for layer in layers] + ["n/a"] * (rows - len(layers))
         stages = [layer.stages for layer in layers] + ["n/a"] * (rows - len(layers))
-        after = [name for name, _ in arrays].index("Params") + 1
-        return [*arrays[:after], ("Pipeline rank", ranks), ("Stage", stages), *arrays[after:]]
+        return [("Pipeline rank", ranks), ("Stage", stages)]
 
 
 def use_whole_model_summary(callbacks: Iterable[pl.Callback]) -> None:
@@ -173,15 +170,15 @@ def use_whole_model_summary(callbacks: Iterable[pl.Callback]) -> None:
     for callback in callbacks:
         if not isinstance(callback, ModelSummaryCallback):
             continue
-        callback._summary = types.MethodType(_summary, callback)  # type: ignore[method-assign]
+        install_summary_factory(callback, _summary)
         if isinstance(callback, RichModelSummary) and type(callback).summarize is RichModelSummary.summarize:
             callback.summarize = print_rich_summary  # type: ignore[method-assign]
 
 
 def _summary(callback: ModelSummaryCallback, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ModelSummary:
     if WHOLE_MODEL_ATTRIBUTE not in pl_module.__dict__:
-        return lightning_summarize(pl_module, max_depth=callback._max_depth)
-    return PipelineSummary(pl_module, max_depth=callback._max_depth)
+        return lightning_summarize(pl_module, max_depth=summary_max_depth(callback))
+    return PipelineSummary(pl_module, max_depth=summary_max_depth(callback))
 
 
 def print_rich_summary(

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim import LBFGS, Optimizer
 
+from lightning_bfpp.lightning_internals import unwrap_optimizer
+
 
 def zero_optimizer(optimizer: Optimizer, group: dist.ProcessGroup | None) -> ZeroRedundancyOptimizer:
     """A ``ZeroRedundancyOptimizer`` of the same class, parameter groups and options as ``optimizer``: each replica
@@ -65,7 +67,7 @@ def _constructor_options(optimizer_class: type[Optimizer], defaults: dict[str, A
 
 
 def _zero(optimizer: Any) -> ZeroRedundancyOptimizer | None:
-    optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
+    optimizer = unwrap_optimizer(optimizer)  # a LightningOptimizer
     return optimizer if isinstance(optimizer, ZeroRedundancyOptimizer) else None
 
 
@@ -79,7 +81,7 @@ def local_optimizer(optimizer: Any) -> Any:
     current options, e.g. a learning rate an LR scheduler changed since the last step), else itself."""
     zero = _zero(optimizer)
     if zero is None:
-        return getattr(optimizer, "_optimizer", optimizer)
+        return unwrap_optimizer(optimizer)
     _copy_options(zero.param_groups, zero.optim.param_groups)
     return zero.optim
 
