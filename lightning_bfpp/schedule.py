@@ -2,124 +2,65 @@
 
 There are ``S = pipeline_size * stages_per_rank`` stages; stage ``s`` lives on pipeline rank ``s % pipeline_size``
 (looped placement). Every rank builds the same global :class:`Schedule` and walks ``schedule.actions[rank]``.
-This module is pure Python on purpose, so schedules can be built, printed and checked without torch.
+This module holds the generators of the built-in schedules and :func:`build_schedule`; the actions and the
+:class:`Schedule` type are in :mod:`lightning_bfpp.schedule_actions`, the checks in
+:mod:`lightning_bfpp.schedule_validation`, and both are importable from here. Pure Python on purpose, so schedules can
+be built, printed and checked without torch.
 """
 
 from __future__ import annotations
 
-import enum
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 
-
-class ActionKind(str, enum.Enum):
-    """What an action does; the value is the short tag used when printing actions."""
-
-    FORWARD = "F"  # forward of stage s on micro-batch m (the last stage also computes the loss)
-    BACKWARD = "B"  # backward of stage s on micro-batch m
-    RECV_ACT = "RA"  # post the receive of stage s's input for micro-batch m, from the rank of s-1
-    SEND_ACT = "SA"  # send the output of stage s, micro-batch m, to the rank of s+1
-    RECV_GRAD = "RG"  # post the receive of the gradient of stage s's output, micro-batch m, from the rank of s+1
-    SEND_GRAD = "SG"  # send the gradient of stage s's input, micro-batch m, to the rank of s-1
-    REDUCE_GRAD = "RD"  # start the data-parallel gradient reduction of stage s (micro_batch is -1)
-    GATHER = "AG"  # start all-gathering the sharded parameters of stage s (micro_batch is -1; see gathering.py)
-    RESHARD = "FR"  # free the gathered parameters of stage s (micro_batch is -1; see gathering.py)
-    BACKWARD_WEIGHT = "W"  # weight gradients of stage s's finished run of backwards (micro_batch -1; weight_flush.py)
-    GROUP_END = "|"  # ends a communication group: the transfers around it are issued as two groups (stage is -1)
-
-
-_F, _B, _RA, _SA, _RG, _SG, _RD, _W = (
-    ActionKind.FORWARD,
-    ActionKind.BACKWARD,
-    ActionKind.RECV_ACT,
-    ActionKind.SEND_ACT,
-    ActionKind.RECV_GRAD,
-    ActionKind.SEND_GRAD,
-    ActionKind.REDUCE_GRAD,
-    ActionKind.BACKWARD_WEIGHT,
+from lightning_bfpp.schedule_actions import (
+    _B,
+    _F,
+    _RA,
+    _RD,
+    _RG,
+    _SA,
+    _SG,
+    COMMUNICATION_KINDS,
+    GROUP_END,
+    PARAMETER_KINDS,
+    PASS_KINDS,
+    Action,
+    ActionKind,
+    Schedule,
+    ScheduleError,
+    _first_of,
+    _matching_recv,
+    _recvs_for,
+    _sends_for,
+    communication_groups,
+    stage_rank,
 )
+from lightning_bfpp.schedule_actions import _message as _message
+from lightning_bfpp.schedule_validation import _fail as _fail
+from lightning_bfpp.schedule_validation import simulate_order, validate_schedule
 
-
-@dataclass(frozen=True, slots=True)
-class Action:
-    """One step of a rank's schedule: ``kind`` applied to ``stage`` and ``micro_batch`` (-1 for REDUCE_GRAD)."""
-
-    kind: ActionKind
-    stage: int
-    micro_batch: int = -1
-
-    def __str__(self) -> str:
-        if self.kind is ActionKind.GROUP_END:
-            return self.kind.value
-        suffix = "" if self.micro_batch < 0 else f".{self.micro_batch}"
-        return f"{self.kind.value}{self.stage}{suffix}"
-
-
-PARAMETER_KINDS = frozenset({ActionKind.GATHER, ActionKind.RESHARD})
-"""Actions that move parameters, not activations: present only with sharded parameters."""
-
-PASS_KINDS = PARAMETER_KINDS | {ActionKind.BACKWARD_WEIGHT}
-"""Actions that a pass adds to a built schedule when an option needs them, each pass with its own validator."""
-
-COMMUNICATION_KINDS = frozenset({ActionKind.RECV_ACT, ActionKind.SEND_ACT, ActionKind.RECV_GRAD, ActionKind.SEND_GRAD})
-"""Point-to-point actions between pipeline ranks."""
-
-
-GROUP_END = Action(ActionKind.GROUP_END, -1)
-"""Separates two communication groups that would otherwise be one (see :func:`communication_groups`)."""
-
-
-def communication_groups(actions: Sequence[Action]) -> list[tuple[int, ...]]:
-    """The positions of each communication group in a rank's ``actions``: a maximal run of consecutive
-    point-to-point actions (a GROUP_END marker splits it), which the executor issues together as one
-    ``batch_isend_irecv``."""
-    groups: list[tuple[int, ...]] = []
-    for i, action in enumerate(actions):
-        if action.kind not in COMMUNICATION_KINDS:
-            continue
-        if groups and groups[-1][-1] == i - 1:
-            groups[-1] = (*groups[-1], i)
-        else:
-            groups.append((i,))
-    return groups
-
-
-class ScheduleError(ValueError):
-    """A schedule cannot be built with the given settings, or a schedule is invalid."""
-
-
-def stage_rank(stage: int, pipeline_size: int) -> int:
-    """The pipeline rank that holds ``stage`` under looped placement."""
-    return stage % pipeline_size
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The global schedule of one step: ``actions[rank]`` is what that pipeline rank executes, in order."""
-
-    name: str
-    pipeline_size: int
-    stages_per_rank: int
-    num_micro_batches: int
-    forward_only: bool
-    actions: tuple[tuple[Action, ...], ...]
-
-    @property
-    def num_stages(self) -> int:
-        return self.pipeline_size * self.stages_per_rank
-
-    def rank_of(self, stage: int) -> int:
-        """The pipeline rank that holds ``stage``."""
-        return stage_rank(stage, self.pipeline_size)
-
-    def stages_of(self, rank: int) -> list[int]:
-        """The stages held by ``rank``, in local order."""
-        return list(range(rank, self.num_stages, self.pipeline_size))
-
-    def format(self) -> str:
-        """One line per rank, e.g. ``rank 0: F0.0 SA0.0 F0.1 ...``."""
-        return "\n".join(f"rank {r}: " + " ".join(map(str, acts)) for r, acts in enumerate(self.actions))
+__all__ = [  # the vocabulary and the validation live in their own modules; this module keeps their public names
+    "COMMUNICATION_KINDS",
+    "GROUP_END",
+    "PARAMETER_KINDS",
+    "PASS_KINDS",
+    "SCHEDULES",
+    "Action",
+    "ActionKind",
+    "Schedule",
+    "ScheduleError",
+    "breadth_first",
+    "build_schedule",
+    "check_micro_batch_groups",
+    "communication_groups",
+    "depth_first",
+    "gpipe",
+    "one_f_one_b",
+    "simulate_order",
+    "stage_rank",
+    "validate_schedule",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,24 +75,6 @@ def _check_sizes(pipeline_size: int, stages_per_rank: int, num_micro_batches: in
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ScheduleError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _recvs_for(action: Action, num_stages: int, pipeline_size: int) -> list[Action]:
-    """The receive a compute action needs (none for P == 1, where tensors are handed over locally)."""
-    if pipeline_size > 1 and action.kind is _F and action.stage > 0:
-        return [Action(_RA, action.stage, action.micro_batch)]
-    if pipeline_size > 1 and action.kind is _B and action.stage < num_stages - 1:
-        return [Action(_RG, action.stage, action.micro_batch)]
-    return []
-
-
-def _sends_for(action: Action, num_stages: int, pipeline_size: int) -> list[Action]:
-    """The send that follows a compute action."""
-    if pipeline_size > 1 and action.kind is _F and action.stage < num_stages - 1:
-        return [Action(_SA, action.stage, action.micro_batch)]
-    if pipeline_size > 1 and action.kind is _B and action.stage > 0:
-        return [Action(_SG, action.stage, action.micro_batch)]
-    return []
 
 
 def _assemble(name: str, sizes: tuple[int, int, int], forward_only: bool, computes: list[list[Action]]) -> Schedule:
@@ -225,13 +148,6 @@ def _post_receives_early(schedule: Schedule) -> Schedule:
                 out[to:to] = [GROUP_END, *moved] if to > 0 and out[to - 1].kind in COMMUNICATION_KINDS else moved
         ranks.append(tuple(out))
     return replace(schedule, actions=tuple(ranks))
-
-
-def _matching_recv(send: Action) -> Action:
-    """The receive of the message ``send`` sends."""
-    if send.kind is _SA:
-        return Action(_RA, send.stage + 1, send.micro_batch)
-    return Action(_RG, send.stage - 1, send.micro_batch)
 
 
 def _with_early_receives(schedule: Schedule) -> Schedule:
@@ -425,207 +341,3 @@ def build_schedule(
     schedule = SCHEDULES[name](pipeline_size, stages_per_rank, num_micro_batches, forward_only=forward_only, **groups)
     validate_schedule(schedule)
     return schedule
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# validation
-
-_MAX_PROBLEMS = 12
-
-
-def _fail(schedule: Schedule, problems: list[str]) -> ScheduleError:
-    shown = problems[:_MAX_PROBLEMS]
-    if len(problems) > _MAX_PROBLEMS:
-        shown.append(f"... and {len(problems) - _MAX_PROBLEMS} more")
-    return ScheduleError(
-        f"invalid {schedule.name!r} schedule (pipeline_size={schedule.pipeline_size}, stages_per_rank="
-        f"{schedule.stages_per_rank}, num_micro_batches={schedule.num_micro_batches}, forward_only="
-        f"{schedule.forward_only}):\n" + "\n".join(f"  - {p}" for p in shown) + "\nschedule:\n" + schedule.format()
-    )
-
-
-def _required(schedule: Schedule) -> set[Action]:
-    num_stages = schedule.num_stages
-    computes = [Action(_F, s, m) for s in range(num_stages) for m in range(schedule.num_micro_batches)]
-    if not schedule.forward_only:
-        computes += [Action(_B, a.stage, a.micro_batch) for a in computes]
-    required = set(computes)
-    for action in computes:
-        required.update(_recvs_for(action, num_stages, schedule.pipeline_size))
-        required.update(_sends_for(action, num_stages, schedule.pipeline_size))
-    if not schedule.forward_only:
-        required.update(Action(_RD, s) for s in range(num_stages))
-    return required
-
-
-def _structure_problems(schedule: Schedule) -> list[str]:
-    if len(schedule.actions) != schedule.pipeline_size:
-        return [f"the schedule has {len(schedule.actions)} rank lists, expected pipeline_size={schedule.pipeline_size}"]
-    problems, where = [], {}
-    counts: Counter[Action] = Counter()
-    for rank, actions in enumerate(schedule.actions):
-        for i, action in enumerate(actions):
-            at = f"rank {rank} position {i}"
-            if not isinstance(action, Action) or not isinstance(action.kind, ActionKind):
-                problems.append(f"{at}: {action!r} is not an Action")
-                continue
-            if action.kind in PASS_KINDS:
-                continue  # optional; checked by gathering.validate_gathering or weight_flush.validate_weight_flush
-            if action == GROUP_END:
-                continue
-            if not 0 <= action.stage < schedule.num_stages:
-                problems.append(f"{at}: {action} names stage {action.stage}, outside 0..{schedule.num_stages - 1}")
-                continue
-            if action.kind is _RD and action.micro_batch != -1:
-                problems.append(f"{at}: {action} must have micro_batch=-1")
-                continue
-            if action.kind is not _RD and not 0 <= action.micro_batch < schedule.num_micro_batches:
-                problems.append(
-                    f"{at}: {action} names micro-batch {action.micro_batch}, outside "
-                    f"0..{schedule.num_micro_batches - 1}"
-                )
-                continue
-            if schedule.rank_of(action.stage) != rank:
-                problems.append(
-                    f"{at}: {action} is on the wrong rank; stage {action.stage} lives on rank "
-                    f"{schedule.rank_of(action.stage)}"
-                )
-                continue
-            counts[action] += 1
-            where.setdefault(action, []).append(at)
-    required = _required(schedule)
-    for action, count in counts.items():
-        if count > 1:
-            problems.append(f"{action} appears {count} times ({', '.join(where[action])}), expected once")
-        if action not in required:
-            problems.append(f"{where[action][0]}: {action} is not needed ({_why_not_needed(schedule, action)})")
-    missing = sorted(required - set(counts), key=lambda a: (a.stage, a.micro_batch, a.kind.value))
-    problems += [f"{a} is missing (expected on rank {schedule.rank_of(a.stage)})" for a in missing]
-    return problems
-
-
-def _why_not_needed(schedule: Schedule, action: Action) -> str:
-    if schedule.forward_only and action.kind in (_B, _RG, _SG, _RD):
-        return "forward_only schedules have no backward"
-    if schedule.pipeline_size == 1:
-        return "with pipeline_size=1 all stages are on rank 0 and tensors are handed over without send/recv"
-    return "the first stage has no input from another stage and the last stage no output to send"
-
-
-def _order_problems(schedule: Schedule) -> list[str]:
-    position = {a: i for actions in schedule.actions for i, a in enumerate(actions)}
-    rules = [  # (earlier, later, why), checked for every stage and micro-batch
-        (_RA, _F, "the forward needs the received input"),
-        (_F, _SA, "the send needs the forward's output"),
-        (_F, _B, "the backward needs the forward"),
-        (_RG, _B, "the backward needs the received gradient"),
-        (_F, _RG, "the gradient's buffers take the shapes of the forward's outputs"),
-        (_B, _SG, "the send needs the backward's input gradient"),
-    ]
-    problems = []
-    for s in range(schedule.num_stages):
-        at = f"rank {schedule.rank_of(s)}"
-        for m in range(schedule.num_micro_batches):
-            for earlier, later, why in rules:
-                first, second = Action(earlier, s, m), Action(later, s, m)
-                if first in position and second in position and position[first] > position[second]:
-                    problems.append(
-                        f"{at}: {first} (position {position[first]}) must come before {second} "
-                        f"(position {position[second]}): {why}"
-                    )
-            backward, reduce = Action(_B, s, m), Action(_RD, s)
-            if backward in position and reduce in position and position[backward] > position[reduce]:
-                problems.append(
-                    f"{at}: {reduce} (position {position[reduce]}) must come after {backward} "
-                    f"(position {position[backward]}): the reduction needs every backward of stage {s}"
-                )
-    return problems
-
-
-def validate_schedule(schedule: Schedule) -> None:
-    """Checks structure, local order and freedom from deadlock; raises :class:`ScheduleError` with the reason."""
-    problems = _structure_problems(schedule)
-    if not problems:
-        problems = _order_problems(schedule)
-    if problems:
-        raise _fail(schedule, problems)
-    simulate_order(schedule)
-
-
-def _first_of(actions: Iterable[Action], kind: ActionKind) -> dict[int, Action]:
-    first: dict[int, Action] = {}
-    for action in actions:
-        if action.kind is kind:
-            first.setdefault(action.stage, action)
-    return first
-
-
-def simulate_order(schedule: Schedule) -> list[tuple[int, Action]]:
-    """Executes all ranks round-robin and returns the global order ``(rank, action)``; raises on deadlock.
-
-    Sends and receive-posts never block. FORWARD(s, m) waits for SEND_ACT(s-1, m) (or FORWARD(s-1, m) on the same
-    rank), and the first FORWARD of a stage also for the first SEND_ACT of its input boundary, which carries the
-    shapes. BACKWARD(s, m) waits for SEND_GRAD(s+1, m) (or BACKWARD(s+1, m) on the same rank). The first RECV_ACT
-    of a stage waits for the shapes, which the executor reads before it posts the receive.
-    """
-    all_actions = [a for actions in schedule.actions for a in actions]
-    first_send, first_forward = _first_of(all_actions, _SA), set(_first_of(all_actions, _F).values())
-    first_recv = set(_first_of(all_actions, _RA).values())
-    last = schedule.num_stages - 1
-
-    def needs(action: Action) -> list[Action]:
-        s, m = action.stage, action.micro_batch
-        local = schedule.pipeline_size == 1
-        if action in first_recv and s - 1 in first_send:
-            return [first_send[s - 1]]
-        if action.kind is _F and s > 0:
-            deps = [Action(_F, s - 1, m)] if local else [Action(_SA, s - 1, m)]
-            if action in first_forward and s - 1 in first_send and first_send[s - 1] not in deps:
-                deps.append(first_send[s - 1])
-            return deps
-        if action.kind is _B and s < last:
-            return [Action(_B, s + 1, m)] if local else [Action(_SG, s + 1, m)]
-        return []
-
-    done: set[Action] = set()
-    order: list[tuple[int, Action]] = []
-    pointers = [0] * len(schedule.actions)
-    while True:
-        progressed = False
-        for rank, actions in enumerate(schedule.actions):
-            while pointers[rank] < len(actions) and all(d in done for d in needs(actions[pointers[rank]])):
-                done.add(actions[pointers[rank]])
-                order.append((rank, actions[pointers[rank]]))
-                pointers[rank] += 1
-                progressed = True
-        if all(p == len(a) for p, a in zip(pointers, schedule.actions, strict=True)):
-            return order
-        if not progressed:
-            break
-    owner = {a: r for r, actions in enumerate(schedule.actions) for a in actions}
-    problems = []
-    for rank, actions in enumerate(schedule.actions):
-        if pointers[rank] < len(actions):
-            blocked = actions[pointers[rank]]
-            waits = ", ".join(
-                f"{d} on rank {owner[d]}" if d in owner else f"{d} (not in the schedule)"
-                for d in needs(blocked)
-                if d not in done
-            )
-            problems.append(f"rank {rank} is blocked at {blocked} (position {pointers[rank]}), waiting for {waits}")
-    raise _fail(
-        schedule, [f"deadlock after {len(order)} of {len(all_actions)} actions: no rank can make progress", *problems]
-    )
-
-
-def _message(action: Action) -> tuple[str, int, int] | None:
-    """The message a communication action sends or receives, named by its kind, downstream stage and micro-batch."""
-    if action.kind is _SA:
-        return ("act", action.stage + 1, action.micro_batch)
-    if action.kind is _RA:
-        return ("act", action.stage, action.micro_batch)
-    if action.kind is _SG:
-        return ("grad", action.stage, action.micro_batch)
-    if action.kind is _RG:
-        return ("grad", action.stage + 1, action.micro_batch)
-    return None

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lightning_bfpp.gathering import compute_runs
-from lightning_bfpp.schedule import (
+from lightning_bfpp.schedule_actions import (
     _B,
     _F,
     _RA,

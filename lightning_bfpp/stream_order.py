@@ -25,7 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lightning_bfpp.schedule import COMMUNICATION_KINDS, Action, ActionKind, Schedule, _fail, communication_groups
+from lightning_bfpp.schedule import COMMUNICATION_KINDS, Action, ActionKind, Schedule, communication_groups
+from lightning_bfpp.schedule_validation import _fail
 
 Streams = Literal["pair", "rank"]
 """``"pair"``: one stream per pair of ranks (single operations); ``"rank"``: one stream per rank for all its peers
