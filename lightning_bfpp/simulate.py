@@ -28,13 +28,13 @@ Pure Python, no torch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from lightning_bfpp.gathering import compute_runs
+from lightning_bfpp.cost_model import SHARDING_MODES, CostModel, PerStage, _mode, _per_stage
+from lightning_bfpp.memory_estimate import MemoryEstimate, _memory, estimate_memory, resident_bytes
 from lightning_bfpp.schedule_actions import (
     _B,
     _F,
@@ -51,77 +51,18 @@ from lightning_bfpp.schedule_actions import (
 )
 from lightning_bfpp.timeline import TimedEvent, plot_rows
 
-SHARDING_MODES = ("none", "optimizer", "gradients", "full")
-"""Data-parallel modes: plain replicas, and ZeRO-1 (optimizer state), ZeRO-2 (+ gradients), ZeRO-3 (+ parameters)."""
-
-PerStage = float | Sequence[float]
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """What one step costs. A per-stage field takes one number for every stage, or a sequence with one per stage.
-
-    Times are in seconds, sizes in bytes, bandwidths in bytes per second (``math.inf``: free).
-
-    Arguments:
-        forward_time: forward time of one micro-batch through a stage (the last stage includes the loss).
-        backward_time: backward time of one micro-batch through a stage; default ``2 * forward_time``.
-        weight_grad_time: the part of ``backward_time`` that computes weight gradients, which a schedule with
-            batched weight gradients (``W`` actions) moves into the ``W`` of the run; default half of
-            ``backward_time``.
-        activation_bytes: memory a stage keeps per micro-batch from its forward to its backward.
-        boundary_bytes: size of a stage's output for one micro-batch (sent to the next stage; its gradient is sent
-            back and has the same size). With activation checkpointing it is what a stage keeps per micro-batch.
-        p2p_latency: latency of one point-to-point transfer.
-        p2p_bandwidth: one number, or one per pipeline link ``r -> (r + 1) % P`` (both directions).
-        stage_params: number of parameters of each stage.
-        dp_size: data-parallel replicas ``D``; with ``D = 1`` there is nothing to reduce or shard.
-        dp_bandwidth: bus bandwidth of a ring collective over the replicas, per rank.
-        dp_latency: latency added to every collective.
-        sharding: one of :data:`SHARDING_MODES`.
-        param_bytes: bytes per parameter as each rank keeps it (its shard under ZeRO-2/3), e.g. 2 for bf16
-            parameters, 4 for float32 parameters under mixed precision.
-        gather_bytes: bytes per parameter that ZeRO-2/3 gathers for the computes (FSDP's parameter dtype, e.g. 2
-            for float32 parameters gathered in bf16); None: ``param_bytes``.
-        grad_bytes: bytes per gradient element, as kept and reduced (the reduction dtype).
-        optimizer_bytes: bytes per parameter of optimizer state, e.g. 8 for Adam's two float32 moments, 12 with a
-            float32 master copy of 2-byte parameters.
-        activation_checkpointing: keep only stage inputs and recompute the forward in the backward.
-    """
-
-    forward_time: PerStage
-    backward_time: PerStage | None = None
-    weight_grad_time: PerStage | None = None
-    activation_bytes: PerStage = 0.0
-    boundary_bytes: PerStage = 0.0
-    p2p_latency: float = 0.0
-    p2p_bandwidth: PerStage = math.inf
-    stage_params: PerStage = 0.0
-    dp_size: int = 1
-    dp_bandwidth: float = math.inf
-    dp_latency: float = 0.0
-    sharding: str = "none"
-    param_bytes: float = 2.0
-    gather_bytes: float | None = None
-    grad_bytes: float = 2.0
-    optimizer_bytes: float = 12.0
-    activation_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        if self.sharding not in SHARDING_MODES:
-            raise ValueError(f"sharding={self.sharding!r} is not supported; use one of {', '.join(SHARDING_MODES)}")
-        if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, int) or self.dp_size < 1:
-            raise ValueError(f"dp_size must be an integer >= 1, got {self.dp_size!r}")
-        for name in ("p2p_latency", "dp_latency", "param_bytes", "gathered_bytes", "grad_bytes", "optimizer_bytes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.dp_bandwidth <= 0:
-            raise ValueError(f"dp_bandwidth must be > 0 bytes/s (math.inf for free), got {self.dp_bandwidth}")
-
-    @property
-    def gathered_bytes(self) -> float:
-        """Bytes per parameter of the gathered copy (``gather_bytes``, else ``param_bytes``)."""
-        return self.param_bytes if self.gather_bytes is None else self.gather_bytes
+__all__ = [  # the cost model and the memory estimate live in their own modules; this module keeps their names
+    "SHARDING_MODES",
+    "CostModel",
+    "MemoryEstimate",
+    "PerStage",
+    "SimEvent",
+    "SimResult",
+    "estimate_memory",
+    "plot_timeline",
+    "resident_bytes",
+    "simulate",
+]
 
 
 class SimEvent(NamedTuple):
@@ -134,22 +75,6 @@ class SimEvent(NamedTuple):
     category: str
     start: float
     end: float
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Memory per pipeline rank, in bytes unless said otherwise (one entry per rank)."""
-
-    peak_live_micro_batches: tuple[int, ...]  # (stage, micro-batch) activations alive at once
-    peak_activation_bytes: tuple[float, ...]
-    param_bytes: tuple[float, ...]  # resident parameters (the rank's shard under ZeRO-3)
-    grad_bytes: tuple[float, ...]  # resident gradients (the shard under ZeRO-2/3)
-    optimizer_bytes: tuple[float, ...]  # optimizer state (the shard under ZeRO-1/2/3)
-    peak_bytes: tuple[float, ...]  # the above plus the peak of activations, gathered parameters, unsharded grads
-
-    @property
-    def max_peak_bytes(self) -> float:
-        return max(self.peak_bytes)
 
 
 @dataclass(frozen=True)
@@ -169,133 +94,6 @@ class SimResult:
     @property
     def rank_bubble_fractions(self) -> tuple[float, ...]:
         return tuple(1.0 - c / self.step_time if self.step_time else 0.0 for c in self.compute_time)
-
-
-class _Gather(NamedTuple):
-    position: int  # index in the rank's actions of the compute that waits for the gather
-    stage: int
-    needed: bool  # False when the stage is still gathered (ZeRO-3): no communication
-
-
-def _per_stage(value: PerStage, count: int, name: str) -> tuple[float, ...]:
-    if isinstance(value, int | float):
-        return (float(value),) * count
-    values = tuple(float(v) for v in value)
-    if len(values) != count:
-        raise ValueError(f"CostModel.{name} has {len(values)} entries; give one number or exactly {count} (one each)")
-    return values
-
-
-def _mode(cost: CostModel) -> str:
-    return cost.sharding if cost.dp_size > 1 else "none"
-
-
-def _walk_rank(schedule: Schedule, rank: int, cost: CostModel) -> tuple[list[_Gather], tuple[int, float, float]]:
-    """Walks one rank's actions in order: its gathers, and (peak live micro-batches, peak activation bytes, peak of
-    activations + gathered parameters + unsharded gradients)."""
-    num_stages, mode = schedule.num_stages, _mode(cost)
-    act = _per_stage(cost.activation_bytes, num_stages, "activation_bytes")
-    keep = _per_stage(cost.boundary_bytes, num_stages, "boundary_bytes") if cost.activation_checkpointing else act
-    params = _per_stage(cost.stage_params, num_stages, "stage_params")
-    actions = schedule.actions[rank]
-    first_f: dict[int, int] = {}
-    first_b: dict[int, int] = {}
-    for i, a in enumerate(actions):
-        if a.kind is _F:
-            first_f.setdefault(a.stage, i)
-        elif a.kind is _B:
-            first_b.setdefault(a.stage, i)
-    points: list[tuple[int, int, str]] = []
-    run_end: dict[int, tuple[int, str]] = {}
-    if mode == "full":  # ZeRO-3: gathered for each run of a stage's computes, freed after it (as gathering.py does)
-        runs = compute_runs(actions)
-        points = [(first, s, f"run {k}") for k, (s, first, _) in enumerate(runs)]
-        run_end = {last: (s, f"run {k}") for k, (s, _, last) in enumerate(runs)}
-    elif mode != "none" and not schedule.forward_only:  # ZeRO-1/2: the updated parameters, before the first forward
-        points = sorted((i, s, "fwd") for s, i in first_f.items())
-    gathers: list[_Gather] = []
-    holds: dict[int, set[str]] = {}
-    live = peak_live = 0
-    act_now = peak_act = dyn = peak_dyn = 0.0
-
-    def issue(k: int) -> None:  # gather k is issued (prefetched) now
-        nonlocal dyn
-        position, s, phase = points[k]
-        held = bool(holds.get(s))
-        gathers.append(_Gather(position, s, mode != "full" or not held))
-        if mode == "full":
-            dyn += 0.0 if held else params[s] * cost.gathered_bytes
-            holds.setdefault(s, set()).add(phase)
-
-    def release(s: int, phase: str) -> None:
-        nonlocal dyn
-        if mode == "full" and phase in holds.get(s, ()):
-            holds[s].discard(phase)
-            dyn -= 0.0 if holds[s] else params[s] * cost.gathered_bytes
-
-    point_index = {p[0]: k for k, p in enumerate(points)}
-    if points:
-        issue(0)
-    for i, a in enumerate(actions):
-        k = point_index.get(i)
-        if k is not None and k + 1 < len(points):
-            issue(k + 1)
-        s = a.stage
-        if a.kind is _F:
-            live, act_now = live + 1, act_now + keep[s]
-            peak_live, peak_act = max(peak_live, live), max(peak_act, act_now)
-            peak_dyn = max(peak_dyn, act_now + dyn)
-            if schedule.forward_only:  # nothing is kept for a backward
-                live, act_now = live - 1, act_now - keep[s]
-        elif a.kind is _B:
-            if mode in ("gradients", "full") and i == first_b[s]:
-                dyn += params[s] * cost.grad_bytes  # the stage's unsharded gradients until its reduce-scatter
-            rebuilt = act[s] if cost.activation_checkpointing else 0.0  # recomputed activations, during B only
-            peak_act = max(peak_act, act_now + rebuilt)
-            peak_dyn = max(peak_dyn, act_now + rebuilt + dyn)
-            live, act_now = live - 1, act_now - keep[s]
-        elif a.kind is _RD and mode in ("gradients", "full"):
-            dyn -= params[s] * cost.grad_bytes  # reduce-scattered
-        if i in run_end:
-            release(*run_end[i])
-    return gathers, (peak_live, peak_act, peak_dyn)
-
-
-def resident_bytes(params: float, cost: CostModel) -> tuple[float, float, float]:
-    """Resident (parameters, gradients, optimizer state) of ``params`` parameters under the sharding mode. ZeRO-2
-    holds its shard and the copy gathered for the whole step."""
-    mode, d = _mode(cost), cost.dp_size
-    p, g, o = params * cost.param_bytes, params * cost.grad_bytes, params * cost.optimizer_bytes
-    return {
-        "none": (p, g, o),
-        "optimizer": (p, g, o / d),
-        "gradients": (p / d + params * cost.gathered_bytes, g / d, o / d),
-        "full": (p / d, g / d, o / d),
-    }[mode]
-
-
-def _memory(schedule: Schedule, cost: CostModel) -> tuple[MemoryEstimate, list[list[_Gather]]]:
-    params = _per_stage(cost.stage_params, schedule.num_stages, "stage_params")
-    gathers, peaks, statics = [], [], []
-    for rank in range(schedule.pipeline_size):
-        rank_gathers, rank_peaks = _walk_rank(schedule, rank, cost)
-        gathers.append(rank_gathers)
-        peaks.append(rank_peaks)
-        statics.append(resident_bytes(sum(params[s] for s in schedule.stages_of(rank)), cost))
-    memory = MemoryEstimate(
-        peak_live_micro_batches=tuple(p[0] for p in peaks),
-        peak_activation_bytes=tuple(p[1] for p in peaks),
-        param_bytes=tuple(s[0] for s in statics),
-        grad_bytes=tuple(s[1] for s in statics),
-        optimizer_bytes=tuple(s[2] for s in statics),
-        peak_bytes=tuple(sum(s) + p[2] for s, p in zip(statics, peaks, strict=True)),
-    )
-    return memory, gathers
-
-
-def estimate_memory(schedule: Schedule, cost: CostModel) -> MemoryEstimate:
-    """Peak memory per rank without timing the step (memory follows each rank's action order)."""
-    return _memory(schedule, cost)[0]
 
 
 def _collective_times(cost: CostModel, params: float) -> dict[str, float]:
