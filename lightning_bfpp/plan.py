@@ -20,210 +20,64 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lightning_bfpp.plan_report import (
+    HEADER,
+    best_per_schedule,
+    format_comparison,
+    format_row,
+    format_table,
+    plot_comparison,
+)
+from lightning_bfpp.plan_specs import (
+    ACTIVATION_BYTES,
+    GATHER_BYTES,
+    GB,
+    GRAD_BYTES,
+    OPTIMIZER_BYTES,
+    PARAM_BYTES,
+    RANK_LAYOUTS,
+    ClusterSpec,
+    Layout,
+    ModelSpec,
+    Prediction,
+    cost_model,
+)
 from lightning_bfpp.schedule import SCHEDULES, Schedule
 from lightning_bfpp.simulate import SHARDING_MODES, CostModel, estimate_memory, resident_bytes, simulate
 
 PLAN_SCHEDULES = ("breadth_first", "depth_first", "gpipe")
-# Bytes per element under bf16-mixed as BFPPStrategy runs it: float32 parameters with Adam's two float32 moments,
-# gathered by ZeRO-2/3 in bfloat16 (FSDP's parameter dtype), gradients kept and reduced in float32, stage outputs
-# in bfloat16 (autocast's products).
-PARAM_BYTES, GATHER_BYTES, GRAD_BYTES, OPTIMIZER_BYTES, ACTIVATION_BYTES = 4.0, 2.0, 4.0, 8.0, 2.0
-RANK_LAYOUTS = ("dp_contiguous", "pp_contiguous")
-GB = 1024**3
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A GPT-like decoder: ``layers`` blocks of ``12 h^2 + 13 h`` parameters, learned positions and a vocabulary
-    embedding that the last stage also holds (to compute the logits).
-
-    Arguments:
-        layer_forward_s: measured forward time of one layer for one sequence on one GPU (a profile); None:
-            derived from the FLOPs and the cluster's ``gpu_tflops * compute_efficiency``.
-        layer_activation_bytes: measured memory one layer keeps per sequence for its backward; None: ``34 s h``
-            bytes (bf16, Korthikanti et al. 2022), plus ``5 a s^2`` without flash attention.
-    """
-
-    layers: int
-    hidden: int
-    seq_len: int = 1024
-    vocab: int = 51200
-    heads: int = 0  # 0: hidden // 128
-    flash_attention: bool = True
-    layer_forward_s: float | None = None
-    layer_activation_bytes: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("layers", "hidden", "seq_len", "vocab"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-
-    @classmethod
-    def from_params(cls, params: float, layers: int | None = None, **kwargs: object) -> ModelSpec:
-        """The shape with ``params`` parameters in its blocks: ``hidden`` from ``12 layers hidden^2 = params``
-        (a multiple of 128), and without ``layers`` the aspect ratio ``hidden = 128 layers``."""
-        layers = layers or max(1, round((params / (12 * 128**2)) ** (1 / 3)))
-        hidden = max(128, round((params / (12 * layers)) ** 0.5 / 128) * 128)
-        return cls(layers=layers, hidden=hidden, **kwargs)  # type: ignore[arg-type]
-
-    @property
-    def layer_params(self) -> int:
-        return 12 * self.hidden**2 + 13 * self.hidden
-
-    @property
-    def embedding_params(self) -> int:
-        return (self.vocab + self.seq_len) * self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.layers * self.layer_params + self.embedding_params
-
-    @property
-    def layer_flops(self) -> float:
-        """Forward FLOPs of one layer for one sequence: the matrix products and the attention scores."""
-        return self.seq_len * (24 * self.hidden**2 + 4 * self.seq_len * self.hidden)
-
-    @property
-    def head_flops(self) -> float:
-        return 2.0 * self.seq_len * self.vocab * self.hidden
-
-    def step_flops(self, sequences: int) -> float:
-        """Model FLOPs (forward and backward, no recomputation) of a step over ``sequences``."""
-        return 3 * (self.layers * self.layer_flops + self.head_flops) * sequences
-
-    def activation_bytes(self) -> float:
-        if self.layer_activation_bytes is not None:
-            return self.layer_activation_bytes
-        attention = 0 if self.flash_attention else 5 * (self.heads or self.hidden // 128) * self.seq_len**2
-        return 34.0 * self.seq_len * self.hidden + attention
-
-    def short(self) -> str:
-        return f"{self.params / 1e9:.1f}B GPT"
-
-    def describe(self) -> str:
-        return (
-            f"model: {self.params / 1e9:.2f}B parameters, {self.layers} layers, hidden {self.hidden}, sequence "
-            f"{self.seq_len}, vocabulary {self.vocab}, {self.activation_bytes() / 2**20:.0f} MiB of activations per "
-            f"layer and sequence{'' if self.flash_attention else ' (no flash attention)'}"
-        )
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    """GPUs and links. Bandwidths are per GPU in GB/s (1e9 bytes/s): ``intra_node_gbps`` between GPUs of a node,
-    ``inter_node_gbps`` across nodes; ``compute_efficiency`` is the share of ``gpu_tflops`` a stage reaches while it
-    computes (MFU without bubble or communication)."""
-
-    nodes: int = 8
-    gpus_per_node: int = 8
-    gpu_memory_gb: float = 80.0
-    gpu_tflops: float = 312.0
-    compute_efficiency: float = 0.5
-    intra_node_gbps: float = 200.0
-    inter_node_gbps: float = 25.0
-    latency_us: float = 10.0
-    usable_memory: float = 0.9
-
-    def __post_init__(self) -> None:
-        if self.nodes < 1 or self.gpus_per_node < 1:
-            raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {self.nodes} and {self.gpus_per_node}")
-        if not 0 < self.compute_efficiency <= 1 or not 0 < self.usable_memory <= 1:
-            raise ValueError("--compute-efficiency and --usable-memory are fractions in (0, 1]")
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    def describe(self) -> str:
-        return (
-            f"cluster: {self.nodes} nodes x {self.gpus_per_node} GPUs, {self.gpu_memory_gb:g} GiB each "
-            f"({self.usable_memory:.0%} usable), {self.gpu_tflops:g} TFLOP/s peak at {self.compute_efficiency:.0%} "
-            f"efficiency, {self.intra_node_gbps:g} GB/s intra-node, {self.inter_node_gbps:g} GB/s inter-node per "
-            f"GPU, {self.latency_us:g} us latency"
-        )
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One way to run the model: ``P x L`` stages, ``D`` replicas, ``M`` micro-batches of ``micro_batch_size``."""
-
-    schedule: str
-    pipeline_size: int
-    stages_per_rank: int
-    data_parallel_size: int
-    micro_batch_size: int
-    num_micro_batches: int
-    sharding: str = "none"
-    activation_checkpointing: bool = False
-    accumulation: int = 1  # passes of M micro-batches per optimizer step (accumulate_grad_batches)
-    rank_layout: str = "dp_contiguous"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The simulated step of a layout; ``simulated_micro_batches < num_micro_batches`` means extrapolated."""
-
-    layout: Layout
-    step_time: float
-    bubble_fraction: float
-    peak_memory_bytes: float
-    tokens_per_second: float
-    tflops_per_gpu: float
-    mfu: float
-    simulated_micro_batches: int
-
-
-def _bandwidths(cluster: ClusterSpec, layout: Layout) -> tuple[list[float], float]:
-    """Bytes/s of each pipeline link ``r -> r+1`` and of the data-parallel rings, from where the ranks sit."""
-    p, d, per_node = layout.pipeline_size, layout.data_parallel_size, cluster.gpus_per_node
-
-    def node(pp: int, dp: int) -> int:
-        return (pp * d + dp if layout.rank_layout == "dp_contiguous" else dp * p + pp) // per_node
-
-    def speed(intra: bool) -> float:
-        return 1e9 * (cluster.intra_node_gbps if intra else cluster.inter_node_gbps)
-
-    links = [speed(all(node(r, i) == node((r + 1) % p, i) for i in range(d))) for r in range(p)]
-    return links, speed(all(node(r, i) == node(r, 0) for r in range(p) for i in range(d)))
-
-
-def cost_model(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> CostModel:
-    """The simulator's costs of ``layout``: layers split evenly over the ``P x L`` stages, the embedding on the first
-    and last stage, the logits on the last; Adam under bf16-mixed (``PARAM_BYTES`` ... ``ACTIVATION_BYTES``)."""
-    stages = layout.pipeline_size * layout.stages_per_rank
-    if model.layers % stages:
-        raise ValueError(
-            f"{model.layers} layers do not split into P x L = {stages} equal stages; choose P x L dividing it"
-        )
-    per_stage, mbs, rate = model.layers // stages, layout.micro_batch_size, cluster.gpu_tflops * 1e12
-    layer_time = model.layer_forward_s or model.layer_flops / (rate * cluster.compute_efficiency)
-    head_time = layer_time * model.head_flops / model.layer_flops
-    first, last = [float(s == 0) for s in range(stages)], [float(s == stages - 1) for s in range(stages)]
-    links, dp_bandwidth = _bandwidths(cluster, layout)
-    dp = layout.data_parallel_size
-    return CostModel(
-        forward_time=[mbs * (per_stage * layer_time + head_time * last[s]) for s in range(stages)],
-        activation_bytes=[
-            mbs * (per_stage * model.activation_bytes() + 4.0 * model.seq_len * model.vocab * last[s])
-            for s in range(stages)
-        ],
-        boundary_bytes=ACTIVATION_BYTES * mbs * model.seq_len * model.hidden,
-        p2p_latency=cluster.latency_us * 1e-6,
-        p2p_bandwidth=links,
-        stage_params=[
-            per_stage * model.layer_params + model.embedding_params * first[s] + model.vocab * model.hidden * last[s]
-            for s in range(stages)
-        ],
-        dp_size=dp,
-        dp_bandwidth=dp_bandwidth,
-        dp_latency=2 * (dp - 1) * cluster.latency_us * 1e-6,
-        sharding=layout.sharding,
-        param_bytes=PARAM_BYTES,
-        gather_bytes=GATHER_BYTES,
-        grad_bytes=GRAD_BYTES,
-        optimizer_bytes=OPTIMIZER_BYTES,
-        activation_checkpointing=layout.activation_checkpointing,
-    )
+__all__ = [  # the specs, their cost model and the report live in their own modules; this module keeps their names
+    "ACTIVATION_BYTES",
+    "GATHER_BYTES",
+    "GB",
+    "GRAD_BYTES",
+    "HEADER",
+    "OPTIMIZER_BYTES",
+    "PARAM_BYTES",
+    "PLAN_SCHEDULES",
+    "RANK_LAYOUTS",
+    "ClusterSpec",
+    "Layout",
+    "ModelSpec",
+    "Plan",
+    "Prediction",
+    "add_arguments",
+    "best_per_schedule",
+    "cost_model",
+    "format_comparison",
+    "format_row",
+    "format_table",
+    "layouts",
+    "lower_bound",
+    "main",
+    "peak_memory",
+    "plan",
+    "plot_comparison",
+    "predict",
+    "simulated_micro_batches",
+    "specs_from_args",
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -451,93 +305,6 @@ def plan(
         bisect.insort(times, results[-1].step_time)
         best[layout.schedule] = min(best.get(layout.schedule, math.inf), results[-1].step_time)
     return Plan(sorted(results, key=lambda r: r.step_time), len(candidates))
-
-
-HEADER = (
-    f"{'schedule':13s} {'P':>3s} {'L':>3s} {'D':>3s} {'mbs':>3s} {'M':>4s}  {'A':>2s} {'sharding':9s} {'ckpt':4s} "
-    f"{'rank layout':13s} {'step ms':>8s} {'tokens/s':>9s} {'TFLOP/s/GPU':>11s} {'MFU':>5s} {'bubble':>6s} {'GiB':>5s}"
-)
-
-
-def format_row(r: Prediction) -> str:
-    lay = r.layout
-    extrapolated = "*" if r.simulated_micro_batches < lay.num_micro_batches else " "
-    return (
-        f"{lay.schedule:13s} {lay.pipeline_size:3d} {lay.stages_per_rank:3d} {lay.data_parallel_size:3d} "
-        f"{lay.micro_batch_size:3d} {lay.num_micro_batches:4d}{extrapolated} {lay.accumulation:2d} {lay.sharding:9s} "
-        f"{'yes' if lay.activation_checkpointing else 'no':4s} {lay.rank_layout:13s} {r.step_time * 1e3:8.1f} "
-        f"{r.tokens_per_second:9.0f} {r.tflops_per_gpu:11.1f} {r.mfu:5.1%} {r.bubble_fraction:6.1%} "
-        f"{r.peak_memory_bytes / GB:5.1f}"
-    )
-
-
-def format_table(results: Sequence[Prediction], top: int) -> str:
-    """The ``top`` fastest layouts as a text table."""
-    lines = [HEADER, *(format_row(r) for r in results[:top])]
-    if any(r.simulated_micro_batches < r.layout.num_micro_batches for r in results[:top]):
-        lines.append("* M too large to simulate step by step: extrapolated linearly from two smaller multiples of P")
-    return "\n".join(lines)
-
-
-def best_per_schedule(results: Sequence[Prediction], schedules: Sequence[str]) -> dict[str, Prediction | None]:
-    return {s: next((r for r in results if r.layout.schedule == s), None) for s in schedules}
-
-
-def _cell(r: Prediction | None) -> str:
-    if r is None:
-        return "does not fit"
-    lay = r.layout
-    return (
-        f"**{r.tflops_per_gpu:.0f}** ({r.mfu:.0%}, {r.peak_memory_bytes / GB:.0f} GiB): P={lay.pipeline_size} "
-        f"L={lay.stages_per_rank} D={lay.data_parallel_size} mbs={lay.micro_batch_size} M={lay.num_micro_batches}"
-        f"{f' A={lay.accumulation}' if lay.accumulation > 1 else ''} {lay.sharding}"
-        f"{' ckpt' if lay.activation_checkpointing else ''}{' pp_contiguous' if lay.rank_layout[0] == 'p' else ''}"
-    )
-
-
-def format_comparison(table: dict[float, dict[str, Prediction | None]], world: int) -> str:
-    """Markdown: per batch size per GPU, the predicted TFLOP/s per GPU (MFU, memory) and layout of each schedule;
-    the best column lists every schedule within 0.5% of the fastest."""
-    schedules = list(next(iter(table.values()))) if table else []
-    lines = [
-        "| batch/GPU | global batch | " + " | ".join(schedules) + " | best |",
-        "| ---: | ---: | " + " | ".join("---" for _ in schedules) + " | --- |",
-    ]
-    for per_gpu, best in table.items():
-        found = [r for r in best.values() if r is not None]
-        top = max((r.tflops_per_gpu for r in found), default=0.0)
-        winner = " = ".join(r.layout.schedule for r in found if r.tflops_per_gpu >= 0.995 * top) or "-"
-        cells = " | ".join(_cell(best[s]) for s in schedules)
-        lines.append(f"| {per_gpu:g} | {round(per_gpu * world)} | {cells} | {winner} |")
-    return "\n".join(lines)
-
-
-def plot_comparison(table: dict[float, dict[str, Prediction | None]], path: str | Path, title: str = "") -> Path:
-    """Best predicted TFLOP/s per GPU against the batch size per GPU, one line per schedule (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError('--plot needs matplotlib: pip install -e ".[plot]"') from error
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    schedules = list(next(iter(table.values()))) if table else []
-    for s in schedules:
-        points = [(b, best[s].tflops_per_gpu) for b, best in table.items() if best[s] is not None]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=s)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(table), [f"{b:g}" for b in table])
-    ax.set_xlabel("batch size per GPU (sequences)")
-    ax.set_ylabel("predicted TFLOP/s per GPU (best layout)")
-    ax.set_title(title or "predicted throughput by schedule")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

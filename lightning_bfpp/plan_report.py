@@ -1,0 +1,95 @@
+"""The planner's output: a ranked table of predictions, the best layout per schedule and global batch size as a
+Markdown table, and its plot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_bfpp.plan_specs import GB, Prediction
+
+HEADER = (
+    f"{'schedule':13s} {'P':>3s} {'L':>3s} {'D':>3s} {'mbs':>3s} {'M':>4s}  {'A':>2s} {'sharding':9s} {'ckpt':4s} "
+    f"{'rank layout':13s} {'step ms':>8s} {'tokens/s':>9s} {'TFLOP/s/GPU':>11s} {'MFU':>5s} {'bubble':>6s} {'GiB':>5s}"
+)
+
+
+def format_row(r: Prediction) -> str:
+    lay = r.layout
+    extrapolated = "*" if r.simulated_micro_batches < lay.num_micro_batches else " "
+    return (
+        f"{lay.schedule:13s} {lay.pipeline_size:3d} {lay.stages_per_rank:3d} {lay.data_parallel_size:3d} "
+        f"{lay.micro_batch_size:3d} {lay.num_micro_batches:4d}{extrapolated} {lay.accumulation:2d} {lay.sharding:9s} "
+        f"{'yes' if lay.activation_checkpointing else 'no':4s} {lay.rank_layout:13s} {r.step_time * 1e3:8.1f} "
+        f"{r.tokens_per_second:9.0f} {r.tflops_per_gpu:11.1f} {r.mfu:5.1%} {r.bubble_fraction:6.1%} "
+        f"{r.peak_memory_bytes / GB:5.1f}"
+    )
+
+
+def format_table(results: Sequence[Prediction], top: int) -> str:
+    """The ``top`` fastest layouts as a text table."""
+    lines = [HEADER, *(format_row(r) for r in results[:top])]
+    if any(r.simulated_micro_batches < r.layout.num_micro_batches for r in results[:top]):
+        lines.append("* M too large to simulate step by step: extrapolated linearly from two smaller multiples of P")
+    return "\n".join(lines)
+
+
+def best_per_schedule(results: Sequence[Prediction], schedules: Sequence[str]) -> dict[str, Prediction | None]:
+    return {s: next((r for r in results if r.layout.schedule == s), None) for s in schedules}
+
+
+def _cell(r: Prediction | None) -> str:
+    if r is None:
+        return "does not fit"
+    lay = r.layout
+    return (
+        f"**{r.tflops_per_gpu:.0f}** ({r.mfu:.0%}, {r.peak_memory_bytes / GB:.0f} GiB): P={lay.pipeline_size} "
+        f"L={lay.stages_per_rank} D={lay.data_parallel_size} mbs={lay.micro_batch_size} M={lay.num_micro_batches}"
+        f"{f' A={lay.accumulation}' if lay.accumulation > 1 else ''} {lay.sharding}"
+        f"{' ckpt' if lay.activation_checkpointing else ''}{' pp_contiguous' if lay.rank_layout[0] == 'p' else ''}"
+    )
+
+
+def format_comparison(table: dict[float, dict[str, Prediction | None]], world: int) -> str:
+    """Markdown: per batch size per GPU, the predicted TFLOP/s per GPU (MFU, memory) and layout of each schedule;
+    the best column lists every schedule within 0.5% of the fastest."""
+    schedules = list(next(iter(table.values()))) if table else []
+    lines = [
+        "| batch/GPU | global batch | " + " | ".join(schedules) + " | best |",
+        "| ---: | ---: | " + " | ".join("---" for _ in schedules) + " | --- |",
+    ]
+    for per_gpu, best in table.items():
+        found = [r for r in best.values() if r is not None]
+        top = max((r.tflops_per_gpu for r in found), default=0.0)
+        winner = " = ".join(r.layout.schedule for r in found if r.tflops_per_gpu >= 0.995 * top) or "-"
+        cells = " | ".join(_cell(best[s]) for s in schedules)
+        lines.append(f"| {per_gpu:g} | {round(per_gpu * world)} | {cells} | {winner} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(table: dict[float, dict[str, Prediction | None]], path: str | Path, title: str = "") -> Path:
+    """Best predicted TFLOP/s per GPU against the batch size per GPU, one line per schedule (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError('--plot needs matplotlib: pip install -e ".[plot]"') from error
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    schedules = list(next(iter(table.values()))) if table else []
+    for s in schedules:
+        points = [(b, best[s].tflops_per_gpu) for b, best in table.items() if best[s] is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=s)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(table), [f"{b:g}" for b in table])
+    ax.set_xlabel("batch size per GPU (sequences)")
+    ax.set_ylabel("predicted TFLOP/s per GPU (best layout)")
+    ax.set_title(title or "predicted throughput by schedule")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
