@@ -31,6 +31,15 @@ def test_layer_initialization_depends_on_the_layer_only() -> None:
     assert not torch.equal(whole.head.weight, head_alone.head.weight)  # the head's init did not win
 
 
+def held_parameters(full: StackModel, P: int, L: int, rank: int) -> dict[str, torch.nn.Parameter]:
+    """The parameters (by name in the unsplit module, a tied weight once) of the layers pipeline ``rank`` holds."""
+    layers = full.pipeline_layers()
+    partition = build_partition(layers, P, L)
+    names = {id(p): name for name, p in full.named_parameters()}
+    held = [i for stage in partition.stages_of(rank) for i in partition.layers_of(stage)]
+    return {names[id(p)]: p for i in held for p in layers[i].parameters()}
+
+
 @pytest.mark.parametrize(
     ("layout", "tied", "optimizer"),
     [pytest.param((2, 1, 2), False, "adam", id="P2-L1"), pytest.param((2, 2, 4), True, "sgd", id="P2-L2-tied")],
@@ -61,12 +70,9 @@ def test_meta_layers_materialize_per_rank(run_job, layout: tuple[int, int, int],
 
     # each rank holds the parameters of its own layers only
     full = StackModel(**model).double()
-    layers = full.pipeline_layers()
-    partition = build_partition(layers, P, L)
     total = sum(p.numel() * p.element_size() for p in full.parameters())
     for rank in ranks:
-        held = [i for stage in partition.stages_of(rank["rank"]) for i in partition.layers_of(stage)]
-        mine = {id(p): p for i in held for p in layers[i].parameters()}  # a tied weight once
+        mine = held_parameters(full, P, L, rank["rank"])
         assert rank["param_bytes"] == sum(p.numel() * p.element_size() for p in mine.values())
         assert rank["param_bytes"] < 0.6 * total
 
@@ -93,13 +99,9 @@ def test_init_module_empty_init_builds_on_meta(run_job) -> None:
     ref = reference({**config, "build_on": "meta"}, 1)
 
     full = StackModel(**model)
-    layers = full.pipeline_layers()
-    partition = build_partition(layers, P, L)
-    names = {id(p): name for name, p in full.named_parameters()}
     for rank in ranks:
         assert rank["allocated_before_setup"] == []  # nothing had storage before the strategy's set-up
-        held = [i for stage in partition.stages_of(rank["rank"]) for i in partition.layers_of(stage)]
-        mine = {names[id(p)] for i in held for p in layers[i].parameters()}
+        mine = set(held_parameters(full, P, L, rank["rank"]))
         assert mine and set(rank["initial"]) == mine  # after set-up, this rank's layers only
         for name, value in rank["initial"].items():
             assert value.dtype == torch.float64
