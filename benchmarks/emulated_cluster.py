@@ -3,7 +3,7 @@
 Each layer's forward and backward sleep a prescribed time (the CPU stays free), on real activation tensors of a
 prescribed size; the transfers between stages and the data-parallel gradient reductions are real gloo traffic. Every
 case trains ``BFPPStrategy`` under the Lightning Trainer (P = 8, 32 layers, L stages per rank, M micro-batches, D
-replicas) and is compared with :func:`lightning_bfpp.simulate.simulate` of the same schedule, given the same kernel
+replicas) and is compared with :func:`lightning_bfpp.plan.simulate.simulate` of the same schedule, given the same kernel
 times, the measured gloo point-to-point latency and bandwidth, and the measured all-reduce time of a stage's
 gradients. The same emulated stages also run under ``torch.distributed.pipelining``'s ``ScheduleLoopedBFS`` and
 ``ScheduleInterleaved1F1B`` (D = 1).
@@ -290,9 +290,9 @@ def launch(cases: list[dict[str, Any]], dp: int, cfg: dict[str, Any], timeout: f
 
 
 def simulated(case: dict[str, Any], dp: int, links: dict[str, float], cfg: dict[str, Any], events: bool = False) -> Any:
-    """:func:`lightning_bfpp.simulate.simulate` of ``case`` with the kernel times of ``cfg`` and the measured links."""
-    from lightning_bfpp.schedule import build_schedule
-    from lightning_bfpp.simulate import CostModel, simulate
+    """:func:`~lightning_bfpp.plan.simulate.simulate` of ``case`` with ``cfg``'s kernel times and the measured links."""
+    from lightning_bfpp.plan.schedule import build_schedule
+    from lightning_bfpp.plan.simulate import CostModel, simulate
 
     layers_per_stage = LAYERS // (PIPELINE * case["L"])
     cost = CostModel(
@@ -368,7 +368,7 @@ def main() -> None:
                     result["simulated_as_run"] = simulated(result, dp, links, as_run).step_time
                     result["cpu_step"] = statistics.median(result["cpu"])
                 if "timeline" in result:
-                    from lightning_bfpp.simulate import plot_timeline
+                    from lightning_bfpp.plan.simulate import plot_timeline
 
                     title = f"simulated breadth_first: P={PIPELINE} L={result['L']} M={result['M']}"
                     events = simulated(result, dp, links, cfg, events=True).events

@@ -7,7 +7,7 @@ For each number of micro-batches ``M``:
    time per micro-batch is the mean of its actions, and the time per step outside the schedule (optimizer step,
    Lightning) is the step time minus the actions' time.
 2. **Point-to-point cost**: a gloo ping-pong between two processes of one stage boundary (``256 / M`` x 512 floats).
-3. **Prediction**: :func:`lightning_bfpp.simulate.simulate` of breadth-first ``P = 2, L = 2`` with those costs, plus
+3. **Prediction**: :func:`~lightning_bfpp.plan.simulate.simulate` of breadth-first ``P = 2, L = 2``, those costs, plus
    the time outside the schedule.
 4. **Measurement**: the same model trained by bfpp on two processes (``P = 2, L = 2``), median step time, with its
    executed timeline. A second prediction takes each stage's forward and backward time from that timeline (the
@@ -40,8 +40,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_speedup import BATCH, HIDDEN, launch
 
-from lightning_bfpp.schedule import build_schedule
-from lightning_bfpp.simulate import CostModel, simulate
+from lightning_bfpp.plan.schedule import build_schedule
+from lightning_bfpp.plan.simulate import CostModel, simulate
 
 PIPELINE, STAGES_PER_RANK, STAGES = 2, 2, 4
 

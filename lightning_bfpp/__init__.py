@@ -5,8 +5,8 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_bfpp.module import PipelineModule
-from lightning_bfpp.strategy import BFPPStrategy
+from lightning_bfpp.lightning.module import PipelineModule
+from lightning_bfpp.lightning.strategy import BFPPStrategy
 
 if BFPPStrategy.strategy_name not in StrategyRegistry:
     BFPPStrategy.register_strategies(StrategyRegistry)

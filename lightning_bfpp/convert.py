@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_bfpp.checkpoint import META_FILENAME, is_sharded_checkpoint
+from lightning_bfpp.run.checkpoint import META_FILENAME, is_sharded_checkpoint
 
 
 def _load_keys(path: Path, key: str) -> dict[str, Any]:

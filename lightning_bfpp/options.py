@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
-from lightning_bfpp.nonfinite import NONFINITE_POLICIES
-from lightning_bfpp.partition import PARTITIONS
-from lightning_bfpp.plan import RANK_LAYOUTS
-from lightning_bfpp.recompute import ACTIVATION_CHECKPOINTING
-from lightning_bfpp.schedule import SCHEDULES, check_micro_batch_groups
-from lightning_bfpp.sharding import FSDP_MODES, SHARDING_MODES
-from lightning_bfpp.weight_grad import WEIGHT_GRADIENTS
+from lightning_bfpp.plan.partition import PARTITIONS
+from lightning_bfpp.plan.schedule import SCHEDULES, check_micro_batch_groups
+from lightning_bfpp.plan.specs import RANK_LAYOUTS
+from lightning_bfpp.run.nonfinite import NONFINITE_POLICIES
+from lightning_bfpp.run.recompute import ACTIVATION_CHECKPOINTING
+from lightning_bfpp.run.sharding import FSDP_MODES, SHARDING_MODES
+from lightning_bfpp.run.weight_grad import WEIGHT_GRADIENTS
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
-from lightning_bfpp.sharding import ShardedStages
+from lightning_bfpp.run.sharding import ShardedStages
 
 
 def _issuer() -> Any:
@@ -84,7 +84,7 @@ class ReductionLog:
         self._inside = False
 
     def install(self) -> None:
-        from lightning_bfpp.executor import PipelineExecutor
+        from lightning_bfpp.run.executor import PipelineExecutor
 
         for kind in ("backward", "reduce_grad"):
             setattr(PipelineExecutor, f"_{kind}", self._action(kind, getattr(PipelineExecutor, f"_{kind}")))

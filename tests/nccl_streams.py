@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from lightning_bfpp.p2p import PeerLink, Transfer, as_p2p_op
+from lightning_bfpp.run.p2p import PeerLink, Transfer, as_p2p_op
 
 ACK_TAG_OFFSET = 1 << 24  # acknowledgements use the tag of their message plus this
 
@@ -67,7 +67,7 @@ class _BatchWork:
 
 
 class NcclStreamLink(PeerLink):
-    """:class:`~lightning_bfpp.p2p.PeerLink` over gloo with NCCL's ordering (see the module docstring).
+    """:class:`~lightning_bfpp.run.p2p.PeerLink` over gloo with NCCL's ordering (see the module docstring).
 
     Arguments:
         streams: ``"pair"``, one stream (worker thread) per peer; ``"rank"``, one stream for all peers.

@@ -22,7 +22,7 @@ from lightning_bfpp.adapters.litgpt import (
     litgpt_state_dict,
     main,
 )
-from lightning_bfpp.partition import build_partition
+from lightning_bfpp.plan.partition import build_partition
 
 VOCAB, SEQ_LEN, MICRO_BATCH, STEPS = 64, 8, 2, 3
 OPTIM = {"learning_rate": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95]}

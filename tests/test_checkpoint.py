@@ -21,7 +21,7 @@ from conftest import TESTS_DIR, run_script
 from eval_job import MetricModel, run
 from torch.distributed.checkpoint import FileSystemReader
 
-from lightning_bfpp.checkpoint import load_plain
+from lightning_bfpp.run.checkpoint import load_plain
 
 MODEL = {"num_blocks": 6, "optimizer": "adam", "lr": 0.05}
 DATA = {"train_size": 16, "batch_size": 8}  # one epoch = 2 optimizer steps

@@ -223,7 +223,7 @@ def test_recorder_combines_micro_batches_by_reduce_fx_and_replays_metrics() -> N
     from torch import nn
     from torchmetrics.classification import BinaryAccuracy
 
-    from lightning_bfpp.log_relay import LogCall, LogRecorder, MetricCounts, replay
+    from lightning_bfpp.lightning.log_relay import LogCall, LogRecorder, MetricCounts, replay
 
     class Module(nn.Module):
         def __init__(self) -> None:
@@ -269,7 +269,7 @@ def test_recorder_combines_micro_batches_by_reduce_fx_and_replays_metrics() -> N
 def test_step_relay_values_survive_the_tensor_path_exactly() -> None:
     """What the last stage logged reaches the other ranks unchanged when only the values travel (as float64): the
     loss in its dtype, every value, a Metric's missing step value, update counts; a changed option is noticed."""
-    from lightning_bfpp.log_relay import DeferredError, LogCall, MetricCounts, _join, _split
+    from lightning_bfpp.lightning.log_relay import DeferredError, LogCall, MetricCounts, _join, _split
 
     calls = [
         MetricCounts((("acc", 3),)),
@@ -293,7 +293,7 @@ def test_step_relay_values_survive_the_tensor_path_exactly() -> None:
 
 
 def test_evaluation_results_merge_per_micro_batch() -> None:
-    from lightning_bfpp.microbatch import merge_outputs
+    from lightning_bfpp.run.microbatch import merge_outputs
 
     parts = [
         {"loss": torch.tensor(1.0), "pred": torch.ones(2, 3), "ids": ["a", "b"], "pair": (torch.zeros(2), 1.0)},

@@ -14,7 +14,7 @@ import torch
 from fault_job import run
 from launch import launch_ranks
 
-from lightning_bfpp.nonfinite import NonFiniteCheck
+from lightning_bfpp.run.nonfinite import NonFiniteCheck
 
 TESTS = Path(__file__).resolve().parent
 JOB = TESTS / "fault_job.py"

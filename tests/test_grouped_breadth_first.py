@@ -11,8 +11,8 @@ from test_config import compose_cfg
 from test_equivalence import assert_matches
 
 from lightning_bfpp import BFPPStrategy
-from lightning_bfpp.schedule import build_schedule
-from lightning_bfpp.simulate import CostModel, simulate
+from lightning_bfpp.plan.schedule import build_schedule
+from lightning_bfpp.plan.simulate import CostModel, simulate
 
 
 def test_grouped_training_matches_one_process_with_nccl_stream_order(run_job) -> None:

@@ -8,8 +8,8 @@ import torch
 from models import MetaStackModel, StackModel
 from test_equivalence import assert_matches, reference
 
-from lightning_bfpp.materialize import materialize_layers
-from lightning_bfpp.partition import build_partition
+from lightning_bfpp.plan.partition import build_partition
+from lightning_bfpp.run.materialize import materialize_layers
 
 
 def test_layer_initialization_depends_on_the_layer_only() -> None:

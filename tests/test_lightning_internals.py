@@ -1,5 +1,5 @@
 """The private Lightning (and torchmetrics) names the plugin relies on, each checked against the installed version,
-and a check that no module but ``lightning_bfpp.lightning_internals`` uses one."""
+and a check that no module but ``lightning_bfpp.lightning.internals`` uses one."""
 
 from __future__ import annotations
 
@@ -23,27 +23,27 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bfpp import BFPPStrategy
-from lightning_bfpp import lightning_internals as internals
+from lightning_bfpp.lightning import internals
 
-PACKAGE = Path(internals.__file__).parent
+PACKAGE = Path(internals.__file__).parent.parent
 LIBRARIES = ("lightning", "lightning_fabric", "pytorch_lightning", "lightning_utilities", "torchmetrics")
 
 # Our own private names that a Lightning or torchmetrics class also defines, by module: none of these is accessed on
 # a Lightning or torchmetrics object.
 OWN_NAMES = {
-    "strategy.py": {
+    "lightning/strategy.py": {
         "_process_group_backend",  # BFPPStrategy's own (DDPStrategy, not a base class, has one of the same name)
         "_timeout",  # BFPPStrategy's own, likewise
         "_executor",  # BFPPStrategy method: the pipeline executor for a micro-batch count
         "_training_step",  # BFPPStrategy method
         "_evaluation_step",  # BFPPStrategy method
     },
-    "log_relay.py": {"_error", "_module", "_metrics"},  # LogRecorder's fields; a module-level helper
-    "tied.py": {"_module"},
-    "sharding.py": {"_reductions", "_store"},
-    "p2p.py": {"_start"},
-    "plan.py": {"_schedule"},
-    "simulate.py": {"_mode"},
+    "lightning/log_relay.py": {"_error", "_module", "_metrics"},  # LogRecorder's fields; a module-level helper
+    "run/tied.py": {"_module"},
+    "run/sharding.py": {"_reductions", "_store"},
+    "run/p2p.py": {"_start"},
+    "plan/search.py": {"_schedule"},
+    "plan/simulate.py": {"_mode"},
 }
 
 
@@ -95,7 +95,7 @@ def test_no_private_lightning_name_outside_internals() -> None:
     assert {"_skip_backward", "_should_accumulate", "_optimizer", "_update_count"} <= library  # the scan finds them
     offenders = []
     for source in sorted(PACKAGE.rglob("*.py")):
-        if source.name == "lightning_internals.py":
+        if source.relative_to(PACKAGE).as_posix() == "lightning/internals.py":
             continue
         tree = ast.parse(source.read_text())
         relative = source.relative_to(PACKAGE).as_posix()
@@ -107,7 +107,7 @@ def test_no_private_lightning_name_outside_internals() -> None:
             if name in library and name not in allowed
         ]
     assert not offenders, (
-        "private Lightning/torchmetrics names used outside lightning_bfpp/lightning_internals.py (move them there, "
+        "private Lightning/torchmetrics names used outside lightning_bfpp/lightning/internals.py (move them there, "
         "with a test here; or, for our own name that happens to match, add it to OWN_NAMES):\n" + "\n".join(offenders)
     )
 

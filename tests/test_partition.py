@@ -9,15 +9,9 @@ import torch
 from models import StackModel
 from torch import nn
 
-from lightning_bfpp.microbatch import split_batch
-from lightning_bfpp.partition import (
-    PartitionError,
-    RemoteLayer,
-    balanced_boundaries,
-    build_partition,
-    drop_remote_layers,
-    layer_names,
-)
+from lightning_bfpp.plan.partition import PartitionError, balanced_boundaries, build_partition
+from lightning_bfpp.run.microbatch import split_batch
+from lightning_bfpp.run.split import RemoteLayer, drop_remote_layers, layer_names
 
 
 def test_uniform_gives_extra_layers_to_the_first_stages() -> None:

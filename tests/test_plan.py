@@ -14,7 +14,6 @@ from lightning_bfpp.plan import (
     ClusterSpec,
     Layout,
     ModelSpec,
-    _schedule,
     cost_model,
     layouts,
     lower_bound,
@@ -23,7 +22,8 @@ from lightning_bfpp.plan import (
     plan,
     predict,
 )
-from lightning_bfpp.simulate import SHARDING_MODES, resident_bytes, simulate
+from lightning_bfpp.plan.search import _schedule
+from lightning_bfpp.plan.simulate import SHARDING_MODES, resident_bytes, simulate
 
 SMALL = ModelSpec(layers=8, hidden=1024, seq_len=512, vocab=8192)
 CLUSTER = ClusterSpec(nodes=2, gpus_per_node=4, gpu_memory_gb=4.0, gpu_tflops=100.0)

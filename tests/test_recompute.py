@@ -8,7 +8,7 @@ from models import StackModel
 from test_equivalence import assert_matches, reference
 
 from lightning_bfpp import BFPPStrategy
-from lightning_bfpp.recompute import run_layers
+from lightning_bfpp.run.recompute import run_layers
 
 MICRO_BATCHES, ROWS, WIDTH = 3, 5, 8
 

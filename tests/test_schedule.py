@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from lightning_bfpp.schedule import (
+from lightning_bfpp.plan.schedule import (
     GROUP_END,
     SCHEDULES,
     Action,
@@ -27,7 +27,7 @@ from lightning_bfpp.schedule import (
     stage_rank,
     validate_schedule,
 )
-from lightning_bfpp.stream_order import check_stream_order, validate_stream_order
+from lightning_bfpp.plan.stream_order import check_stream_order, validate_stream_order
 
 F, B, RD = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.REDUCE_GRAD
 COMM = {ActionKind.RECV_ACT, ActionKind.SEND_ACT, ActionKind.RECV_GRAD, ActionKind.SEND_GRAD}
@@ -321,7 +321,7 @@ def test_order_independent_first_send_is_modelled() -> None:
     assert order.index((0, "SA0.0")) < order.index((1, "F1.1"))
 
 
-# NCCL stream order (lightning_bfpp.stream_order) -------------------------------------------------------------------
+# NCCL stream order (lightning_bfpp.plan.stream_order) ---------------------------------------------------------------
 def _stream_grid() -> list[tuple[str, int, int, int, bool, int | None]]:
     """Every built-in schedule on P in 2, 3, 4, 8, L in 1..4, M in 1..3P where it exists; breadth-first also in
     every group size, and forward-only (the same order for every name, see test_forward_only_is_breadth_first;
@@ -357,7 +357,7 @@ def test_no_built_in_schedule_can_hang_on_nccl(p: int, few_garbage_collections: 
 
 
 def test_no_schedule_can_hang_on_nccl_with_sharded_parameters() -> None:
-    from lightning_bfpp.gathering import add_parameter_gathering
+    from lightning_bfpp.plan.gathering import add_parameter_gathering
 
     layouts = [("breadth_first", 4, 2, 8), ("depth_first", 4, 2, 8), ("1f1b", 4, 1, 8), ("gpipe", 3, 1, 5)]
     for (name, p, spr, m), zero3 in itertools.product(layouts, (True, False)):

@@ -13,9 +13,9 @@ from models import OPTIMIZERS, RegressionData
 from test_checkpoint import DATA, _assert_state_equal, _merged, _stage
 from test_equivalence import P2_L2_PLACEMENT, assert_matches, assert_whole_model_summary, reference
 
-from lightning_bfpp.gathering import add_parameter_gathering, gathers_per_stage
-from lightning_bfpp.schedule import build_schedule
-from lightning_bfpp.zero import zero_optimizer
+from lightning_bfpp.plan.gathering import add_parameter_gathering, gathers_per_stage
+from lightning_bfpp.plan.schedule import build_schedule
+from lightning_bfpp.run.zero import zero_optimizer
 
 
 def sharded_config(sharding: str, accumulate: int = 1, **strategy) -> dict:

@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
-from lightning_bfpp.gathering import add_parameter_gathering, gathers_per_stage
-from lightning_bfpp.schedule import GROUP_END, Action, ActionKind, Schedule, build_schedule
-from lightning_bfpp.simulate import CostModel, SimEvent, estimate_memory, plot_timeline, resident_bytes, simulate
-from lightning_bfpp.weight_flush import add_weight_flush
+from lightning_bfpp.plan.gathering import add_parameter_gathering, gathers_per_stage
+from lightning_bfpp.plan.schedule import GROUP_END, Action, ActionKind, Schedule, build_schedule
+from lightning_bfpp.plan.simulate import CostModel, SimEvent, estimate_memory, plot_timeline, resident_bytes, simulate
+from lightning_bfpp.plan.weight_flush import add_weight_flush
 
 
 def _parse(text: str) -> Action:

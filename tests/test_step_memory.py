@@ -12,8 +12,8 @@ import torch
 from conftest import run_script
 from torch import nn
 
-from lightning_bfpp.executor import PipelineExecutor
-from lightning_bfpp.schedule import build_schedule
+from lightning_bfpp.plan.schedule import build_schedule
+from lightning_bfpp.run.executor import PipelineExecutor
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,9 @@ from lightning.pytorch.callbacks import ModelSummary as ModelSummaryCallback
 from lightning.pytorch.utilities.model_summary import summarize
 from models import MetaStackModel, StackModel
 
-from lightning_bfpp.partition import build_partition, drop_remote_layers, layer_names
-from lightning_bfpp.summary import PipelineSummary, record_whole_model, use_whole_model_summary
+from lightning_bfpp.lightning.summary import PipelineSummary, record_whole_model, use_whole_model_summary
+from lightning_bfpp.plan.partition import build_partition
+from lightning_bfpp.run.split import drop_remote_layers, layer_names
 
 
 def split(model: StackModel, rank: int, pipeline_size: int = 2, stages_per_rank: int = 2) -> StackModel:

@@ -14,8 +14,8 @@ from eval_job import run as run_stages
 from models import StackModel
 from test_equivalence import assert_matches, reference
 
-from lightning_bfpp.partition import Partition
-from lightning_bfpp.tied import Tie, check_ties_sharding, find_ties, holders, local_aliases
+from lightning_bfpp.plan.partition import Partition
+from lightning_bfpp.run.tied import Tie, check_ties_sharding, find_ties, holders, local_aliases
 
 
 def test_ties_are_found_by_identity() -> None:

@@ -15,7 +15,7 @@ from launch import launch_ranks
 from lightning.pytorch import Callback, callbacks
 from run_job import run, stock_callbacks
 
-from lightning_bfpp.trainer_checks import CALLBACK_SUPPORT, refusal
+from lightning_bfpp.lightning.trainer_checks import CALLBACK_SUPPORT, refusal
 
 REFUSED = sorted(name for name, support in CALLBACK_SUPPORT.items() if support.refused is not None)
 WORKING = [  # run together in one fit (the progress bars and summaries in two)

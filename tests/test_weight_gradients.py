@@ -14,11 +14,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_bfpp import BFPPStrategy
-from lightning_bfpp.executor import PipelineExecutor
-from lightning_bfpp.schedule import Action, ActionKind, Schedule, ScheduleError, build_schedule, validate_schedule
-from lightning_bfpp.stream_order import validate_stream_order
-from lightning_bfpp.weight_flush import add_weight_flush, validate_weight_flush
-from lightning_bfpp.weight_grad import WeightGradientBatcher
+from lightning_bfpp.plan.schedule import Action, ActionKind, Schedule, ScheduleError, build_schedule, validate_schedule
+from lightning_bfpp.plan.stream_order import validate_stream_order
+from lightning_bfpp.plan.weight_flush import add_weight_flush, validate_weight_flush
+from lightning_bfpp.run.executor import PipelineExecutor
+from lightning_bfpp.run.weight_grad import WeightGradientBatcher
 
 
 class _CountMatmuls(TorchDispatchMode):

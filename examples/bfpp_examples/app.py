@@ -32,11 +32,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bfpp_examples.config import SingleStrategyConfig
 from lightning_bfpp import BFPPStrategy
-from lightning_bfpp.checkpoint import is_incomplete_checkpoint
 from lightning_bfpp.config import BFPPStrategyConfig
-from lightning_bfpp.microbatch import check_divisible
-from lightning_bfpp.partition import build_partition
-from lightning_bfpp.schedule import build_schedule
+from lightning_bfpp.plan.partition import build_partition
+from lightning_bfpp.plan.schedule import build_schedule
+from lightning_bfpp.run.checkpoint import is_incomplete_checkpoint
+from lightning_bfpp.run.microbatch import check_divisible
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.masking_utils import create_causal_mask
 from typing_extensions import override
 
-from lightning_bfpp.module import PipelineModule, StageIO
+from lightning_bfpp.lightning.module import PipelineModule, StageIO
 
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss, as in transformers
 CONFIG_KEY = "hf_config"  # the transformers config (a dict) in a Lightning checkpoint written from this module
@@ -404,8 +404,8 @@ def _read_weights(source: str | os.PathLike[str] | Mapping[str, Tensor]) -> tupl
     """``(state dict, stored transformers config or None)`` of ``source``."""
     if isinstance(source, Mapping):
         return dict(source), None
-    from lightning_bfpp.checkpoint import META_FILENAME, is_sharded_checkpoint
     from lightning_bfpp.convert import to_state_dict
+    from lightning_bfpp.run.checkpoint import META_FILENAME, is_sharded_checkpoint
 
     path = Path(source)
     if is_sharded_checkpoint(path):

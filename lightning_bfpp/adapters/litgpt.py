@@ -39,9 +39,9 @@ from litgpt.utils import save_config
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_bfpp.checkpoint import is_sharded_checkpoint
 from lightning_bfpp.convert import to_lightning_checkpoint
-from lightning_bfpp.module import PipelineModule
+from lightning_bfpp.lightning.module import PipelineModule
+from lightning_bfpp.run.checkpoint import is_sharded_checkpoint
 
 CHECKPOINT_FILENAME = "lit_model.pth"  # LitGPT's weights file in a checkpoint directory
 CONFIG_FILENAME = "model_config.yaml"  # LitGPT's config file next to it

@@ -13,7 +13,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from lightning_bfpp.p2p import (
+from lightning_bfpp.plan.schedule import Action, ActionKind, Schedule, communication_groups
+from lightning_bfpp.plan.timeline import TimedEvent
+from lightning_bfpp.plan.weight_flush import validate_weight_flush
+from lightning_bfpp.run.p2p import (
     KIND_ACT,
     KIND_GRAD,
     PeerLink,
@@ -22,9 +25,6 @@ from lightning_bfpp.p2p import (
     TensorMeta,
     check_stage_outputs,
 )
-from lightning_bfpp.schedule import Action, ActionKind, Schedule, communication_groups
-from lightning_bfpp.timeline import TimedEvent
-from lightning_bfpp.weight_flush import validate_weight_flush
 
 StageIO = Tensor | tuple[Tensor, ...]
 ForwardFn = Callable[[int, int, StageIO | None], StageIO]
@@ -50,7 +50,7 @@ class DataParallelHooks(Protocol):
 
 
 class DeferredWeightGradients(Protocol):
-    """Weight gradients computed once per run of a stage's backwards (see :mod:`lightning_bfpp.weight_grad`)."""
+    """Weight gradients computed once per run of a stage's backwards (see :mod:`lightning_bfpp.run.weight_grad`)."""
 
     def flush(self, stage: int) -> None:
         """Adds the weight gradients of ``stage``'s finished backwards to ``.grad``."""
@@ -102,13 +102,13 @@ class PipelineExecutor:
         schedule: the validated global schedule.
         rank: this process's pipeline rank.
         link: the point-to-point link to the other pipeline ranks (None when ``pipeline_size == 1``). Each
-            communication group of the schedule (:func:`~lightning_bfpp.schedule.communication_groups`) is issued as
-            one batch; at the first receive of a boundary, the transfers of the group before it are issued, and the
+            communication group of the schedule (:func:`~lightning_bfpp.plan.schedule.communication_groups`) is issued
+            as one batch; at the first receive of a boundary, the transfers of the group before it are issued, and the
             boundary's shapes received on their own, first.
         data_parallel: what the data-parallel mode does at the schedule's GATHER, RESHARD and REDUCE_GRAD actions and
             around each backward (see :class:`DataParallelHooks`); None when there is nothing to do.
         weight_gradients: deferred weight gradients, added to ``.grad`` at the schedule's BACKWARD_WEIGHT actions
-            (see :mod:`lightning_bfpp.weight_flush`, which checks that the schedule has them).
+            (see :mod:`lightning_bfpp.plan.weight_flush`, which checks that the schedule has them).
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """Where a schedule computes the batched weight gradients of each stage, as ``BACKWARD_WEIGHT`` actions.
 
-With ``weight_gradients="batched"`` (:mod:`lightning_bfpp.weight_grad`) a backward computes only the input gradients
+With ``weight_gradients="batched"`` (:mod:`lightning_bfpp.run.weight_grad`) a backward computes only the input gradients
 of its stage's Linear layers and keeps the operands of their weight gradients. ``BACKWARD_WEIGHT(s)`` (``W<s>``)
 computes the weight gradients of every backward of stage ``s`` since its previous ``W<s>``, one product per Linear.
 
@@ -10,14 +10,14 @@ the transfers of the run's last backward (the send of its input gradient) are is
 gradients are in ``.grad`` before the stage's ``REDUCE_GRAD`` and the end of the step. Breadth-first has one run
 per local stage (and group of micro-batches); depth-first has runs of one or a few backwards.
 
-Pure Python, like :mod:`lightning_bfpp.schedule`.
+Pure Python, like :mod:`lightning_bfpp.plan.schedule`.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from lightning_bfpp.schedule import COMMUNICATION_KINDS, GROUP_END, Action, ActionKind, Schedule, ScheduleError
+from lightning_bfpp.plan.schedule import COMMUNICATION_KINDS, GROUP_END, Action, ActionKind, Schedule, ScheduleError
 
 _B, _W, _RD = ActionKind.BACKWARD, ActionKind.BACKWARD_WEIGHT, ActionKind.REDUCE_GRAD
 _TRANSFERS = COMMUNICATION_KINDS | {ActionKind.GROUP_END}

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_bfpp.collectives import all_gather_objects
+from lightning_bfpp.run.collectives import all_gather_objects
 
 NONFINITE_POLICIES = ("raise", "skip")
 

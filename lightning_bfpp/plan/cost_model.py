@@ -1,6 +1,6 @@
 """The cost model of a pipeline step: per-stage compute times, activation and boundary sizes, links, parameters and
-the data-parallel sharding mode, as :func:`lightning_bfpp.simulate.simulate` and
-:func:`lightning_bfpp.memory_estimate.estimate_memory` read them. Pure Python, no torch."""
+the data-parallel sharding mode, as :func:`lightning_bfpp.plan.simulate.simulate` and
+:func:`lightning_bfpp.plan.memory_estimate.estimate_memory` read them. Pure Python, no torch."""
 
 from __future__ import annotations
 

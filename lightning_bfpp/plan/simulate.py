@@ -1,6 +1,6 @@
 """Predicts step time, bubble and memory of a schedule from a cost model, by an event simulation over its actions.
 
-The simulator walks the same per-rank action lists as the executor (:mod:`lightning_bfpp.schedule`). Every pipeline
+The simulator walks the same per-rank action lists as the executor (:mod:`lightning_bfpp.plan.schedule`). Every pipeline
 rank has a compute stream, on which FORWARD and BACKWARD run one after the other, and a communication stream for the
 data-parallel collectives, which overlaps compute:
 
@@ -8,17 +8,17 @@ data-parallel collectives, which overlaps compute:
   ``boundary_bytes / bandwidth``; transfers over one link and direction go one at a time). ``B(s, m)`` waits for
   the gradient of ``SG(s+1, m)`` in the same way. Sends and receive posts take no compute time.
 - Transfers go in the schedule's communication groups, as the executor issues them on NCCL
-  (:func:`~lightning_bfpp.schedule.communication_groups`): a rank's groups run one after another, each from its
+  (:func:`~lightning_bfpp.plan.schedule.communication_groups`): a rank's groups run one after another, each from its
   issue once the previous one is done; a transfer runs once the groups of both sides have started; a compute waits
   for the whole group that holds its input.
-- ``W(s)`` (batched weight gradients, :mod:`lightning_bfpp.weight_flush`) runs on the compute stream: it costs
+- ``W(s)`` (batched weight gradients, :mod:`lightning_bfpp.plan.weight_flush`) runs on the compute stream: it costs
   ``weight_grad_time`` for every backward of ``s`` since the previous ``W(s)``, and those backwards cost that much
   less each.
 - ``RD(s)`` launches the stage's gradient reduction on the communication stream: an all-reduce without sharding, a
   reduce-scatter with ZeRO-1/2/3. The step ends when every compute and every collective is done.
 - ZeRO-1/2 (``optimizer``/``gradients``) all-gather each stage's updated parameters before its first forward; ZeRO-3
   (``full``) gathers a stage for each run of its consecutive computes and frees it after the run, as the executor
-  does (:mod:`lightning_bfpp.gathering`). Gathers are prefetched one ahead: the next gather is issued when the
+  does (:mod:`lightning_bfpp.plan.gathering`). Gathers are prefetched one ahead: the next gather is issued when the
   compute that waits for the previous one starts.
 
 Memory follows each rank's action order: an activation lives from its forward to its backward (with activation
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from lightning_bfpp.cost_model import SHARDING_MODES, CostModel, PerStage, _mode, _per_stage
-from lightning_bfpp.memory_estimate import MemoryEstimate, _memory, estimate_memory, resident_bytes
-from lightning_bfpp.schedule_actions import (
+from lightning_bfpp.plan.cost_model import SHARDING_MODES, CostModel, PerStage, _mode, _per_stage
+from lightning_bfpp.plan.memory_estimate import MemoryEstimate, _memory, estimate_memory, resident_bytes
+from lightning_bfpp.plan.schedule_actions import (
     _B,
     _F,
     _RA,
@@ -49,7 +49,7 @@ from lightning_bfpp.schedule_actions import (
     ScheduleError,
     communication_groups,
 )
-from lightning_bfpp.timeline import TimedEvent, plot_rows
+from lightning_bfpp.plan.timeline import TimedEvent, plot_rows
 
 __all__ = [  # the cost model and the memory estimate live in their own modules; this module keeps their names
     "SHARDING_MODES",

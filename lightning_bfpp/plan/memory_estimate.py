@@ -3,7 +3,7 @@
 Memory follows each rank's action order: an activation lives from its forward to its backward (with activation
 checkpointing only the stage input is kept, and the stage's activations are rebuilt during the backward). Under
 ZeRO-3 a stage's parameters are gathered for each run of its computes, as the executor does
-(:mod:`lightning_bfpp.gathering`). Pure Python, no torch.
+(:mod:`lightning_bfpp.plan.gathering`). Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from lightning_bfpp.cost_model import CostModel, _mode, _per_stage
-from lightning_bfpp.gathering import compute_runs
-from lightning_bfpp.schedule_actions import _B, _F, _RD, Schedule
+from lightning_bfpp.plan.cost_model import CostModel, _mode, _per_stage
+from lightning_bfpp.plan.gathering import compute_runs
+from lightning_bfpp.plan.schedule_actions import _B, _F, _RD, Schedule
 
 
 @dataclass(frozen=True)

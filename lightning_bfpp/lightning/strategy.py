@@ -22,12 +22,8 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_bfpp.collectives import all_gather_objects, relay
-from lightning_bfpp.executor import PipelineExecutor, StageIO
-from lightning_bfpp.faults import explain_lost_rank
-from lightning_bfpp.gathering import add_parameter_gathering
-from lightning_bfpp.grad_clip import clip_grad_norm_global
-from lightning_bfpp.lightning_internals import (
+from lightning_bfpp.lightning.checkpoints import ShardedCheckpoints
+from lightning_bfpp.lightning.internals import (
     SubprocessLauncherMixin,
     accumulates_this_batch,
     call_hook,
@@ -39,7 +35,7 @@ from lightning_bfpp.lightning_internals import (
     skip_loop_backward,
     sync_ddp_if_available,
 )
-from lightning_bfpp.log_relay import (
+from lightning_bfpp.lightning.log_relay import (
     LogRecorder,
     PipelineMetricSync,
     StepRelay,
@@ -47,26 +43,37 @@ from lightning_bfpp.log_relay import (
     refuse_in_pipeline_hook,
     replay,
 )
-from lightning_bfpp.materialize import check_materialized, materialize_layers
-from lightning_bfpp.microbatch import batch_size_of, merge_outputs, split_batch
-from lightning_bfpp.module import missing_hooks
-from lightning_bfpp.nonfinite import NonFiniteCheck, NonFiniteError, back_off
+from lightning_bfpp.lightning.module import missing_hooks
+from lightning_bfpp.lightning.summary import record_whole_model, use_whole_model_summary
+from lightning_bfpp.lightning.trainer_checks import check_callbacks
 from lightning_bfpp.options import PipelineOptions, arguments_docstring
-from lightning_bfpp.p2p import PeerLink
-from lightning_bfpp.partition import Partition, build_partition, drop_remote_layers, layer_names
-from lightning_bfpp.process_groups import destroy_at_exit
-from lightning_bfpp.recompute import run_layers
-from lightning_bfpp.schedule import Schedule, build_schedule
-from lightning_bfpp.sharding import FSDP_MODES, ShardedStages, StageGradientReducer
-from lightning_bfpp.strategy_checkpoints import ShardedCheckpoints
-from lightning_bfpp.stream_order import validate_stream_order
-from lightning_bfpp.summary import record_whole_model, use_whole_model_summary
-from lightning_bfpp.tied import TiedGradients, check_ties_sharding, dedupe_stage_parameters, module_ties, set_aliases
-from lightning_bfpp.timeline import wall_clock, write_timeline
-from lightning_bfpp.trainer_checks import check_callbacks
-from lightning_bfpp.weight_flush import add_weight_flush
-from lightning_bfpp.weight_grad import WeightGradientBatcher
-from lightning_bfpp.zero import shard_optimizer_states
+from lightning_bfpp.plan.gathering import add_parameter_gathering
+from lightning_bfpp.plan.partition import Partition, build_partition
+from lightning_bfpp.plan.schedule import Schedule, build_schedule
+from lightning_bfpp.plan.stream_order import validate_stream_order
+from lightning_bfpp.plan.timeline import wall_clock, write_timeline
+from lightning_bfpp.plan.weight_flush import add_weight_flush
+from lightning_bfpp.run.collectives import all_gather_objects, relay
+from lightning_bfpp.run.executor import PipelineExecutor, StageIO
+from lightning_bfpp.run.faults import explain_lost_rank
+from lightning_bfpp.run.grad_clip import clip_grad_norm_global
+from lightning_bfpp.run.materialize import check_materialized, materialize_layers
+from lightning_bfpp.run.microbatch import batch_size_of, merge_outputs, split_batch
+from lightning_bfpp.run.nonfinite import NonFiniteCheck, NonFiniteError, back_off
+from lightning_bfpp.run.p2p import PeerLink
+from lightning_bfpp.run.process_groups import destroy_at_exit
+from lightning_bfpp.run.recompute import run_layers
+from lightning_bfpp.run.sharding import FSDP_MODES, ShardedStages, StageGradientReducer
+from lightning_bfpp.run.split import drop_remote_layers, layer_names
+from lightning_bfpp.run.tied import (
+    TiedGradients,
+    check_ties_sharding,
+    dedupe_stage_parameters,
+    module_ties,
+    set_aliases,
+)
+from lightning_bfpp.run.weight_grad import WeightGradientBatcher
+from lightning_bfpp.run.zero import shard_optimizer_states
 
 if TYPE_CHECKING:
     from lightning.fabric.accelerators import Accelerator
@@ -660,7 +667,7 @@ class BFPPStrategy(ShardedCheckpoints, SubprocessLauncherMixin, ParallelStrategy
 
     def _relay_step(self, loss: Tensor | None, recorder: LogRecorder) -> Tensor:
         """The training step's :meth:`_relay_from_last_stage` of the batch loss: while the logged names and options stay
-        the same, one tensor broadcast per step (see :class:`~lightning_bfpp.log_relay.StepRelay`)."""
+        the same, one tensor broadcast per step (see :class:`~lightning_bfpp.lightning.log_relay.StepRelay`)."""
         if self._step_relay is None or self._step_relay.group is not self.pp_group:
             self._step_relay = StepRelay(self.pp_group, self.pipeline_parallel_size - 1, self.root_device)
         last = self.is_last_stage_rank
@@ -695,7 +702,8 @@ class BFPPStrategy(ShardedCheckpoints, SubprocessLauncherMixin, ParallelStrategy
 
     def _install_metric_sync(self) -> None:
         """torchmetrics objects are updated on the last stage: their ``compute()`` must see the states of the last
-        stage's data-parallel replicas on every rank (see :class:`~lightning_bfpp.log_relay.PipelineMetricSync`)."""
+        stage's data-parallel replicas on every rank (see
+        :class:`~lightning_bfpp.lightning.log_relay.PipelineMetricSync`)."""
         sync = PipelineMetricSync(
             self.dp_group, self.pp_group, self.pipeline_parallel_size - 1, self.is_last_stage_rank
         )
@@ -808,7 +816,7 @@ class BFPPStrategy(ShardedCheckpoints, SubprocessLauncherMixin, ParallelStrategy
 
     def release_process_groups(self) -> None:
         """Drops this strategy's references to its process groups (at interpreter exit, before they are
-        destroyed: see :mod:`lightning_bfpp.process_groups`)."""
+        destroyed: see :mod:`lightning_bfpp.run.process_groups`)."""
         self._executors.clear()
         self._data_parallel = None
         self._tied = None

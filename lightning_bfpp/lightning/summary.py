@@ -1,6 +1,6 @@
 """The model summary of a pipelined module: every layer with its full parameter count, its pipeline rank and stage.
 
-Each rank holds only its own layers (the others are :class:`~lightning_bfpp.partition.RemoteLayer` placeholders, and
+Each rank holds only its own layers (the others are :class:`~lightning_bfpp.run.split.RemoteLayer` placeholders, and
 sharded layers hold a shard), so Lightning's summary would count one rank's share. The sizes of the whole module
 are recorded once, before the split (:func:`record_whole_model`), on every rank; :class:`PipelineSummary` reads
 them without any communication, so it can run on rank 0 alone.
@@ -22,8 +22,8 @@ from lightning.pytorch.utilities.model_summary.model_summary import UNKNOWN_SIZE
 from torch import nn
 from typing_extensions import override
 
-from lightning_bfpp.lightning_internals import SummaryWithColumns, install_summary_factory, summary_max_depth
-from lightning_bfpp.partition import Partition
+from lightning_bfpp.lightning.internals import SummaryWithColumns, install_summary_factory, summary_max_depth
+from lightning_bfpp.plan.partition import Partition
 
 WHOLE_MODEL_ATTRIBUTE = "_bfpp_whole_model"  # set on a module before its remote layers are dropped
 RIGHT_ALIGNED = ("Params", "FLOPs", "In sizes", "Out sizes")

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
-from lightning_bfpp.collectives import all_gather_objects
-from lightning_bfpp.lightning_internals import unwrap_optimizer
-from lightning_bfpp.tied import canonical_names
-from lightning_bfpp.zero import local_optimizer
+from lightning_bfpp.lightning.internals import unwrap_optimizer  # noqa: TID251 (moves to the Lightning side)
+from lightning_bfpp.run.collectives import all_gather_objects
+from lightning_bfpp.run.tied import canonical_names
+from lightning_bfpp.run.zero import local_optimizer
 
 META_FILENAME = "meta.pt"  # the name Lightning's ModelParallelStrategy uses too
 

@@ -25,8 +25,8 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
 
-from lightning_bfpp.collectives import all_gather_objects
-from lightning_bfpp.partition import Partition
+from lightning_bfpp.plan.partition import Partition
+from lightning_bfpp.run.collectives import all_gather_objects
 
 TIES_ATTRIBUTE = "_bfpp_ties"  # set on a module when its ties are found: list[Tie]
 ALIASES_ATTRIBUTE = "_bfpp_tied_aliases"  # set on a split module: {local name: canonical name} of its tied copies

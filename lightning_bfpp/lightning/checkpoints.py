@@ -1,8 +1,8 @@
-"""The checkpoint side of :class:`~lightning_bfpp.strategy.BFPPStrategy`.
+"""The checkpoint side of :class:`~lightning_bfpp.lightning.strategy.BFPPStrategy`.
 
 A checkpoint is a directory: a torch.distributed.checkpoint (DCP) checkpoint in which each rank writes the stages it
 holds under the parameter names of the unsplit module, plus ``meta.pt`` (rank 0) with the rest of Lightning's
-checkpoint. The file format is :mod:`lightning_bfpp.checkpoint`; see README.md, "Checkpoints".
+checkpoint. The file format is :mod:`lightning_bfpp.run.checkpoint`; see README.md, "Checkpoints".
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_bfpp import checkpoint as bfpp_checkpoint
-from lightning_bfpp.zero import adopt_local_options
+from lightning_bfpp.run import checkpoint as bfpp_checkpoint
+from lightning_bfpp.run.zero import adopt_local_options
 
 
 class ShardedCheckpoints:

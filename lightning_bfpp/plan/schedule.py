@@ -3,9 +3,9 @@
 There are ``S = pipeline_size * stages_per_rank`` stages; stage ``s`` lives on pipeline rank ``s % pipeline_size``
 (looped placement). Every rank builds the same global :class:`Schedule` and walks ``schedule.actions[rank]``.
 This module holds the generators of the built-in schedules and :func:`build_schedule`; the actions and the
-:class:`Schedule` type are in :mod:`lightning_bfpp.schedule_actions`, the checks in
-:mod:`lightning_bfpp.schedule_validation`, and both are importable from here. Pure Python on purpose, so schedules can
-be built, printed and checked without torch.
+:class:`Schedule` type are in :mod:`lightning_bfpp.plan.schedule_actions`, the checks in
+:mod:`lightning_bfpp.plan.schedule_validation`, and both are importable from here. Pure Python on purpose, so
+schedules can be built, printed and checked without torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from lightning_bfpp.schedule_actions import (
+from lightning_bfpp.plan.schedule_actions import (
     _B,
     _F,
     _RA,
@@ -36,9 +36,9 @@ from lightning_bfpp.schedule_actions import (
     communication_groups,
     stage_rank,
 )
-from lightning_bfpp.schedule_actions import _message as _message
-from lightning_bfpp.schedule_validation import _fail as _fail
-from lightning_bfpp.schedule_validation import simulate_order, validate_schedule
+from lightning_bfpp.plan.schedule_actions import _message as _message
+from lightning_bfpp.plan.schedule_validation import _fail as _fail
+from lightning_bfpp.plan.schedule_validation import simulate_order, validate_schedule
 
 __all__ = [  # the vocabulary and the validation live in their own modules; this module keeps their public names
     "COMMUNICATION_KINDS",
@@ -86,7 +86,7 @@ def _assemble(name: str, sizes: tuple[int, int, int], forward_only: bool, comput
     step. So every message is received in the group of the step it is sent in, and between any two ranks both sides
     issue the same messages in the same order, which NCCL needs: it runs the transfers between two ranks in issue
     order, a receive holding the stream until its data arrives and a send until the peer's receive runs (see
-    :mod:`lightning_bfpp.stream_order`). REDUCE_GRAD(s) follows the group of the last BACKWARD of s. Breadth-first
+    :mod:`lightning_bfpp.plan.stream_order`). REDUCE_GRAD(s) follows the group of the last BACKWARD of s. Breadth-first
     and GPipe then post their receive-only groups earlier (:func:`_post_receives_early`).
     """
     pipeline_size, stages_per_rank, num_micro_batches = sizes

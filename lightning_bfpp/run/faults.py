@@ -9,8 +9,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from lightning_bfpp.nonfinite import NonFiniteError
-from lightning_bfpp.p2p import TransferError
+from lightning_bfpp.run.nonfinite import NonFiniteError
+from lightning_bfpp.run.p2p import TransferError
 
 # what gloo, NCCL and the c10d store say when a peer is gone or a wait ran out of time
 _SIGNS = ("gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe", "Timed out", "timed out", "Timeout")

@@ -4,9 +4,9 @@
 
 For every global batch size it enumerates ``P`` (pipeline ranks), ``L`` (stages per rank), the micro-batch size (so
 ``M``), gradient accumulation ``A``, ``D = GPUs / P``, the schedule, the sharding mode, activation checkpointing and
-the rank layout; keeps what fits in memory (:func:`lightning_bfpp.simulate.estimate_memory`) and ranks it by the step
-time of :func:`lightning_bfpp.simulate.simulate`, visiting candidates by a lower bound so that most need no
-simulation. Every number is a prediction of that cost model, not a measurement.
+the rank layout; keeps what fits in memory (:func:`~lightning_bfpp.plan.simulate.estimate_memory`) and ranks it by
+the step time of :func:`~lightning_bfpp.plan.simulate.simulate`, visiting candidates by a lower bound so that most
+need no simulation. Every number is a prediction of that cost model, not a measurement.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lightning_bfpp.plan_report import (
+from lightning_bfpp.plan.report import (
     HEADER,
     best_per_schedule,
     format_comparison,
@@ -28,7 +28,9 @@ from lightning_bfpp.plan_report import (
     format_table,
     plot_comparison,
 )
-from lightning_bfpp.plan_specs import (
+from lightning_bfpp.plan.schedule import SCHEDULES, Schedule
+from lightning_bfpp.plan.simulate import SHARDING_MODES, CostModel, estimate_memory, resident_bytes, simulate
+from lightning_bfpp.plan.specs import (
     ACTIVATION_BYTES,
     GATHER_BYTES,
     GB,
@@ -42,8 +44,6 @@ from lightning_bfpp.plan_specs import (
     Prediction,
     cost_model,
 )
-from lightning_bfpp.schedule import SCHEDULES, Schedule
-from lightning_bfpp.simulate import SHARDING_MODES, CostModel, estimate_memory, resident_bytes, simulate
 
 PLAN_SCHEDULES = ("breadth_first", "depth_first", "gpipe")
 

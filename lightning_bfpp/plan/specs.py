@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning_bfpp.cost_model import CostModel
+from lightning_bfpp.plan.cost_model import CostModel
 
 # Bytes per element under bf16-mixed as BFPPStrategy runs it: float32 parameters with Adam's two float32 moments,
 # gathered by ZeRO-2/3 in bfloat16 (FSDP's parameter dtype), gradients kept and reduced in float32, stage outputs

@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_bfpp.lightning_internals import attached_trainer
-from lightning_bfpp.materialize import check_materialized, materialize_layers
-from lightning_bfpp.partition import RemoteLayer
+from lightning_bfpp.lightning.internals import attached_trainer
+from lightning_bfpp.run.materialize import check_materialized, materialize_layers
+from lightning_bfpp.run.split import RemoteLayer
 
 StageIO = Tensor | tuple[Tensor, ...]
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim import LBFGS, Optimizer
 
-from lightning_bfpp.lightning_internals import unwrap_optimizer
+from lightning_bfpp.lightning.internals import unwrap_optimizer  # noqa: TID251 (moves to the Lightning side)
 
 
 def zero_optimizer(optimizer: Optimizer, group: dist.ProcessGroup | None) -> ZeroRedundancyOptimizer:

@@ -6,7 +6,7 @@ group. The model follows the executor and these rules:
 
 - A rank issues its actions in order without waiting, except for the shapes (header) of a stage boundary, which it
   reads on the host at the boundary's first receive.
-- Each communication group (:func:`lightning_bfpp.schedule.communication_groups`) is one unit on the stream: its
+- Each communication group (:func:`lightning_bfpp.plan.schedule.communication_groups`) is one unit on the stream: its
   transfers are posted at once and the unit ends when all of them are done. Issued as single operations, each
   transfer is a unit of its own. The sender adds the header of a boundary right before its first activation; the
   receiver issues the part of the group before the boundary's first receive, then receives the header on its own
@@ -25,8 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lightning_bfpp.schedule import COMMUNICATION_KINDS, Action, ActionKind, Schedule, communication_groups
-from lightning_bfpp.schedule_validation import _fail
+from lightning_bfpp.plan.schedule import COMMUNICATION_KINDS, Action, ActionKind, Schedule, communication_groups
+from lightning_bfpp.plan.schedule_validation import _fail
 
 Streams = Literal["pair", "rank"]
 """``"pair"``: one stream per pair of ranks (single operations); ``"rank"``: one stream per rank for all its peers
@@ -169,7 +169,7 @@ def check_stream_order(
     batched: bool = True,
     _items: list[list[tuple[str, object]]] | None = None,
 ) -> None:
-    """Runs the model (see the module docstring); raises :class:`~lightning_bfpp.schedule.ScheduleError` naming the
+    """Runs the model (see the module docstring); raises :class:`~lightning_bfpp.plan.schedule.ScheduleError` naming the
     blocked ranks and transfers if NCCL could hang or pair the wrong messages.
 
     Arguments:
@@ -269,7 +269,7 @@ def _hang_report(
 
 def validate_stream_order(schedule: Schedule) -> None:
     """Checks that the executor's transfers (groups issued as ``batch_isend_irecv``) cannot hang on NCCL, with one
-    stream per pair of ranks and with one stream per rank; raises :class:`~lightning_bfpp.schedule.ScheduleError`
+    stream per pair of ranks and with one stream per rank; raises :class:`~lightning_bfpp.plan.schedule.ScheduleError`
     naming the blocked ranks and transfers."""
     items = [_rank_items(schedule, r, batched=True) for r in range(schedule.pipeline_size)]
     for streams in ("rank", "pair"):

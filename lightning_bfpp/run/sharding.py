@@ -1,10 +1,10 @@
 """Data parallelism over the replicas of a pipeline rank, per stage: gradient averaging (``none``, ``optimizer``) or
 parameters and gradients sharded with FSDP2 (``gradients``, ``full``).
 
-The schedule drives both (see :mod:`lightning_bfpp.gathering`): a stage's gradients start their asynchronous reduction
-right after its last backward of the step (``REDUCE_GRAD``), overlapping the backward of the stages below, and are
-waited for only in :meth:`finish`, before clipping and the optimizer step. Sharded parameters are gathered once per
-run of a stage's computes, with the next run's gather started before the current run computes.
+The schedule drives both (see :mod:`lightning_bfpp.plan.gathering`): a stage's gradients start their asynchronous
+reduction right after its last backward of the step (``REDUCE_GRAD``), overlapping the backward of the stages below,
+and are waited for only in :meth:`finish`, before clipping and the optimizer step. Sharded parameters are gathered
+once per run of a stage's computes, with the next run's gather started before the current run computes.
 
 A parameter that no replica gave a gradient keeps ``.grad = None`` after the reduction, so that the optimizer skips
 it as on one process; one that some replicas gave a gradient gets the average over all replicas, the others

@@ -10,7 +10,7 @@ schedules have one run per stage and group of micro-batches, so they gather more
 - ``RESHARD(s)`` frees the gathered parameters right after the run (before the next run's first compute), or, when
   ``reshard_after_forward`` is False (ZeRO-2: gathered once per step), after the last run of ``s`` only.
 
-This module is pure Python, like :mod:`lightning_bfpp.schedule`.
+This module is pure Python, like :mod:`lightning_bfpp.plan.schedule`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
-from lightning_bfpp.schedule import Action, ActionKind, Schedule, ScheduleError
+from lightning_bfpp.plan.schedule import Action, ActionKind, Schedule, ScheduleError
 
 _COMPUTE = (ActionKind.FORWARD, ActionKind.BACKWARD)
 

@@ -1,11 +1,11 @@
-"""Validation of a built :class:`~lightning_bfpp.schedule_actions.Schedule`: every needed action once, on its rank,
+"""Validation of a built :class:`~lightning_bfpp.plan.schedule_actions.Schedule`: every needed action once, on its rank,
 in a legal local order, and free of deadlock when all ranks run it (:func:`simulate_order`)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from lightning_bfpp.schedule_actions import (
+from lightning_bfpp.plan.schedule_actions import (
     _B,
     _F,
     _RA,

@@ -1,10 +1,10 @@
 """Batched weight gradients: one matrix product per ``nn.Linear`` and run of backwards, instead of one per micro-batch.
 
 A breadth-first schedule runs the backwards of a stage for all its micro-batches one after the other (a *run*, see
-:func:`lightning_bfpp.gathering.compute_runs`). With ``weight_gradients="batched"`` each ``nn.Linear`` of the rank's
-stages computes only its input gradient (and its cheap bias gradient) in each backward and keeps the micro-batch's
-input and output gradient; after the run's last backward (and its send of the input gradient), the weight gradient
-of the whole run is one product ``grad_outputs^T @ inputs`` over all its rows, added to ``weight.grad``.
+:func:`lightning_bfpp.plan.gathering.compute_runs`). With ``weight_gradients="batched"`` each ``nn.Linear`` of the
+rank's stages computes only its input gradient (and its cheap bias gradient) in each backward and keeps the
+micro-batch's input and output gradient; after the run's last backward (and its send of the input gradient), the
+weight gradient of the whole run is one product ``grad_outputs^T @ inputs`` over all its rows, added to ``weight.grad``.
 
 That replaces ``M`` products with an inner dimension of one micro-batch, and ``M - 1`` reads and writes of the
 accumulated gradient, by a single product: faster where small matrix products are inefficient (CPU, or small
@@ -105,8 +105,8 @@ class WeightGradientBatcher:
     """Defers the weight gradients of the ``nn.Linear`` modules of each local stage over a run of its backwards.
 
     The executor calls :meth:`flush` with a stage at the schedule's ``BACKWARD_WEIGHT`` actions, which
-    :func:`lightning_bfpp.weight_flush.add_weight_flush` places after each run of backwards. :meth:`remove` restores
-    the layers.
+    :func:`lightning_bfpp.plan.weight_flush.add_weight_flush` places after each run of backwards. :meth:`remove`
+    restores the layers.
 
     Arguments:
         stage_layers: the layers of each local stage.

@@ -32,13 +32,13 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from lightning_bfpp.collectives import relay
-from lightning_bfpp.lightning_internals import (
+from lightning_bfpp.lightning.internals import (
     metric_forward_value,
     metric_update_count,
     set_metric_forward_value,
     set_metric_update_count,
 )
+from lightning_bfpp.run.collectives import relay
 
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
 _capturing = 0  # > 0 while a last-stage hook runs under LogRecorder.capture
