@@ -7,6 +7,8 @@ gradients, ``bfpp_batched`` with ``weight_gradients="batched"`` (one weight-grad
 backwards).
 
     python benchmarks/pipeline_speedup.py [--repeats 5] [--steps 8]
+    python benchmarks/pipeline_speedup.py --compare TREE   # bfpp of this tree against TREE's, alternating
+
 
 Each ratio is printed as the median of the paired ratios with their min-max. The last line is
 ``speedup=<bfpp_batched over one process> default_speedup=<bfpp over one process> vs_torch_loopedbfs=<bfpp over
@@ -173,9 +175,16 @@ def run_torch(role: str, steps: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
-def launch(role: str, steps: int) -> float:
+COMPARED = "@compared"  # a role name ending in this runs the package of the --compare tree
+
+
+def launch(role: str, steps: int, compared_tree: str | None = None) -> float:
     """Runs one configuration in fresh processes; returns its median step time in seconds."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if role.endswith(COMPARED):
+        assert compared_tree is not None
+        role = role.removesuffix(COMPARED)
+        env["PYTHONPATH"] = os.pathsep.join([compared_tree, env.get("PYTHONPATH", "")])
     if role.startswith("torch"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29533"]
         cmd += [__file__, "--role", role, "--steps", str(steps)]
@@ -195,6 +204,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="alternating launches per configuration")
     parser.add_argument("--micro-batches", type=int, default=8, help="M for the pipelined runs (default 8)")
     parser.add_argument("--overhead-only", action="store_true", help="only the one-rank overhead, in paired runs")
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="TREE",
+        help="only bfpp (default and batched) of this tree against the same runs of the package in TREE (a checkout)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.role is not None:
@@ -204,10 +219,12 @@ def main() -> None:
     roles = ["single", "bfpp", "bfpp_batched", "torch_loopedbfs", "torch_interleaved1f1b", "torch_gpipe", "bfpp_p1"]
     if args.overhead_only:
         roles = ["single", "bfpp_p1"]
+    if args.compare:
+        roles = ["bfpp", "bfpp" + COMPARED, "bfpp_batched", "bfpp_batched" + COMPARED]
     times: dict[str, list[float]] = {r: [] for r in roles}
     for repeat in range(args.repeats):
         for role in roles if repeat % 2 == 0 else roles[::-1]:  # alternate the order between repeats
-            times[role].append(launch(role, args.steps))
+            times[role].append(launch(role, args.steps, args.compare))
             print(f"repeat {repeat} {role:24s} step {times[role][-1] * 1e3:8.1f} ms", flush=True)
 
     def ratios(a: str, b: str) -> list[float]:
@@ -220,6 +237,17 @@ def main() -> None:
         r = ratios(a, b)
         return f"{statistics.median(r):.3f} (min {min(r):.3f}, max {max(r):.3f}, {len(r)} pairs)"
 
+    if args.compare:
+        print("\nconfiguration            median step (ms)")
+        for role in roles:
+            print(f"{role:24s} {statistics.median(times[role]) * 1e3:17.1f}")
+        print(f"bfpp, this tree / {args.compare} step time: {spread('bfpp', 'bfpp' + COMPARED)}")
+        print(f"bfpp batched, this tree / compared step time: {spread('bfpp_batched', 'bfpp_batched' + COMPARED)}")
+        print(
+            f"this_over_compared={paired('bfpp', 'bfpp' + COMPARED):.3f}"
+            f" batched_this_over_compared={paired('bfpp_batched', 'bfpp_batched' + COMPARED):.3f}"
+        )
+        return
     print("\nconfiguration            median step (ms)  speedup vs one process: median (min, max)")
     for role in roles:
         print(f"{role:24s} {statistics.median(times[role]) * 1e3:17.1f}  {spread('single', role)}")
