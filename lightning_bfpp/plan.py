@@ -249,19 +249,24 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: Layout, max_simulate
 
 def lower_bound(cost: CostModel, layout: Layout) -> float:
     """No schedule of ``layout`` can be faster, whatever the communication: in each pass, rank ``r`` waits for the
-    forward of the stages below ``r``, computes all its micro-batches, and then the backward of those stages runs.
-    Batched weight gradients count at the curve's peak efficiency (no ``W`` can run faster)."""
+    forward of the stages below ``r`` and computes all its micro-batches; after its last backward the backward of
+    those stages runs. With batched weight gradients a ``W`` counts at the curve's peak efficiency (none can run
+    faster) and may overlap that tail."""
     forward = list(cost.forward_time)  # type: ignore[arg-type]
-    gain = 1.0  # the least share of its per-micro-batch time a batched weight gradient can take
-    if layout.weight_gradients == "batched" and cost.efficiency is not None:
-        gain = cost.efficiency(cost.weight_grad_rows) / cost.efficiency.peak
-    backward = [(1.0 + gain + cost.activation_checkpointing) * f for f in forward]  # of 2 f, f is the weight share
+    recompute = float(cost.activation_checkpointing)
+    weight = [0.0] * len(forward)  # the W time per micro-batch; a backward's weight share is f of its 2 f
+    if layout.weight_gradients == "batched":
+        gain = 1.0 if cost.efficiency is None else cost.efficiency(cost.weight_grad_rows) / cost.efficiency.peak
+        weight = [gain * f for f in forward]
+    backward = [(1.0 + recompute + (w == 0)) * f for f, w in zip(forward, weight, strict=True)]  # without W
     p, m = layout.pipeline_size, layout.num_micro_batches
-    per_pass = max(
-        sum(forward[:r]) + sum(backward[:r]) + m * sum(forward[s] + backward[s] for s in range(r, len(forward), p))
-        for r in range(p)
-    )
-    return layout.accumulation * per_pass
+
+    def rank_pass(r: int) -> float:
+        own = range(r, len(forward), p)
+        until_last_backward = sum(forward[:r]) + m * sum(forward[s] + backward[s] for s in own)
+        return until_last_backward + max(m * sum(weight[s] for s in own), sum(backward[:r]))
+
+    return layout.accumulation * max(rank_pass(r) for r in range(p))
 
 
 def layouts(
