@@ -23,6 +23,7 @@ PLANNING = {
     "weight_flush",
     "stream_order",
     "cost_model",
+    "efficiency",
     "memory_estimate",
     "simulate",
     "timeline",
