@@ -91,13 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sizes", type=_sizes, default=_sizes("128,256,512,1024,2048,4096,8192"), help="rows (tokens) to time"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(cuda if there)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="(bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per size (median)")
     parser.add_argument("--output", type=Path, default=Path("efficiency.json"), help="curve file (efficiency.json)")
     args = parser.parse_args(argv)
     if args.hidden < 1 or args.repeats < 1:
         parser.error("--hidden and --repeats must be >= 1")
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     curve, tflops = measure(args.hidden, args.sizes, device, dtype, args.repeats)
     print(curve.source)
     print(f"{'rows':>7s} {'TFLOP/s':>9s} {'efficiency':>10s}")
