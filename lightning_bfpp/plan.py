@@ -387,7 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--max-accumulation", type=int, default=8, help="most gradient accumulation passes A")
     group.add_argument("--all-variants", action="store_true", help="simulate every sharding/checkpointing that fits")
     group.add_argument(
-        "--weight-gradients", nargs="+", default=list(PLAN_WEIGHT_GRADIENTS), choices=PLAN_WEIGHT_GRADIENTS
+        "--weight-gradients",
+        nargs="+",
+        default=list(PLAN_WEIGHT_GRADIENTS),
+        choices=PLAN_WEIGHT_GRADIENTS,
+        help="the strategy's weight_gradients modes to try (both; batched with ZeRO-0/1 only)",
     )
     args = parser.parse_args(argv)
     try:

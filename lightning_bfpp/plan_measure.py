@@ -88,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--hidden", type=int, required=True, help="hidden size of the model to plan")
     parser.add_argument(
-        "--sizes", type=_sizes, default=_sizes("128,256,512,1024,2048,4096,8192"), help="rows (tokens) to time"
+        "--sizes",
+        type=_sizes,
+        default=_sizes("128,256,512,1024,2048,4096,8192"),
+        help="rows to time: tokens per micro-batch (mbs x sequence length), comma-separated",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(cuda if there)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="(bfloat16 on GPU, float32 on CPU)")
