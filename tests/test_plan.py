@@ -9,8 +9,10 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_bfpp import BFPPStrategy
+from lightning_bfpp.options import PipelineOptions
 from lightning_bfpp.plan import (
     GB,
+    PLAN_WEIGHT_GRADIENTS,
     ClusterSpec,
     Layout,
     ModelSpec,
@@ -21,12 +23,19 @@ from lightning_bfpp.plan import (
     peak_memory,
     plan,
     predict,
+    variants,
 )
+from lightning_bfpp.plan.efficiency import FLAT, EfficiencyCurve
 from lightning_bfpp.plan.search import _schedule
 from lightning_bfpp.plan.simulate import SHARDING_MODES, resident_bytes, simulate
+from lightning_bfpp.plan.specs import BATCHED_SHARDING
+from lightning_bfpp.run.weight_grad import WEIGHT_GRADIENTS
 
 SMALL = ModelSpec(layers=8, hidden=1024, seq_len=512, vocab=8192)
 CLUSTER = ClusterSpec(nodes=2, gpus_per_node=4, gpu_memory_gb=4.0, gpu_tflops=100.0)
+STEEP = EfficiencyCurve(((512.0, 0.25), (4096.0, 1.0)), "synthetic: a quarter of the throughput at 512 rows")
+SMALL_ARGV = ["--layers", "8", "--hidden", "1024", "--seq-len", "512", "--vocab", "8192", "--nodes", "2"]
+SMALL_ARGV += ["--gpus-per-node", "4", "--gpu-memory-gb", "4"]
 
 
 def test_52b_shape_from_the_parameter_count() -> None:
@@ -39,7 +48,9 @@ def test_52b_shape_from_the_parameter_count() -> None:
 def test_cost_model_splits_time_parameters_and_links() -> None:
     layout = Layout("breadth_first", 2, 2, 4, micro_batch_size=2, num_micro_batches=4)
     cost = cost_model(SMALL, CLUSTER, layout)
-    rate = CLUSTER.gpu_tflops * 1e12 * CLUSTER.compute_efficiency
+    # micro-batches of 2 x 512 = 1024 rows compute at the default curve's 0.9 of the saturated efficiency
+    rate = CLUSTER.gpu_tflops * 1e12 * CLUSTER.compute_efficiency * CLUSTER.efficiency(2 * 512)
+    assert CLUSTER.efficiency(2 * 512) == 0.9
     assert sum(cost.forward_time) == pytest.approx(2 * (8 * SMALL.layer_flops + SMALL.head_flops) / rate)
     assert cost.forward_time[0] == pytest.approx(2 * 2 * SMALL.layer_flops / rate)
     assert sum(cost.stage_params) == SMALL.params + SMALL.vocab * SMALL.hidden  # the last stage's output embedding
@@ -79,6 +90,8 @@ def test_lower_bound_is_a_bound_and_exact_for_gpipe_without_communication() -> N
         Layout("breadth_first", 2, 4, 4, 1, 4, sharding="full"),
         Layout("depth_first", 2, 2, 4, 2, 2, activation_checkpointing=True),
         Layout("breadth_first", 8, 1, 1, 1, 3, accumulation=2),
+        Layout("gpipe", 8, 1, 1, 1, 8, weight_gradients="batched"),  # W may overlap the lower stages' backwards
+        Layout("breadth_first", 2, 2, 4, 2, 4, weight_gradients="batched"),
     ]:
         for cluster in (CLUSTER, free):
             assert lower_bound(cost_model(SMALL, cluster, layout), layout) <= predict(SMALL, cluster, layout).step_time
@@ -108,8 +121,7 @@ def test_pruned_search_equals_exhaustive_search() -> None:
     for batch in (8, 32):
         everything = []
         for base in layouts(SMALL, CLUSTER, batch, ("breadth_first", "depth_first", "gpipe"), max_accumulation=8):
-            modes = SHARDING_MODES if base.data_parallel_size > 1 else ("none",)
-            for layout in (replace(base, sharding=s, activation_checkpointing=c) for c in (False, True) for s in modes):
+            for layout in variants(base):
                 if peak_memory(SMALL, CLUSTER, layout) <= budget:
                     everything.append(predict(SMALL, CLUSTER, layout))
                     break  # the first variant that fits, as plan() does
@@ -136,8 +148,7 @@ def test_breadth_first_wins_at_half_a_sequence_per_gpu_for_52b_on_64_gpus() -> N
 
 
 def test_command_prints_table_comparison_and_plot(tmp_path, capsys) -> None:
-    argv = ["--layers", "8", "--hidden", "1024", "--seq-len", "512", "--vocab", "8192", "--nodes", "2"]
-    argv += ["--gpus-per-node", "4", "--gpu-memory-gb", "4", "--batch-per-gpu", "1", "4", "--top", "3", "--compare"]
+    argv = [*SMALL_ARGV, "--batch-per-gpu", "1", "4", "--top", "3", "--compare"]
     plot = tmp_path / "plan.png"
     pytest.importorskip("matplotlib")
     assert main([*argv, "--plot", str(plot)]) == 0
@@ -154,3 +165,66 @@ def test_command_errors_name_the_fix(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--params", "1e9", "--batch-per-gpu", "0.3"])
     assert "whole number of sequences" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--params", "1e9", "--global-batch", "8", "--efficiency-curve", __file__])
+    err = capsys.readouterr().err
+    assert "is not an efficiency curve" in err and "measure-efficiency --output FILE" in err
+
+
+def test_measured_efficiency_curve_round_trips_into_the_planner(tmp_path, capsys) -> None:
+    """measure-efficiency writes a curve (throughput per size over the best) that --efficiency-curve reads back into
+    the cluster the planner plans for, and the plan's compute times follow it."""
+    path = tmp_path / "curve.json"
+    measure = ["measure-efficiency", "--hidden", "32", "--sizes", "8,64", "--dtype", "float32", "--repeats", "1"]
+    assert main([*measure, "--output", str(path)]) == 0
+    curve = EfficiencyCurve.from_json(path)
+    assert [r for r, _ in curve.points] == [8.0, 64.0] and curve.peak == 1.0 and "measured on cpu" in curve.source
+    assert main([*SMALL_ARGV, "--global-batch", "8", "--top", "1", "--efficiency-curve", str(path)]) == 0
+    assert curve.describe() in capsys.readouterr().out
+    flat, measured = (replace(CLUSTER, efficiency=c) for c in (FLAT, curve))
+    layout = Layout("gpipe", 8, 1, 1, 1, 8)
+    ratio = cost_model(SMALL, measured, layout).forward_time[0] / cost_model(SMALL, flat, layout).forward_time[0]
+    assert ratio == pytest.approx(1 / curve.points[-1][1])  # 512 rows: past the last point, its efficiency
+
+
+def test_small_micro_batches_penalized_choose_fewer_larger_micro_batches() -> None:
+    """Flat efficiency: the most micro-batches (the smallest bubble) win. At a quarter of the throughput for 512-row
+    products the planner takes micro-batches of 4 sequences (2048 rows) instead, though the bubble is larger."""
+    per_micro_batch = ("per_micro_batch",)
+    flat = plan(SMALL, replace(CLUSTER, efficiency=FLAT), 32, top=1, weight_gradients=per_micro_batch).results[0]
+    steep = plan(SMALL, replace(CLUSTER, efficiency=STEEP), 32, top=1, weight_gradients=per_micro_batch).results[0]
+    assert (flat.layout.micro_batch_size, flat.layout.num_micro_batches) == (1, 8)
+    assert (steep.layout.micro_batch_size, steep.layout.num_micro_batches) == (4, 2)
+    assert steep.bubble_fraction > flat.bubble_fraction
+
+
+def test_batched_weight_gradients_are_chosen_where_their_modelled_cost_is_lower() -> None:
+    """GPipe P = 2, M = 8 micro-batches of 512 rows: batched, each stage's weight gradients are one product over
+    4096 rows (efficiency 1 instead of 0.25), at the cost of every backward's Linear inputs and output gradients
+    (16 h per token and layer in bf16) kept until the W. The planner picks batched, never with ZeRO-2/3."""
+    cluster = replace(CLUSTER, efficiency=STEEP, gpu_memory_gb=40.0)
+    layout = Layout("gpipe", 2, 1, 4, 1, 8)
+    per_micro_batch, batched = (predict(SMALL, cluster, replace(layout, weight_gradients=w)) for w in WEIGHT_GRADIENTS)
+    assert batched.step_time < 0.8 * per_micro_batch.step_time
+    kept = cost_model(SMALL, cluster, replace(layout, weight_gradients="batched")).weight_grad_bytes
+    assert kept[0] == 2 * 512 * 16 * 1024 * 4  # bf16, 512 rows, 4 layers per stage
+    assert cost_model(SMALL, cluster, layout).weight_grad_bytes == 0.0
+    # the operands replace the activations each backward frees (16 h against 34 h): the peak before the first
+    # backward stays; with activation checkpointing only stage inputs were kept, and the operands raise the peak
+    assert batched.peak_memory_bytes == per_micro_batch.peak_memory_bytes
+    ckpt = replace(layout, activation_checkpointing=True)
+    batched_ckpt = peak_memory(SMALL, cluster, replace(ckpt, weight_gradients="batched"))
+    assert batched_ckpt > peak_memory(SMALL, cluster, ckpt) + 6 * kept[0]  # 7 or 8 backwards' operands at once
+    found = plan(SMALL, cluster, 32, top=3)
+    assert found.results[0].layout.weight_gradients == "batched"
+    assert all(r.layout.sharding in BATCHED_SHARDING for r in found.results if r.layout.weight_gradients == "batched")
+
+
+def test_planned_weight_gradient_modes_are_the_strategys() -> None:
+    assert PLAN_WEIGHT_GRADIENTS == WEIGHT_GRADIENTS
+    for mode in SHARDING_MODES:
+        if mode in BATCHED_SHARDING:
+            PipelineOptions(weight_gradients="batched", sharding=mode)
+        else:
+            with pytest.raises(ValueError, match="does not work with sharding"):
+                PipelineOptions(weight_gradients="batched", sharding=mode)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
+from lightning_bfpp.plan.efficiency import EfficiencyCurve
 from lightning_bfpp.plan.gathering import add_parameter_gathering, gathers_per_stage
 from lightning_bfpp.plan.schedule import GROUP_END, Action, ActionKind, Schedule, build_schedule
 from lightning_bfpp.plan.simulate import CostModel, SimEvent, estimate_memory, plot_timeline, resident_bytes, simulate
@@ -185,6 +187,23 @@ def test_batched_weight_gradients_cost_the_weight_share_in_one_action_per_run() 
         ValueError, match=r"weight_grad_time of stage 1 is 3.0: give a time in \[0, backward_time=2.0\]"
     ):
         simulate(flushed, CostModel(forward_time=1.0, weight_grad_time=[1.0, 3.0]))
+
+
+def test_batched_weight_gradients_run_at_the_efficiency_of_the_run_and_keep_their_operands() -> None:
+    """The GPipe case above with a kernel efficiency of 0.5 at one micro-batch's 100 rows and 1 at 200: W<s> is one
+    product over both micro-batches' rows, M w x 0.5 / 1 = 1, so W1 [5, 6], W0 [6, 7] and the step takes 7. Memory:
+    activations of 10 per micro-batch, freed by each backward, whose weight-gradient operands (15) stay until the W:
+    rank peaks 2 x 15 = 30 after the run instead of 2 x 10 = 20 before it."""
+    schedule = build_schedule("gpipe", 2, 1, 2)
+    flushed = add_weight_flush(schedule)
+    curve = EfficiencyCurve(((100.0, 0.5), (200.0, 1.0)))
+    cost = CostModel(forward_time=1.0, activation_bytes=10.0, weight_grad_bytes=15.0)
+    batched = simulate(flushed, replace(cost, efficiency=curve, weight_grad_rows=100.0))
+    assert _spans(batched.events)["W1"] == (5.0, 6.0) and _spans(batched.events)["W0"] == (6.0, 7.0)
+    assert batched.step_time == pytest.approx(7)
+    assert simulate(flushed, cost).step_time == pytest.approx(8)  # no curve: M w = 2, as above
+    assert batched.memory.peak_bytes == (30.0, 30.0)
+    assert simulate(schedule, cost).memory.peak_bytes == (20.0, 20.0)  # no W: nothing is kept
 
 
 def test_depth_first_holds_fewer_activations_than_breadth_first() -> None:

@@ -8,6 +8,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lightning_bfpp.plan.efficiency import EfficiencyCurve
+
 SHARDING_MODES = ("none", "optimizer", "gradients", "full")
 """Data-parallel modes: plain replicas, and ZeRO-1 (optimizer state), ZeRO-2 (+ gradients), ZeRO-3 (+ parameters)."""
 
@@ -26,6 +28,13 @@ class CostModel:
         weight_grad_time: the part of ``backward_time`` that computes weight gradients, which a schedule with
             batched weight gradients (``W`` actions) moves into the ``W`` of the run; default half of
             ``backward_time``.
+        weight_grad_bytes: memory a backward of a stage with ``W`` actions keeps per micro-batch until the stage's
+            next ``W`` (each Linear's input and output gradient, the operands of the batched product).
+        weight_grad_rows: rows of one micro-batch's weight-gradient products (tokens); with ``efficiency``, a ``W``
+            over ``n`` backwards runs at ``efficiency(n x rows)`` instead of ``efficiency(rows)``
+            (:meth:`batched_weight_grad_time`).
+        efficiency: kernel efficiency by rows (:class:`~lightning_bfpp.plan.efficiency.EfficiencyCurve`); None: a ``W``
+            costs ``weight_grad_time`` per backward it flushes. The other times are given at the micro-batch's rows.
         activation_bytes: memory a stage keeps per micro-batch from its forward to its backward.
         boundary_bytes: size of a stage's output for one micro-batch (sent to the next stage; its gradient is sent
             back and has the same size). With activation checkpointing it is what a stage keeps per micro-batch.
@@ -49,6 +58,9 @@ class CostModel:
     forward_time: PerStage
     backward_time: PerStage | None = None
     weight_grad_time: PerStage | None = None
+    weight_grad_bytes: PerStage = 0.0
+    weight_grad_rows: float = 0.0
+    efficiency: EfficiencyCurve | None = None
     activation_bytes: PerStage = 0.0
     boundary_bytes: PerStage = 0.0
     p2p_latency: float = 0.0
@@ -79,6 +91,14 @@ class CostModel:
     def gathered_bytes(self) -> float:
         """Bytes per parameter of the gathered copy (``gather_bytes``, else ``param_bytes``)."""
         return self.param_bytes if self.gather_bytes is None else self.gather_bytes
+
+    def batched_weight_grad_time(self, per_micro_batch: float, count: int) -> float:
+        """Time of a ``W`` that flushes ``count`` backwards whose weight gradients take ``per_micro_batch`` each:
+        one product over ``count x weight_grad_rows`` rows, at that size's efficiency."""
+        if self.efficiency is None or count < 2 or self.weight_grad_rows <= 0:
+            return count * per_micro_batch
+        rows = self.weight_grad_rows
+        return count * per_micro_batch * self.efficiency(rows) / self.efficiency(count * rows)
 
 
 def _per_stage(value: PerStage, count: int, name: str) -> tuple[float, ...]:

@@ -1,7 +1,8 @@
 """Peak memory per pipeline rank of a schedule under a cost model, without timing the step.
 
 Memory follows each rank's action order: an activation lives from its forward to its backward (with activation
-checkpointing only the stage input is kept, and the stage's activations are rebuilt during the backward). Under
+checkpointing only the stage input is kept, and the stage's activations are rebuilt during the backward). A stage
+with batched weight gradients (``W`` actions) keeps ``weight_grad_bytes`` per backward until its next ``W``. Under
 ZeRO-3 a stage's parameters are gathered for each run of its computes, as the executor does
 (:mod:`lightning_bfpp.plan.gathering`). Pure Python, no torch.
 """
@@ -13,7 +14,7 @@ from typing import NamedTuple
 
 from lightning_bfpp.plan.cost_model import CostModel, _mode, _per_stage
 from lightning_bfpp.plan.gathering import compute_runs
-from lightning_bfpp.plan.schedule_actions import _B, _F, _RD, Schedule
+from lightning_bfpp.plan.schedule_actions import _B, _F, _RD, _W, Schedule
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,10 @@ def _walk_rank(schedule: Schedule, rank: int, cost: CostModel) -> tuple[list[_Ga
     act = _per_stage(cost.activation_bytes, num_stages, "activation_bytes")
     keep = _per_stage(cost.boundary_bytes, num_stages, "boundary_bytes") if cost.activation_checkpointing else act
     params = _per_stage(cost.stage_params, num_stages, "stage_params")
+    deferred = _per_stage(cost.weight_grad_bytes, num_stages, "weight_grad_bytes")
     actions = schedule.actions[rank]
+    batched = {a.stage for a in actions if a.kind is _W}
+    unflushed = dict.fromkeys(batched, 0)  # backwards of each batched stage since its last W
     first_f: dict[int, int] = {}
     first_b: dict[int, int] = {}
     for i, a in enumerate(actions):
@@ -102,6 +106,13 @@ def _walk_rank(schedule: Schedule, rank: int, cost: CostModel) -> tuple[list[_Ga
             peak_act = max(peak_act, act_now + rebuilt)
             peak_dyn = max(peak_dyn, act_now + rebuilt + dyn)
             live, act_now = live - 1, act_now - keep[s]
+            if s in batched:  # the operands of its weight gradients wait for the stage's W
+                unflushed[s] += 1
+                dyn += deferred[s]
+                peak_dyn = max(peak_dyn, act_now + dyn)
+        elif a.kind is _W:
+            dyn -= unflushed[s] * deferred[s]
+            unflushed[s] = 0
         elif a.kind is _RD and mode in ("gradients", "full"):
             dyn -= params[s] * cost.grad_bytes  # reduce-scattered
         if i in run_end:

@@ -10,7 +10,8 @@ from lightning_bfpp.plan.specs import GB, Prediction
 
 HEADER = (
     f"{'schedule':13s} {'P':>3s} {'L':>3s} {'D':>3s} {'mbs':>3s} {'M':>4s}  {'A':>2s} {'sharding':9s} {'ckpt':4s} "
-    f"{'rank layout':13s} {'step ms':>8s} {'tokens/s':>9s} {'TFLOP/s/GPU':>11s} {'MFU':>5s} {'bubble':>6s} {'GiB':>5s}"
+    f"{'rank layout':13s} {'weight grads':15s} "
+    f"{'step ms':>8s} {'tokens/s':>9s} {'TFLOP/s/GPU':>11s} {'MFU':>5s} {'bubble':>6s} {'GiB':>5s}"
 )
 
 
@@ -20,7 +21,8 @@ def format_row(r: Prediction) -> str:
     return (
         f"{lay.schedule:13s} {lay.pipeline_size:3d} {lay.stages_per_rank:3d} {lay.data_parallel_size:3d} "
         f"{lay.micro_batch_size:3d} {lay.num_micro_batches:4d}{extrapolated} {lay.accumulation:2d} {lay.sharding:9s} "
-        f"{'yes' if lay.activation_checkpointing else 'no':4s} {lay.rank_layout:13s} {r.step_time * 1e3:8.1f} "
+        f"{'yes' if lay.activation_checkpointing else 'no':4s} {lay.rank_layout:13s} {lay.weight_gradients:15s} "
+        f"{r.step_time * 1e3:8.1f} "
         f"{r.tokens_per_second:9.0f} {r.tflops_per_gpu:11.1f} {r.mfu:5.1%} {r.bubble_fraction:6.1%} "
         f"{r.peak_memory_bytes / GB:5.1f}"
     )
@@ -47,6 +49,7 @@ def _cell(r: Prediction | None) -> str:
         f"L={lay.stages_per_rank} D={lay.data_parallel_size} mbs={lay.micro_batch_size} M={lay.num_micro_batches}"
         f"{f' A={lay.accumulation}' if lay.accumulation > 1 else ''} {lay.sharding}"
         f"{' ckpt' if lay.activation_checkpointing else ''}{' pp_contiguous' if lay.rank_layout[0] == 'p' else ''}"
+        f"{' batched-W' if lay.weight_gradients == 'batched' else ''}"
     )
 
 

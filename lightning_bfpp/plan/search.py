@@ -3,10 +3,13 @@
     python -m lightning_bfpp.plan --params 52e9 --nodes 8 --gpus-per-node 8 --batch-per-gpu 0.5 1 2 4 8 --compare
 
 For every global batch size it enumerates ``P`` (pipeline ranks), ``L`` (stages per rank), the micro-batch size (so
-``M``), gradient accumulation ``A``, ``D = GPUs / P``, the schedule, the sharding mode, activation checkpointing and
-the rank layout; keeps what fits in memory (:func:`~lightning_bfpp.plan.simulate.estimate_memory`) and ranks it by
-the step time of :func:`~lightning_bfpp.plan.simulate.simulate`, visiting candidates by a lower bound so that most
-need no simulation. Every number is a prediction of that cost model, not a measurement.
+``M``), gradient accumulation ``A``, ``D = GPUs / P``, the schedule, the sharding mode, activation checkpointing,
+batched or per-micro-batch weight gradients and the rank layout; keeps what fits in memory
+(:func:`lightning_bfpp.plan.simulate.estimate_memory`) and ranks it by the step time of
+:func:`lightning_bfpp.plan.simulate.simulate`, visiting candidates by a lower bound so that most need no simulation.
+Compute slows down at small micro-batches by a kernel efficiency curve (``--efficiency-curve``; measure one with
+``python -m lightning_bfpp.plan measure-efficiency``). Every number is a prediction of that cost model, not a
+measurement.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lightning_bfpp.plan.efficiency import FLAT, EfficiencyCurve
 from lightning_bfpp.plan.report import (
     HEADER,
     best_per_schedule,
@@ -32,11 +36,13 @@ from lightning_bfpp.plan.schedule import SCHEDULES, Schedule
 from lightning_bfpp.plan.simulate import SHARDING_MODES, CostModel, estimate_memory, resident_bytes, simulate
 from lightning_bfpp.plan.specs import (
     ACTIVATION_BYTES,
+    BATCHED_SHARDING,
     GATHER_BYTES,
     GB,
     GRAD_BYTES,
     OPTIMIZER_BYTES,
     PARAM_BYTES,
+    PLAN_WEIGHT_GRADIENTS,
     RANK_LAYOUTS,
     ClusterSpec,
     Layout,
@@ -44,6 +50,7 @@ from lightning_bfpp.plan.specs import (
     Prediction,
     cost_model,
 )
+from lightning_bfpp.plan.weight_flush import add_weight_flush
 
 PLAN_SCHEDULES = ("breadth_first", "depth_first", "gpipe")
 
@@ -56,6 +63,7 @@ __all__ = [  # the specs, their cost model and the report live in their own modu
     "OPTIMIZER_BYTES",
     "PARAM_BYTES",
     "PLAN_SCHEDULES",
+    "PLAN_WEIGHT_GRADIENTS",
     "RANK_LAYOUTS",
     "ClusterSpec",
     "Layout",
@@ -77,6 +85,7 @@ __all__ = [  # the specs, their cost model and the report live in their own modu
     "predict",
     "simulated_micro_batches",
     "specs_from_args",
+    "variants",
 ]
 
 
@@ -106,6 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ):
         default = getattr(defaults, name)
         cluster.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=f"{help_text} ({default})")
+    cluster.add_argument(
+        "--efficiency-curve",
+        help="JSON file of kernel efficiency by rows per product (written by `measure-efficiency`), or `flat`; "
+        "default: an assumed GPU curve (lightning_bfpp.plan.efficiency.DEFAULT_GPU_CURVE)",
+    )
 
 
 def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec]:
@@ -124,14 +138,27 @@ def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec]:
         model = ModelSpec.from_params(args.params, args.layers, **shape)
     else:
         raise ValueError("describe the model with --params (and optionally --layers), or with --layers and --hidden")
-    cluster = ClusterSpec(**{f: getattr(args, f) for f in ClusterSpec.__dataclass_fields__})
+    fields = {f: getattr(args, f) for f in ClusterSpec.__dataclass_fields__ if f != "efficiency"}
+    if args.efficiency_curve == "flat":
+        fields["efficiency"] = FLAT
+    elif args.efficiency_curve:
+        fields["efficiency"] = EfficiencyCurve.from_json(args.efficiency_curve)
+    cluster = ClusterSpec(**fields)
     return model, cluster
 
 
 @functools.lru_cache(maxsize=4096)
-def _schedule(name: str, pipeline_size: int, stages_per_rank: int, num_micro_batches: int) -> Schedule:
+def _schedule(
+    name: str, pipeline_size: int, stages_per_rank: int, num_micro_batches: int, batched: bool = False
+) -> Schedule:
     # The built-in generators are validated by the test suite; validating here too would double the planner's time.
-    return SCHEDULES[name](pipeline_size, stages_per_rank, num_micro_batches)
+    schedule = SCHEDULES[name](pipeline_size, stages_per_rank, num_micro_batches)
+    return add_weight_flush(schedule) if batched else schedule
+
+
+def _layout_schedule(layout: Layout, num_micro_batches: int) -> Schedule:
+    batched = layout.weight_gradients == "batched"
+    return _schedule(layout.schedule, layout.pipeline_size, layout.stages_per_rank, num_micro_batches, batched)
 
 
 def _divisors(n: int) -> list[int]:
@@ -167,7 +194,7 @@ def peak_memory(model: ModelSpec, cluster: ClusterSpec, layout: Layout, max_simu
     points = simulated_micro_batches(layout, max_simulated)
     values = [
         estimate_memory(
-            _schedule(layout.schedule, layout.pipeline_size, layout.stages_per_rank, m),
+            _layout_schedule(layout, m),
             cost_model(model, cluster, replace(layout, num_micro_batches=m)),
         ).max_peak_bytes
         for m in (points or (layout.num_micro_batches,))
@@ -184,7 +211,7 @@ def _simulate_pass(
     runs = []
     for m in points or (layout.num_micro_batches,):
         cost = cost_model(model, cluster, replace(layout, num_micro_batches=m))
-        schedule = _schedule(layout.schedule, layout.pipeline_size, layout.stages_per_rank, m)
+        schedule = _layout_schedule(layout, m)
         result = simulate(schedule, replace(cost, dp_size=1) if quiet else cost, record_events=False)
         runs.append((result.step_time, sum(result.compute_time), result.memory.max_peak_bytes))
     if points is None:
@@ -222,22 +249,36 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: Layout, max_simulate
 
 def lower_bound(cost: CostModel, layout: Layout) -> float:
     """No schedule of ``layout`` can be faster, whatever the communication: in each pass, rank ``r`` waits for the
-    forward of the stages below ``r``, computes all its micro-batches, and then the backward of those stages runs."""
+    forward of the stages below ``r`` and computes all its micro-batches; after its last backward the backward of
+    those stages runs. With batched weight gradients a ``W`` counts at the curve's peak efficiency (none can run
+    faster) and may overlap that tail."""
     forward = list(cost.forward_time)  # type: ignore[arg-type]
-    backward = [(3.0 if cost.activation_checkpointing else 2.0) * f for f in forward]
+    recompute = float(cost.activation_checkpointing)
+    weight = [0.0] * len(forward)  # the W time per micro-batch; a backward's weight share is f of its 2 f
+    if layout.weight_gradients == "batched":
+        gain = 1.0 if cost.efficiency is None else cost.efficiency(cost.weight_grad_rows) / cost.efficiency.peak
+        weight = [gain * f for f in forward]
+    backward = [(1.0 + recompute + (w == 0)) * f for f, w in zip(forward, weight, strict=True)]  # without W
     p, m = layout.pipeline_size, layout.num_micro_batches
-    per_pass = max(
-        sum(forward[:r]) + sum(backward[:r]) + m * sum(forward[s] + backward[s] for s in range(r, len(forward), p))
-        for r in range(p)
-    )
-    return layout.accumulation * per_pass
+
+    def rank_pass(r: int) -> float:
+        own = range(r, len(forward), p)
+        until_last_backward = sum(forward[:r]) + m * sum(forward[s] + backward[s] for s in own)
+        return until_last_backward + max(m * sum(weight[s] for s in own), sum(backward[:r]))
+
+    return layout.accumulation * max(rank_pass(r) for r in range(p))
 
 
 def layouts(
-    model: ModelSpec, cluster: ClusterSpec, global_batch: int, schedules: Sequence[str], max_accumulation: int = 8
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    global_batch: int,
+    schedules: Sequence[str],
+    max_accumulation: int = 8,
+    weight_gradients: Sequence[str] = PLAN_WEIGHT_GRADIENTS,
 ) -> Iterator[Layout]:
     """Every ``(schedule, P, L, D, micro-batch size, accumulation)`` that divides the model and the batch, with its
-    rank layouts (sharding and checkpointing are chosen in :func:`plan`)."""
+    rank layouts and weight-gradient modes (sharding and checkpointing are chosen in :func:`plan`)."""
     world = cluster.world_size
     for p in _divisors(world):
         d = world // p
@@ -251,7 +292,22 @@ def layouts(
                         if (name == "gpipe" and stages > 1) or (name == "depth_first" and stages > 1 and m % p):
                             continue
                         for rank_layout in RANK_LAYOUTS if p > 1 and d > 1 else RANK_LAYOUTS[:1]:
-                            yield Layout(name, p, stages, d, mbs, m, accumulation=accumulation, rank_layout=rank_layout)
+                            for weights in weight_gradients:
+                                yield Layout(
+                                    *(name, p, stages, d, mbs, m),
+                                    accumulation=accumulation,
+                                    rank_layout=rank_layout,
+                                    weight_gradients=weights,
+                                )
+
+
+def variants(base: Layout) -> list[Layout]:
+    """``base`` with each sharding mode (ZeRO-2/3 not with batched weight gradients) and then the same with
+    activation checkpointing: the order in which :func:`plan` tries them, cheapest in time first."""
+    modes = SHARDING_MODES if base.data_parallel_size > 1 else SHARDING_MODES[:1]
+    if base.weight_gradients == "batched":
+        modes = tuple(m for m in modes if m in BATCHED_SHARDING)
+    return [replace(base, sharding=s, activation_checkpointing=c) for c in (False, True) for s in modes]
 
 
 @dataclass
@@ -272,20 +328,20 @@ def plan(
     max_simulated: int = 24,
     max_accumulation: int = 8,
     all_variants: bool = False,
+    weight_gradients: Sequence[str] = PLAN_WEIGHT_GRADIENTS,
 ) -> Plan:
     """Finds the ``top`` fastest layouts that fit in memory, and the fastest of each schedule.
 
-    Each layout is tried with the variants in order of cost: no sharding, ZeRO-1, ZeRO-2, ZeRO-3, then the same with
-    activation checkpointing; only the first that fits is simulated (all with ``all_variants``). Candidates are
+    Each layout (with each of ``weight_gradients``) is tried with the variants of :func:`variants` in order: no
+    sharding, ZeRO-1, ZeRO-2, ZeRO-3, then the same with activation checkpointing; only the first that fits is
+    simulated (all with ``all_variants``). Candidates are
     visited by :func:`lower_bound`, and the search stops when no remaining one can enter the top ``top`` or beat the
     best of its schedule, so the answer is the same as simulating every candidate.
     """
     budget = cluster.gpu_memory_gb * GB * cluster.usable_memory
     candidates = []
-    for index, base in enumerate(layouts(model, cluster, global_batch, schedules, max_accumulation)):
-        modes = SHARDING_MODES if base.data_parallel_size > 1 else SHARDING_MODES[:1]
-        for variant, (checkpointing, sharding) in enumerate((c, s) for c in (False, True) for s in modes):
-            layout = replace(base, sharding=sharding, activation_checkpointing=checkpointing)
+    for index, base in enumerate(layouts(model, cluster, global_batch, schedules, max_accumulation, weight_gradients)):
+        for variant, layout in enumerate(variants(base)):
             candidates.append((lower_bound(cost_model(model, cluster, layout), layout), index, variant, layout))
     candidates.sort(key=lambda c: c[:3])
     results: list[Prediction] = []
@@ -308,7 +364,16 @@ def plan(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_bfpp.plan", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["measure-efficiency"]:  # the only command that needs torch: imported on demand
+        from lightning_bfpp.run.efficiency_measure import main as measure  # noqa: TID251 (runs torch)
+
+        return measure(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_bfpp.plan",
+        description=__doc__.split("\n\n")[0],
+        epilog="python -m lightning_bfpp.plan measure-efficiency --help: measure a kernel efficiency curve here",
+    )
     add_arguments(parser)
     group = parser.add_argument_group("search")
     batch = group.add_mutually_exclusive_group(required=True)
@@ -321,6 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--max-simulated-micro-batches", type=int, default=24, help="extrapolate past max(this, 3P)")
     group.add_argument("--max-accumulation", type=int, default=8, help="most gradient accumulation passes A")
     group.add_argument("--all-variants", action="store_true", help="simulate every sharding/checkpointing that fits")
+    group.add_argument(
+        "--weight-gradients",
+        nargs="+",
+        default=list(PLAN_WEIGHT_GRADIENTS),
+        choices=PLAN_WEIGHT_GRADIENTS,
+        help="the strategy's weight_gradients modes to try (both; batched with ZeRO-0/1 only)",
+    )
     args = parser.parse_args(argv)
     try:
         model, cluster = specs_from_args(args)
@@ -343,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_simulated=args.max_simulated_micro_batches,
             max_accumulation=args.max_accumulation,
             all_variants=args.all_variants,
+            weight_gradients=args.weight_gradients,
         )
         print(
             f"\nglobal batch {global_batch} sequences ({global_batch / world:g} per GPU): {found.candidates} candidate "

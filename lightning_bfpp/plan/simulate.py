@@ -12,7 +12,8 @@ data-parallel collectives, which overlaps compute:
   issue once the previous one is done; a transfer runs once the groups of both sides have started; a compute waits
   for the whole group that holds its input.
 - ``W(s)`` (batched weight gradients, :mod:`lightning_bfpp.plan.weight_flush`) runs on the compute stream: it costs
-  ``weight_grad_time`` for every backward of ``s`` since the previous ``W(s)``, and those backwards cost that much
+  ``weight_grad_time`` for every backward of ``s`` since the previous ``W(s)`` (less with a kernel efficiency curve:
+  :meth:`~lightning_bfpp.plan.cost_model.CostModel.batched_weight_grad_time`), and those backwards cost that much
   less each.
 - ``RD(s)`` launches the stage's gradient reduction on the communication stream: an all-reduce without sharding, a
   reduce-scatter with ZeRO-1/2/3. The step ends when every compute and every collective is done.
@@ -228,7 +229,8 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
                         name = "forward" if a.kind is _F else "backward"
                         events.append(SimEvent(rank, str(a), name, start, clock[rank]))
                 elif a.kind is _W:
-                    start, duration = clock[rank], unflushed[a.stage] * weight[a.stage]
+                    start = clock[rank]
+                    duration = cost.batched_weight_grad_time(weight[a.stage], unflushed[a.stage])
                     clock[rank], unflushed[a.stage] = start + duration, 0
                     busy[rank] += duration
                     if record_events:

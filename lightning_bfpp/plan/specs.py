@@ -4,15 +4,19 @@ a layout (:func:`cost_model`). Pure Python, no torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lightning_bfpp.plan.cost_model import CostModel
+from lightning_bfpp.plan.efficiency import DEFAULT_GPU_CURVE, EfficiencyCurve
 
 # Bytes per element under bf16-mixed as BFPPStrategy runs it: float32 parameters with Adam's two float32 moments,
 # gathered by ZeRO-2/3 in bfloat16 (FSDP's parameter dtype), gradients kept and reduced in float32, stage outputs
 # in bfloat16 (autocast's products).
 PARAM_BYTES, GATHER_BYTES, GRAD_BYTES, OPTIMIZER_BYTES, ACTIVATION_BYTES = 4.0, 2.0, 4.0, 8.0, 2.0
 RANK_LAYOUTS = ("dp_contiguous", "pp_contiguous")
+PLAN_WEIGHT_GRADIENTS = ("per_micro_batch", "batched")  # BFPPStrategy's weight_gradients
+BATCHED_SHARDING = ("none", "optimizer")  # the sharding modes batched weight gradients work with
+LINEAR_OPERANDS_PER_TOKEN = 16  # inputs (7 h) and output gradients (9 h) of a block's four Linears, in units of h
 GB = 1024**3
 
 
@@ -96,7 +100,8 @@ class ModelSpec:
 class ClusterSpec:
     """GPUs and links. Bandwidths are per GPU in GB/s (1e9 bytes/s): ``intra_node_gbps`` between GPUs of a node,
     ``inter_node_gbps`` across nodes; ``compute_efficiency`` is the share of ``gpu_tflops`` a stage reaches while it
-    computes (MFU without bubble or communication)."""
+    computes large micro-batches (MFU without bubble or communication), and ``efficiency`` the share of that a
+    product over a given number of rows (tokens) reaches (:class:`~lightning_bfpp.plan.efficiency.EfficiencyCurve`)."""
 
     nodes: int = 8
     gpus_per_node: int = 8
@@ -107,6 +112,7 @@ class ClusterSpec:
     inter_node_gbps: float = 25.0
     latency_us: float = 10.0
     usable_memory: float = 0.9
+    efficiency: EfficiencyCurve = field(default=DEFAULT_GPU_CURVE)
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -123,7 +129,7 @@ class ClusterSpec:
             f"cluster: {self.nodes} nodes x {self.gpus_per_node} GPUs, {self.gpu_memory_gb:g} GiB each "
             f"({self.usable_memory:.0%} usable), {self.gpu_tflops:g} TFLOP/s peak at {self.compute_efficiency:.0%} "
             f"efficiency, {self.intra_node_gbps:g} GB/s intra-node, {self.inter_node_gbps:g} GB/s inter-node per "
-            f"GPU, {self.latency_us:g} us latency"
+            f"GPU, {self.latency_us:g} us latency\n{self.efficiency.describe()}"
         )
 
 
@@ -141,6 +147,7 @@ class Layout:
     activation_checkpointing: bool = False
     accumulation: int = 1  # passes of M micro-batches per optimizer step (accumulate_grad_batches)
     rank_layout: str = "dp_contiguous"
+    weight_gradients: str = "per_micro_batch"  # or "batched": one product per Linear and run of backwards (W)
 
 
 @dataclass(frozen=True)
@@ -173,15 +180,24 @@ def _bandwidths(cluster: ClusterSpec, layout: Layout) -> tuple[list[float], floa
 
 def cost_model(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> CostModel:
     """The simulator's costs of ``layout``: layers split evenly over the ``P x L`` stages, the embedding on the first
-    and last stage, the logits on the last; Adam under bf16-mixed (``PARAM_BYTES`` ... ``ACTIVATION_BYTES``)."""
+    and last stage, the logits on the last; Adam under bf16-mixed (``PARAM_BYTES`` ... ``ACTIVATION_BYTES``).
+
+    Compute times are divided by the cluster's efficiency at ``micro_batch_size x seq_len`` rows. With batched weight
+    gradients each backward keeps its Linears' inputs and output gradients (``16 h`` per token and layer, plus the
+    hidden input and the vocabulary-wide output gradient of the logits on the last stage) until the stage's ``W``."""
     stages = layout.pipeline_size * layout.stages_per_rank
     if model.layers % stages:
         raise ValueError(
             f"{model.layers} layers do not split into P x L = {stages} equal stages; choose P x L dividing it"
         )
     per_stage, mbs, rate = model.layers // stages, layout.micro_batch_size, cluster.gpu_tflops * 1e12
-    layer_time = model.layer_forward_s or model.layer_flops / (rate * cluster.compute_efficiency)
+    rows, curve = mbs * model.seq_len, cluster.efficiency
+    if model.layer_forward_s:  # profiled for one sequence: rescale to the micro-batch's rows
+        layer_time = model.layer_forward_s * curve(model.seq_len) / curve(rows)
+    else:
+        layer_time = model.layer_flops / (rate * cluster.compute_efficiency * curve(rows))
     head_time = layer_time * model.head_flops / model.layer_flops
+    head_operands = model.hidden + model.vocab  # the logits' input and output gradient, per token
     first, last = [float(s == 0) for s in range(stages)], [float(s == stages - 1) for s in range(stages)]
     links, dp_bandwidth = _bandwidths(cluster, layout)
     dp = layout.data_parallel_size
@@ -192,6 +208,14 @@ def cost_model(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> CostMo
             for s in range(stages)
         ],
         boundary_bytes=ACTIVATION_BYTES * mbs * model.seq_len * model.hidden,
+        weight_grad_bytes=[
+            ACTIVATION_BYTES * rows * (per_stage * LINEAR_OPERANDS_PER_TOKEN * model.hidden + last[s] * head_operands)
+            for s in range(stages)
+        ]
+        if layout.weight_gradients == "batched"
+        else 0.0,
+        weight_grad_rows=rows,
+        efficiency=curve,
         p2p_latency=cluster.latency_us * 1e-6,
         p2p_bandwidth=links,
         stage_params=[
