@@ -31,6 +31,8 @@ SUBSET = [
 PYTEST_WITH_VERSION = (
     "import sys, lightning, pytest; "
     "print(f'imported lightning {lightning.__version__} from {lightning.__file__}', flush=True); "
+    "import lightning_bfpp; "
+    "print(f'imported lightning_bfpp from {lightning_bfpp.__file__}', flush=True); "
     "sys.exit(pytest.main(sys.argv[1:]))"
 )
 
@@ -51,7 +53,7 @@ def install_release(version: str, target: Path) -> None:
     code, output = run_command(
         [*pip, "--retries", "1", "--timeout", "20", "--target", str(target), f"lightning=={version}"],
         timeout=90,
-        name="pip install",
+        name=f"pip install lightning=={version} from the package index",
     )
     assert code == 0, (
         f"pip could not install lightning=={version} (the floor in pyproject.toml) from the package index; this "
@@ -95,6 +97,7 @@ def test_plugin_works_with_the_lightning_floor(tmp_path: Path) -> None:
     assert imported is not None, output[-3000:]
     assert Version(imported[1]) == Version(floor) and Path(imported[2]).is_relative_to(target), imported[0]
     assert code == 0, f"the subset failed under lightning=={floor}:\n{output[-6000:]}"
+    assert f"imported lightning_bfpp from {ROOT / 'lightning_bfpp'}" in output, output[-3000:]
     passed = re.findall(r"^PASSED (\S+)", output, re.M)
     assert SUBSET[1] in passed and any(test.startswith(SUBSET[0]) for test in passed), output[-3000:]
     assert not re.search(r"^(FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", output, re.M), output[-3000:]
