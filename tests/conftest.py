@@ -30,11 +30,18 @@ class JobResult:
 
 def run_script(script: Path, args: list[str], timeout: float, cwd: Path | None = None) -> tuple[int, str]:
     """Runs ``script`` in its own session; on timeout kills that session (a hung gloo op ignores SIGTERM)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return run_command([sys.executable, str(script), *args], timeout, cwd, name=script.name)
+
+
+def run_command(
+    command: list[str], timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None, name: str = ""
+) -> tuple[int, str]:
+    """Runs ``command`` as :func:`run_script` does, with ``env`` added to the environment; ``name`` labels a timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("LOCAL_RANK", None)
     env.pop("MASTER_PORT", None)
     proc = subprocess.Popen(
-        [sys.executable, str(script), *args],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -47,7 +54,7 @@ def run_script(script: Path, args: list[str], timeout: float, cwd: Path | None =
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"{script.name} did not finish within {timeout:.0f} s (killed):\n{output[-4000:]}")
+        pytest.fail(f"{name or command[0]} did not finish within {timeout:.0f} s (killed):\n{output[-4000:]}")
     return proc.returncode, output
 
 
