@@ -16,7 +16,8 @@ from launch import TESTS_DIR, JobResult, launch_ranks, run_python, run_script
 
 __all__ = ["TESTS_DIR", "JobResult", "launch_ranks", "run_python", "run_script"]
 
-LAUNCHING = {"run_job", "run_script", "run_python", "launch_ranks"}  # the fixture and functions that start processes
+# the fixture and the functions that start processes
+LAUNCHING = {"run_job", "run_script", "run_python", "launch_ranks", "run_processes"}
 
 
 @pytest.fixture

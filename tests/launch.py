@@ -105,9 +105,10 @@ class _Started:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
-        self.reader.join(timeout=10)  # a process that left the session could keep the pipe open
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+        self.reader.join(timeout=10)
+        if not self.reader.is_alive():  # else a process that left the session holds the pipe: leave it to it
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
 
     @property
     def output(self) -> str:
