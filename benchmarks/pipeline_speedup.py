@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -31,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from launch import bounded_run  # bounded; at the bound it kills every process the launch started
 
 HIDDEN, BLOCKS, BATCH, STAGES_PER_RANK, WARMUP = 512, 8, 256, 2, 2
 MICRO = int(os.environ.get("BFPP_BENCH_MICRO_BATCHES", "8"))  # M; the CLI sets it for the launched processes
@@ -175,16 +177,15 @@ def run_torch(role: str, steps: int) -> None:
 # ------------------------------------------------------------------------------------------------ orchestration
 def launch(role: str, steps: int) -> float:
     """Runs one configuration in fresh processes; returns its median step time in seconds."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     if role.startswith("torch"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29533"]
         cmd += [__file__, "--role", role, "--steps", str(steps)]
     else:
         cmd = [sys.executable, __file__, "--role", role, "--steps", str(steps)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"{role} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    code, output = bounded_run(cmd, 600)
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    if code != 0 or not lines:
+        raise RuntimeError(f"{role} failed ({code}):\n{output[-6000:]}")
     return statistics.median(json.loads(lines[-1][7:]))
 
 

@@ -181,3 +181,11 @@ def launch_ranks(script: Path, spec: JobSpec | None, world: int, work_dir: Path,
     for rank, ended in enumerate(exits):
         (work_dir / f"rank{rank}.log").write_text(ended.output)
     return exits
+
+
+def bounded_run(command: Sequence[str], timeout: float, **variables: str) -> tuple[int | None, str]:
+    """Runs ``command`` (with ``variables`` added to :func:`job_environment`) bounded, as a script outside pytest
+    does; returns its exit code (None if it, or a process it started, was still running at the bound: all killed)
+    and its output."""
+    (ended,) = run_processes([command], [job_environment(**variables)], timeout)
+    return (None if ended.timed_out else ended.returncode), ended.output
