@@ -167,3 +167,19 @@ class EvalJobSpec(JobSpec):
     seed: int = 1  # seed_everything
     pg_timeout: float = 60  # process-group timeout, seconds
     data: EvalDataSpec = field(default_factory=EvalDataSpec)
+
+
+JOB_SPECS: dict[str, type[JobSpec]] = {
+    "run_job.py": TrainJobSpec,
+    "fault_job.py": FaultJobSpec,
+    "eval_job.py": EvalJobSpec,
+}
+
+
+def spec_for(script: str, config: JobSpec | Mapping[str, Any]) -> JobSpec:
+    """The spec of the job ``script`` (a file name) from ``config``; a spec is returned as it is."""
+    if isinstance(config, JobSpec):
+        return config
+    if script not in JOB_SPECS:
+        raise TypeError(f"{script} reads no job spec; known jobs: {sorted(JOB_SPECS)}")
+    return JOB_SPECS[script].from_dict(config)

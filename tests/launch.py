@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from job_spec import JobSpec
+from job_spec import JobSpec, spec_for
 
 TESTS_DIR = Path(__file__).resolve().parent
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
@@ -164,9 +164,14 @@ def run_script(script: Path, args: Sequence[str], timeout: float, cwd: Path | No
     return run_python([str(script), *args], timeout, cwd)
 
 
-def launch_ranks(script: Path, spec: JobSpec | None, world: int, work_dir: Path, timeout: float) -> list[ProcessExit]:
-    """Runs ``script config.json`` (``spec`` written there; ``{}`` if None) as ranks ``0..world-1``; waits at most
-    ``timeout`` seconds, then kills the rest. Each rank's output is also written to ``work_dir/rank<r>.log``."""
+def launch_ranks(
+    script: Path, config: JobSpec | Mapping[str, Any] | None, world: int, work_dir: Path, timeout: float
+) -> list[ProcessExit]:
+    """Runs ``script config.json`` as ranks ``0..world-1``, the config written there as the script's job spec (a spec,
+    or a dict of its fields: an unknown key raises ``TypeError`` before anything starts; None for a script that reads
+    none); waits at most ``timeout`` seconds, then kills the rest. Each rank's output also goes to
+    ``work_dir/rank<r>.log``."""
+    spec = spec_for(script.name, config) if config is not None else None
     work_dir.mkdir(parents=True, exist_ok=True)
     config_path = work_dir / "config.json"
     config_path.write_text(json.dumps(spec.to_dict() if spec is not None else {}))

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 import torch
 from fault_job import run
-from job_spec import FaultJobSpec
-from launch import ProcessExit, launch_ranks
+from launch import launch_ranks
 
 from lightning_bfpp.nonfinite import NonFiniteCheck
 
@@ -48,11 +47,10 @@ def assert_state_close(seen: dict[str, torch.Tensor], expected: dict[str, torch.
         torch.testing.assert_close(seen[name], value, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def start(config: dict[str, Any], work: Path, timeout: float = 120) -> list[ProcessExit]:
+def start(config: dict[str, Any], work: Path, timeout: float = 120) -> list[Any]:
     out = work / "out"
     out.mkdir(parents=True, exist_ok=True)
-    spec = FaultJobSpec.from_dict({**config, "out_dir": str(out)})
-    return launch_ranks(JOB, spec, spec.devices, work, timeout)
+    return launch_ranks(JOB, {**config, "out_dir": str(out)}, config["devices"], work, timeout)
 
 
 # ------------------------------------------------------------------------------------------------ non-finite values
