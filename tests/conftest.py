@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import launch
 import pytest
 from job_spec import TrainJobSpec
 from launch import TESTS_DIR, JobResult, launch_ranks, run_python, run_script
@@ -77,3 +78,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if isinstance(item, pytest.Function) and starts_processes(item):
             item.add_marker(pytest.mark.multiprocess)
+
+
+@pytest.fixture(autouse=True)
+def _only_marked_tests_start_processes(request: pytest.FixtureRequest) -> Any:
+    """A test the marker missed (it starts processes in a way the hook does not see) fails instead of slowing the
+    in-process run."""
+    if request.node.get_closest_marker("multiprocess") is None:
+        launch.UNMARKED_TEST[:] = [request.node.nodeid]
+    yield
+    launch.UNMARKED_TEST.clear()

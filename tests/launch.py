@@ -30,6 +30,7 @@ from typing import Any
 from job_spec import JobSpec, spec_for
 
 TESTS_DIR = Path(__file__).resolve().parent
+UNMARKED_TEST: list[str] = []  # set by tests/conftest.py: the running test, if it lacks the multiprocess marker
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 
 
@@ -120,6 +121,8 @@ def run_processes(
 ) -> list[ProcessExit]:
     """Runs ``commands`` side by side (``envs``: one environment each) until all have ended or ``timeout`` seconds
     passed, then kills what is left of each one's session."""
+    if UNMARKED_TEST:
+        raise RuntimeError(f"{UNMARKED_TEST[0]} starts processes without the multiprocess marker (tests/conftest.py)")
     started: list[_Started] = []
     start = time.monotonic()
     try:
