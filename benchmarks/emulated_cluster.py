@@ -25,7 +25,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -36,6 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from launch import bounded_run  # bounded; at the bound it kills every process the launch started
 
 PIPELINE, LAYERS, WARMUP = 8, 32, 2
 SCHEDULES = ("breadth_first", "depth_first", "gpipe")
@@ -277,15 +279,12 @@ def launch(cases: list[dict[str, Any]], dp: int, cfg: dict[str, Any], timeout: f
     spec = json.dumps({"cases": cases, "dp": dp, "cfg": cfg})
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", f"--master-port={free_port()}"]
     cmd += [__file__, "--rank-spec", spec]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    lines = out.stdout.splitlines()
+    code, output = bounded_run(cmd, timeout)
+    lines = output.splitlines()
     results = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
     links = [json.loads(line[6:]) for line in lines if line.startswith("LINKS ")]
-    if out.returncode != 0 or not links:
-        raise RuntimeError(
-            f"launch of {world} ranks failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-        )
+    if code != 0 or not links:
+        raise RuntimeError(f"launch of {world} ranks failed ({code}):\n{output[-8000:]}")
     return links[0], results
 
 

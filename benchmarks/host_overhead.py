@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -37,6 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from launch import bounded_run  # bounded; at the bound it kills every process the launch started
 
 WIDTH, HIDDEN, LAYERS, BATCH, MICRO, PIPELINE, STAGES_PER_RANK = 8, 32, 8, 32, 32, 2, 4
 WARMUP = 10
@@ -171,16 +173,14 @@ def run_torch(steps: int) -> dict[str, list[float]] | None:
 def launch(role: str, steps: int, path: str | None = None) -> dict[str, float]:
     """Runs one configuration in fresh processes (``path``: import lightning_bfpp from there); returns the median
     wall-clock and CPU step times of rank 0 in seconds."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if path is not None:
-        env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
+    env = {} if path is None else {"PYTHONPATH": os.pathsep.join([path, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, __file__, "--role", role, "--steps", str(steps)]
     if role == "torch_loopedbfs":
         cmd[1:2] = ["-m", "torch.distributed.run", f"--nproc-per-node={PIPELINE}", "--master-port=29541", __file__]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"{role} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    code, output = bounded_run(cmd, 900, **env)
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    if code != 0 or not lines:
+        raise RuntimeError(f"{role} failed ({code}):\n{output[-6000:]}")
     return {key: statistics.median(values) for key, values in json.loads(lines[-1][7:]).items()}
 
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -33,6 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from launch import bounded_run  # bounded; at the bound it kills every process the launch started
 
 HIDDEN, BLOCKS, BATCH, STAGES_PER_RANK, WARMUP = 512, 8, 256, 2, 2
 MICRO = int(os.environ.get("BFPP_BENCH_MICRO_BATCHES", "8"))  # M; the CLI sets it for the launched processes
@@ -180,20 +182,20 @@ COMPARED = "@compared"  # a role name ending in this runs the package of the --c
 
 def launch(role: str, steps: int, compared_tree: str | None = None) -> float:
     """Runs one configuration in fresh processes; returns its median step time in seconds."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    variables = {}
     if role.endswith(COMPARED):
         assert compared_tree is not None
         role = role.removesuffix(COMPARED)
-        env["PYTHONPATH"] = os.pathsep.join([compared_tree, env.get("PYTHONPATH", "")])
+        variables["PYTHONPATH"] = os.pathsep.join([compared_tree, os.environ.get("PYTHONPATH", "")])
     if role.startswith("torch"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29533"]
         cmd += [__file__, "--role", role, "--steps", str(steps)]
     else:
         cmd = [sys.executable, __file__, "--role", role, "--steps", str(steps)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"{role} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    code, output = bounded_run(cmd, 600, **variables)
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    if code != 0 or not lines:
+        raise RuntimeError(f"{role} failed ({code}):\n{output[-6000:]}")
     return statistics.median(json.loads(lines[-1][7:]))
 
 

@@ -1,77 +1,90 @@
-"""Runs multi-process jobs as bounded subprocesses and kills only what they started."""
+"""Fixtures over the launcher (:mod:`launch`), and the ``multiprocess`` marker: every test that starts processes
+through it gets the marker, so ``pytest -m "not multiprocess"`` runs the in-process tests only."""
 
 from __future__ import annotations
 
+import inspect
 import json
-import os
-import signal
-import subprocess
-import sys
+import types
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import launch
 import pytest
+from job_spec import TrainJobSpec
+from launch import TESTS_DIR, JobResult, launch_ranks, run_python, run_script
 
-TESTS_DIR = Path(__file__).resolve().parent
+__all__ = ["TESTS_DIR", "JobResult", "launch_ranks", "run_python", "run_script"]
 
-
-class JobResult:
-    def __init__(self, returncode: int, output: str, out_dir: Path) -> None:
-        self.returncode, self.output, self.out_dir = returncode, output, out_dir
-
-    def rank(self, r: int) -> dict[str, Any]:
-        import torch
-
-        return torch.load(self.out_dir / f"rank{r}.pt", weights_only=False)
-
-    def ranks(self) -> list[dict[str, Any]]:
-        return [self.rank(int(p.stem[4:])) for p in sorted(self.out_dir.glob("rank*.pt"))]
-
-
-def run_script(script: Path, args: list[str], timeout: float, cwd: Path | None = None) -> tuple[int, str]:
-    """Runs ``script`` in its own session; on timeout kills that session (a hung gloo op ignores SIGTERM)."""
-    return run_command([sys.executable, str(script), *args], timeout, cwd, name=script.name)
-
-
-def run_command(
-    command: list[str], timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None, name: str = ""
-) -> tuple[int, str]:
-    """Runs ``command`` as :func:`run_script` does, with ``env`` added to the environment; ``name`` labels a timeout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    env.pop("LOCAL_RANK", None)
-    env.pop("MASTER_PORT", None)
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=cwd,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{name or command[0]} did not finish within {timeout:.0f} s (killed):\n{output[-4000:]}")
-    return proc.returncode, output
+# the fixture and the functions that start processes
+LAUNCHING = {"run_job", "run_script", "run_python", "launch_ranks", "run_processes"}
 
 
 @pytest.fixture
-def run_job(tmp_path: Path):
-    """``run_job(config, timeout)`` runs tests/run_job.py with ``config`` on ``config['devices']`` processes; jobs of
-    one test given different ``name``s keep their results apart."""
+def run_job(tmp_path: Path) -> Callable[..., JobResult]:
+    """``run_job(spec, timeout)`` runs tests/run_job.py with ``spec`` (a :class:`TrainJobSpec` or a dict of its fields;
+    an unknown key raises ``TypeError``) on ``spec.devices`` processes; jobs of one test given different ``name``s
+    keep their results apart."""
 
-    def _run(config: dict[str, Any], timeout: float = 120, expect_success: bool = True, name: str = "out") -> JobResult:
+    def _run(
+        config: TrainJobSpec | Mapping[str, Any], timeout: float = 120, expect_success: bool = True, name: str = "out"
+    ) -> JobResult:
         out_dir = tmp_path / name
         out_dir.mkdir(exist_ok=True)
-        config = {**config, "out_dir": str(out_dir)}
-        config_path = tmp_path / f"{name}.json"
-        config_path.write_text(json.dumps(config))
-        code, output = run_script(TESTS_DIR / "run_job.py", [str(config_path)], timeout)
+        spec = TrainJobSpec.from_dict(config).replaced(out_dir=str(out_dir))
+        spec_path = tmp_path / f"{name}.json"
+        spec_path.write_text(json.dumps(spec.to_dict()))
+        code, output = run_script(TESTS_DIR / "run_job.py", [str(spec_path)], timeout)
         if expect_success and code != 0:
             pytest.fail(f"job failed with exit code {code}:\n{output[-6000:]}")
         return JobResult(code, output, out_dir)
 
     return _run
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """The global names ``code`` and the functions nested in it refer to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def _launches(function: Callable[..., Any], seen: set[Any]) -> bool:
+    """Whether ``function`` uses a launching name, itself or through a function of the tests' modules it calls."""
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = _names(code)
+    if names & LAUNCHING:
+        return True
+    module = inspect.getmodule(function)
+    helpers = [getattr(module, name, None) for name in names]
+    return any(
+        inspect.isfunction(helper) and Path(inspect.getfile(helper)).parent == TESTS_DIR and _launches(helper, seen)
+        for helper in helpers
+    )
+
+
+def starts_processes(item: pytest.Function) -> bool:
+    """Whether the test uses a launching fixture, or starts processes itself or through helpers it calls."""
+    return bool(LAUNCHING & set(item.fixturenames)) or _launches(item.function, set())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and starts_processes(item):
+            item.add_marker(pytest.mark.multiprocess)
+
+
+@pytest.fixture(autouse=True)
+def _only_marked_tests_start_processes(request: pytest.FixtureRequest) -> Any:
+    """A test the marker missed (it starts processes in a way the hook does not see) fails instead of slowing the
+    in-process run."""
+    if request.node.get_closest_marker("multiprocess") is None:
+        launch.UNMARKED_TEST[:] = [request.node.nodeid]
+    yield
+    launch.UNMARKED_TEST.clear()

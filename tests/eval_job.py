@@ -1,9 +1,9 @@
-"""Runs a sequence of Lightning stages (fit / validate / test / predict / save / convert) from a JSON config, with
-callbacks, loggers, progress bars, torchmetrics and checkpoints; run as a script (one process per rank) or called
-in-process for the one-process reference.
+"""Runs a sequence of Lightning stages (fit / validate / test / predict / save / convert) from a
+:class:`job_spec.EvalJobSpec` (read from JSON), with callbacks, loggers, progress bars, torchmetrics and checkpoints;
+run as a script (one process per rank) or called in-process for the one-process reference.
 
-Config: ``devices``, ``out_dir``, ``root_dir``, ``seed``, ``data`` (sizes and batch sizes) and ``stages``, a list of
-dicts, each run with a fresh module and Trainer::
+The spec: ``devices``, ``out_dir``, ``root_dir``, ``seed``, ``data`` (sizes and batch sizes) and ``stages``, each run
+with a fresh module and Trainer (given as dicts)::
 
     {"name": "fit", "strategy": {...} or None, "model": {...}, "trainer": {...}, "callbacks": [...],
      "loggers": [...], "progress_bar": "tqdm" | "rich" | None, "actions": [["fit", ckpt_path], ["validate", "best"],
@@ -32,6 +32,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from job_spec import EvalDataSpec, EvalJobSpec, StageSpec
 from models import RegressionData, StackModel
 from run_job import full_tensor
 
@@ -89,9 +90,9 @@ class Data(pl.LightningDataModule):
     """Fixed-order data; each data-parallel replica takes every D-th sample, so a global batch of the training set
     is the same samples whatever D is."""
 
-    def __init__(self, cfg: dict[str, Any], data_parallel: int) -> None:
+    def __init__(self, spec: EvalDataSpec, data_parallel: int) -> None:
         super().__init__()
-        self.cfg, self.D = cfg, data_parallel
+        self.spec, self.D = spec, data_parallel
 
     def _loader(self, size: int, batch_size: int, seed: int, drop_last: bool) -> DataLoader:
         data = RegressionData(size=size, seed=seed)
@@ -100,20 +101,16 @@ class Data(pl.LightningDataModule):
         return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
 
     def train_dataloader(self) -> DataLoader:
-        c = self.cfg
-        return self._loader(c.get("train_size", 32), c.get("batch_size", 8) // self.D, 0, True)
+        return self._loader(self.spec.train_size, self.spec.batch_size // self.D, 0, True)
 
     def val_dataloader(self) -> DataLoader:
-        c = self.cfg
-        return self._loader(c.get("val_size", 26), c.get("val_batch_size", 6), 1, False)
+        return self._loader(self.spec.val_size, self.spec.val_batch_size, 1, False)
 
     def test_dataloader(self) -> DataLoader:
-        c = self.cfg
-        return self._loader(c.get("test_size", 20), c.get("val_batch_size", 6), 2, False)
+        return self._loader(self.spec.test_size, self.spec.val_batch_size, 2, False)
 
     def predict_dataloader(self) -> DataLoader:
-        c = self.cfg
-        return self._loader(c.get("predict_size", 20), c.get("predict_batch_size", 4), 3, False)
+        return self._loader(self.spec.predict_size, self.spec.predict_batch_size, 3, False)
 
 
 class Recorder(pl.Callback):
@@ -152,21 +149,21 @@ class Writer(BasePredictionWriter):
         self.epoch = [(list(i), p.detach().cpu()) for i, p in zip(batch_indices[0], predictions, strict=True)]
 
 
-def _callbacks(names: list[str], root: Path, stage: dict[str, Any]) -> dict[str, pl.Callback]:
+def _callbacks(names: list[str], root: Path, stage: StageSpec) -> dict[str, pl.Callback]:
     callbacks: dict[str, pl.Callback] = {"recorder": Recorder(), "writer": Writer()}
     if "checkpoint" in names:
         callbacks["checkpoint"] = ModelCheckpoint(
-            dirpath=root / stage.get("checkpoint_dir", "checkpoints"), monitor="val_loss", save_top_k=2, save_last=True
+            dirpath=root / stage.checkpoint_dir, monitor="val_loss", save_top_k=2, save_last=True
         )
     if "early_stopping" in names:
         callbacks["early_stopping"] = EarlyStopping(monitor="val_loss", patience=2, min_delta=1e-4)
     if "lr_monitor" in names:
         callbacks["lr_monitor"] = LearningRateMonitor(logging_interval="step")
-    if stage.get("progress_bar") == "rich":
+    if stage.progress_bar == "rich":
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks["progress_bar"] = RichProgressBar()
-    elif stage.get("progress_bar") == "tqdm":
+    elif stage.progress_bar == "tqdm":
         from lightning.pytorch.callbacks import TQDMProgressBar
 
         callbacks["progress_bar"] = TQDMProgressBar()
@@ -192,18 +189,18 @@ def _floats(metrics: Any) -> Any:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def run_stage(cfg: dict[str, Any], stage: dict[str, Any], devices: int) -> dict[str, Any]:
+def run_stage(spec: EvalJobSpec, stage: StageSpec) -> dict[str, Any]:
     """Runs one stage; returns (and, with ``out_dir``, saves per rank) what this rank saw."""
-    pl.seed_everything(cfg.get("seed", 1), verbose=False)
-    root = Path(cfg["root_dir"])
-    strategy_kwargs = stage.get("strategy")
+    pl.seed_everything(spec.seed, verbose=False)
+    root, devices = Path(spec.root_dir), spec.devices
+    strategy_kwargs = stage.strategy
     strategy: Any = "auto"
     data_parallel = 1
     if strategy_kwargs is not None:
-        strategy = BFPPStrategy(timeout=timedelta(seconds=cfg.get("pg_timeout", 60)), **strategy_kwargs)
+        strategy = BFPPStrategy(timeout=timedelta(seconds=spec.pg_timeout), **strategy_kwargs)
         data_parallel = devices // strategy_kwargs.get("pipeline_parallel_size", devices)
-    model = MetricModel(**stage.get("model", {}))
-    callbacks = _callbacks(stage.get("callbacks", []), root, stage)
+    model = MetricModel(**stage.model)
+    callbacks = _callbacks(stage.callbacks, root, stage)
     trainer_kwargs: dict[str, Any] = {
         "accelerator": "cpu",
         "devices": devices if strategy_kwargs is not None else 1,
@@ -213,18 +210,18 @@ def run_stage(cfg: dict[str, Any], stage: dict[str, Any], devices: int) -> dict[
         "limit_val_batches": 0,
         "num_sanity_val_steps": 0,
         "enable_checkpointing": "checkpoint" in callbacks,
-        "enable_progress_bar": stage.get("progress_bar") is not None,
+        "enable_progress_bar": stage.progress_bar is not None,
         "enable_model_summary": False,
-        "logger": _loggers(stage.get("loggers", []), root),
+        "logger": _loggers(stage.loggers, root),
         "callbacks": list(callbacks.values()),
         "use_distributed_sampler": False,
         "default_root_dir": str(root),
-        **stage.get("trainer", {}),
+        **stage.trainer,
     }
     trainer = pl.Trainer(**trainer_kwargs)
-    data = Data(cfg.get("data", {}), data_parallel)
+    data = Data(spec.data, data_parallel)
     result: dict[str, Any] = {"actions": []}
-    for kind, arg in stage.get("actions", [["fit", None]]):
+    for kind, arg in stage.actions:
         if arg is not None and arg not in ("last", "best"):
             arg = str(root / arg)  # paths are relative to root_dir
         if kind == "fit":
@@ -273,16 +270,18 @@ def run_stage(cfg: dict[str, Any], stage: dict[str, Any], devices: int) -> dict[
     if "early_stopping" in callbacks:
         early = callbacks["early_stopping"]
         result["early_stopping"] = {"best": float(early.best_score), "wait": early.wait_count}
-    if cfg.get("out_dir"):
-        torch.save(result, Path(cfg["out_dir"]) / f"{stage['name']}.rank{trainer.global_rank}.pt")
+    if spec.out_dir:
+        torch.save(result, Path(spec.out_dir) / f"{stage.name}.rank{trainer.global_rank}.pt")
     return result
 
 
-def run(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {stage["name"]: run_stage(cfg, stage, cfg.get("devices", 1)) for stage in cfg["stages"]}
+def run(config: EvalJobSpec | dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Runs the stages of ``config`` (a spec, or a dict of its fields) in order; returns what this rank saw."""
+    spec = EvalJobSpec.from_dict(config)
+    return {stage.name: run_stage(spec, stage) for stage in spec.stages}
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    run(json.loads(Path(sys.argv[1]).read_text()))
+    run(EvalJobSpec.from_dict(json.loads(Path(sys.argv[1]).read_text())))

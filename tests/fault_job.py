@@ -1,8 +1,8 @@
-"""Trains a test model with injected faults, from a JSON config: one process per rank, started by the test with
-``LOCAL_RANK``/``WORLD_SIZE`` set (as torchrun does), or called in-process for the one-process reference.
+"""Trains a test model with injected faults, from a :class:`job_spec.FaultJobSpec` (read from JSON): one process per
+rank, started by the test with ``LOCAL_RANK``/``WORLD_SIZE`` set (as torchrun does), or called in-process for the
+one-process reference.
 
-Config keys (besides those of ``run_job.py``: ``devices``, ``strategy``, ``model``, ``batch_size``, ``max_steps``,
-``pg_timeout``, ``out_dir``):
+Its fields besides those it shares with ``run_job.py``'s spec:
 
 - ``faults``: ``nan_step`` (a NaN in the input of the first micro-batch of replica 0 at that global step),
   ``grad_inf_step`` (an inf in the gradient of the first layer on the rank holding it, replica 0),
@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from job_spec import FaultJobSpec
 from models import RegressionData, StackModel
 from run_job import precision_arguments
 from torch.utils.data import DataLoader
@@ -128,36 +129,38 @@ def _kill_inside_checkpoint_writes(rank: int, save_index: int) -> None:
     FileSystemWriter.write_data = write_data  # type: ignore[method-assign]
 
 
-def run(config: dict[str, Any]) -> dict[str, Any]:
-    pl.seed_everything(config.get("seed", 1), verbose=False)
-    faults = config.get("faults", {})
+def run(config: FaultJobSpec | dict[str, Any]) -> dict[str, Any]:
+    """Trains as ``config`` says (a spec, or a dict of its fields) on this rank; returns what this rank saw."""
+    spec = FaultJobSpec.from_dict(config)
+    pl.seed_everything(spec.seed, verbose=False)
+    faults = spec.faults
     if "kill_save" in faults:
         _kill_inside_checkpoint_writes(faults["kill_rank"], faults["kill_save"])
-    model = FaultModel(faults=faults, **config.get("model", {}))
+    model = FaultModel(faults=faults, **spec.model)
     strategy: Any = "auto"
-    if config.get("strategy") is not None:
-        strategy = BFPPStrategy(timeout=timedelta(seconds=config.get("pg_timeout", 30)), **config["strategy"])
+    if spec.strategy is not None:
+        strategy = BFPPStrategy(timeout=timedelta(seconds=spec.pg_timeout), **spec.strategy)
     recorder = LossRecorder()
     callbacks: list[pl.Callback] = [recorder]
-    if config.get("checkpoint_dir"):
-        callbacks.append(ModelCheckpoint(config["checkpoint_dir"], every_n_train_steps=1, save_top_k=0, save_last=True))
+    if spec.checkpoint_dir:
+        callbacks.append(ModelCheckpoint(spec.checkpoint_dir, every_n_train_steps=1, save_top_k=0, save_last=True))
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=config.get("devices", 1),
+        devices=spec.devices,
         strategy=strategy,
-        **precision_arguments(config),
-        max_steps=config.get("max_steps", 4),
-        gradient_clip_val=config.get("clip_val"),
+        **precision_arguments(spec.precision, spec.scaler),
+        max_steps=spec.max_steps,
+        gradient_clip_val=spec.clip_val,
         limit_val_batches=0,
-        enable_checkpointing=bool(config.get("checkpoint_dir")),
+        enable_checkpointing=bool(spec.checkpoint_dir),
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
         callbacks=callbacks,
         use_distributed_sampler=False,
     )
-    data = StepData(config["batch_size"], config.get("data_size", 96))
-    trainer.fit(model, datamodule=data, ckpt_path=config.get("ckpt_path"))
+    data = StepData(spec.batch_size, spec.data_size)
+    trainer.fit(model, datamodule=data, ckpt_path=spec.ckpt_path)
     result = {
         "rank": trainer.global_rank,
         "losses": recorder.losses,
@@ -165,11 +168,11 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "skipped": getattr(trainer.strategy, "skipped_steps", None),
         "scales": recorder.scales,
     }
-    if config.get("out_dir"):
-        torch.save(result, Path(config["out_dir"]) / f"rank{trainer.global_rank}.pt")
+    if spec.out_dir:
+        torch.save(result, Path(spec.out_dir) / f"rank{trainer.global_rank}.pt")
     return result
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    run(json.loads(Path(sys.argv[1]).read_text()))
+    run(FaultJobSpec.from_dict(json.loads(Path(sys.argv[1]).read_text())))

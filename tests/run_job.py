@@ -1,6 +1,7 @@
-"""Trains a test model from a JSON config; run as a script (one process per rank) or called in-process.
+"""Trains a test model from a :class:`job_spec.TrainJobSpec` (read from JSON when run as a script, one process per
+rank; a spec or a dict when called in-process).
 
-Each rank writes ``rank<global rank>.pt`` to the config's ``out_dir``: the losses and logged values it saw per
+Each rank writes ``rank<global rank>.pt`` to the spec's ``out_dir``: the losses and logged values it saw per
 training batch, and its share of the parameters under their global names.
 """
 
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from collective_count import ReductionLog, count_fsdp_collectives
+from job_spec import TrainJobSpec
 from models import MODELS, TokenData, loader
 from nccl_streams import NcclStreamLink
 
@@ -195,14 +197,12 @@ class PrintedRichModelSummary(KeepsPrintedSummary, RichModelSummary):
     """Lightning's ``RichModelSummary``, its text kept."""
 
 
-def precision_arguments(config: dict[str, Any]) -> dict[str, Any]:
-    """The Trainer's ``precision`` of the config; ``16-mixed``, which Lightning refuses on CPU by name, as the
-    mixed-precision plugin with a CPU gradient scaler (config ``scaler``: its keyword arguments)."""
-    precision = config.get("precision", "64-true")
+def precision_arguments(precision: str, scaler: dict[str, Any]) -> dict[str, Any]:
+    """The Trainer's ``precision``; ``16-mixed``, which Lightning refuses on CPU by name, as the mixed-precision
+    plugin with a CPU gradient scaler (``scaler``: its keyword arguments)."""
     if precision != "16-mixed":
         return {"precision": precision}
-    scaler = torch.amp.GradScaler("cpu", **config.get("scaler", {}))
-    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", **scaler))]}
 
 
 class SavedBytes(pl.Callback):
@@ -286,85 +286,82 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def run(config: dict[str, Any]) -> dict[str, Any]:
-    local_overrides = config.get("rank_overrides", {}).get(os.environ.get("LOCAL_RANK", "0"), {})
-    config = {k: {**v, **local_overrides[k]} if k in local_overrides else v for k, v in config.items()}
-    pl.seed_everything(config.get("seed", 1), verbose=False)
-    # build_on: None; "init_module": under trainer.init_module(empty_init=config's "empty_init", default True); "meta"
-    build_on = config.get("build_on")
+def run(config: TrainJobSpec | dict[str, Any]) -> dict[str, Any]:
+    """Trains as ``config`` says (a spec, or a dict of its fields) on this rank; returns what this rank saw."""
+    spec = TrainJobSpec.from_dict(config).for_rank(os.environ.get("LOCAL_RANK", "0"))
+    pl.seed_everything(spec.seed, verbose=False)
+    build_on = spec.build_on  # None; "init_module" (empty_init as the spec says); "meta"
 
     def build() -> pl.LightningModule:
-        name = config.get("model_class", "StackModel")  # a class of models.py, or "module:factory"
-        return (imported(name) if ":" in name else MODELS[name])(**config.get("model", {}))
+        name = spec.model_class
+        return (imported(name) if ":" in name else MODELS[name])(**spec.model)
 
     model = build() if build_on is None else None
-    strategy_kwargs = config.get("strategy")
+    strategy_kwargs = spec.strategy
     strategy: Any = "auto"
     if isinstance(strategy_kwargs, str):
         strategy = strategy_kwargs
     elif strategy_kwargs is not None:
-        strategy = BFPPStrategy(timeout=timedelta(seconds=config.get("pg_timeout", 60)), **strategy_kwargs)
-        streams = config.get("emulate_nccl_streams")  # "pair" or "rank": NCCL's transfer order, over gloo
+        strategy = BFPPStrategy(timeout=timedelta(seconds=spec.pg_timeout), **strategy_kwargs)
+        streams = spec.emulate_nccl_streams  # "pair" or "rank": NCCL's transfer order, over gloo
         if streams:
             strategy._link_class = type("NcclStreams", (NcclStreamLink,), {"streams": streams})
-        strategy.timeline_dir = config.get("timeline_dir")
-    recorder = Recorder(config.get("record_initial", False))
-    saved = SavedBytes() if config.get("count_saved_bytes") else None  # what the training steps keep for backward
-    autocast = AutocastRecorder() if config.get("record_autocast") else None
-    reductions = ReductionLog() if config.get("record_reductions") and isinstance(strategy, BFPPStrategy) else None
+        strategy.timeline_dir = spec.timeline_dir
+    recorder = Recorder(spec.record_initial)
+    saved = SavedBytes() if spec.count_saved_bytes else None  # what the training steps keep for backward
+    autocast = AutocastRecorder() if spec.record_autocast else None
+    reductions = ReductionLog() if spec.record_reductions and isinstance(strategy, BFPPStrategy) else None
     if reductions is not None:
         reductions.install()
-    summaries = [PrintedModelSummary(), PrintedRichModelSummary()] if config.get("summary") else []
-    extra_callbacks = stock_callbacks(config.get("callbacks", []), config.get("out_dir"))
+    summaries = [PrintedModelSummary(), PrintedRichModelSummary()] if spec.summary else []
+    extra_callbacks = stock_callbacks(spec.callbacks, spec.out_dir)
     trainer_options = {
-        "max_steps": config.get("max_steps", 3),
-        "limit_val_batches": None if config.get("validate_after") else 0,
+        "max_steps": spec.max_steps,
+        "limit_val_batches": None if spec.validate_after else 0,
         "enable_progress_bar": False,
         "enable_model_summary": False,
-        "logger": CSVLogger(config["out_dir"]) if config.get("csv_logger") else False,
-        **config.get("trainer", {}),  # Trainer features: fast_dev_run, max_epochs, val_check_interval, ...
+        "logger": CSVLogger(spec.out_dir) if spec.csv_logger else False,
+        **spec.trainer,  # Trainer features: fast_dev_run, max_epochs, val_check_interval, ...
     }
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=config.get("devices", 1),
+        devices=spec.devices,
         strategy=strategy,
-        **precision_arguments(config),
-        accumulate_grad_batches=config.get("accumulate", 1),
-        gradient_clip_val=config.get("clip_val"),
-        gradient_clip_algorithm=config.get("clip_algorithm", "norm"),
+        **precision_arguments(spec.precision, spec.scaler),
+        accumulate_grad_batches=spec.accumulate,
+        gradient_clip_val=spec.clip_val,
+        gradient_clip_algorithm=spec.clip_algorithm,
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in extra_callbacks),
         callbacks=[recorder]
         + [c for c in (saved, autocast) if c is not None]
         + ([StepMarks(reductions)] if reductions else [])
         + summaries
         + extra_callbacks,
-        use_distributed_sampler=config.get("default_sampler", False),
+        use_distributed_sampler=spec.default_sampler,
         **trainer_options,
     )
     if build_on == "init_module":
-        with trainer.init_module(empty_init=config.get("empty_init", True)):
+        with trainer.init_module(empty_init=spec.empty_init):
             model = build()
     elif build_on == "meta":  # on the meta device in the Trainer's dtype; configure_model materializes it
         with torch.device("meta"), trainer.precision_plugin.tensor_init_context():
             model = build()
     data = OrderedData(
-        config["batch_size"],
-        config.get("data_size", 96),
-        config.get("variable_length", False),
-        config.get("tokens"),
-        shuffled=config.get("default_sampler", False),
-        dataset=config.get("dataset"),
+        spec.batch_size,
+        spec.data_size,
+        spec.variable_length,
+        spec.tokens,
+        shuffled=spec.default_sampler,
+        dataset=spec.dataset,
     )
     collective_dtypes: Counter[tuple[str, str]] = Counter()  # (collective, dtype sent)
-    counting = config.get("count_collectives")
-    collectives = count_fsdp_collectives(trainer.strategy, collective_dtypes) if counting else None
-    tune = config.get("tune")  # "lr_find" or "scale_batch_size": the Tuner's method, run before fit
-    if tune is not None:
-        getattr(Tuner(trainer), tune)(model, datamodule=data)
+    collectives = count_fsdp_collectives(trainer.strategy, collective_dtypes) if spec.count_collectives else None
+    if spec.tune is not None:  # the Tuner's method, run before fit
+        getattr(Tuner(trainer), spec.tune)(model, datamodule=data)
     trainer.fit(model, datamodule=data)
-    if config.get("save_checkpoint"):  # a name in out_dir; every rank takes part (under bfpp a sharded directory)
-        trainer.save_checkpoint(Path(config["out_dir"]) / config["save_checkpoint"])
-    validated = trainer.validate(model, datamodule=data, verbose=False) if config.get("validate_after") else None
+    if spec.save_checkpoint:  # a name in out_dir; every rank takes part (under bfpp a sharded directory)
+        trainer.save_checkpoint(Path(spec.out_dir) / spec.save_checkpoint)
+    validated = trainer.validate(model, datamodule=data, verbose=False) if spec.validate_after else None
     result = {
         "rank": trainer.global_rank,
         "global_step": trainer.global_step,
@@ -387,27 +384,26 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "summaries": {type(s).__name__: s.text for s in summaries},  # printed on rank 0 only
         "targets": recorder.targets,
     }
-    out_dir = config.get("out_dir")
-    if out_dir:
-        torch.save(result, Path(out_dir) / f"rank{trainer.global_rank}.pt")
+    if spec.out_dir:
+        torch.save(result, Path(spec.out_dir) / f"rank{trainer.global_rank}.pt")
     return result
 
 
-def run_all(config: dict[str, Any]) -> None:
-    """Runs ``config`` once per entry of its ``runs`` (``{"name": ..., **overrides}``; default: once as it is), each
+def run_all(spec: TrainJobSpec) -> None:
+    """Runs ``spec`` once per entry of its ``runs`` (``{"name": ..., **overrides}``; default: once as it is), each
     with a fresh module and Trainer, writing to ``out_dir/<name>``. A run with ``"expect_error": True`` writes the
     error message it raised to ``out_dir/<name>/rank<local rank>.error`` instead of failing the job."""
-    for overrides in config.get("runs", [{}]):
-        if "name" not in overrides:
-            run(config)
-            continue
-        out_dir = Path(config["out_dir"]) / overrides["name"]
+    if not spec.runs:
+        run(spec)
+    for overrides in spec.runs:
+        name, expect_error = overrides["name"], overrides.get("expect_error", False)
+        out_dir = Path(spec.out_dir or ".") / name
         out_dir.mkdir(parents=True, exist_ok=True)
-        merged = {**config, **overrides, "out_dir": str(out_dir)}
+        changes = {k: v for k, v in overrides.items() if k not in ("name", "expect_error")}
         try:
-            run(merged)
+            run(spec.replaced(**changes, out_dir=str(out_dir)))
         except Exception as error:
-            if not overrides.get("expect_error"):
+            if not expect_error:
                 raise
             (out_dir / f"rank{os.environ.get('LOCAL_RANK', '0')}.error").write_text(f"{type(error).__name__}: {error}")
 
@@ -415,4 +411,4 @@ def run_all(config: dict[str, Any]) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    run_all(json.loads(Path(sys.argv[1]).read_text()))
+    run_all(TrainJobSpec.from_dict(json.loads(Path(sys.argv[1]).read_text())))

@@ -9,15 +9,12 @@ resumed run must end with the parameters and losses of one uninterrupted one-pro
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import TESTS_DIR, run_script
+from conftest import TESTS_DIR, run_python, run_script
 from eval_job import MetricModel, run
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -120,15 +117,8 @@ def test_resume_exact_on_any_layout_and_convert(tmp_path, devices, saved_on, oth
 
     # the command writes a plain Lightning checkpoint that the unsplit module loads (strict)
     plain = tmp_path / "converted.ckpt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "lightning_bfpp.convert", str(sharded), str(plain)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, output = run_python(["-m", "lightning_bfpp.convert", str(sharded), str(plain)], timeout=120)
+    assert code == 0, output[-3000:]
     loaded = MetricModel.load_from_checkpoint(plain, map_location="cpu", weights_only=False)  # a float32 module
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(value, first[name].float(), rtol=0, atol=0)

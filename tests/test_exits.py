@@ -23,7 +23,7 @@ def test_every_rank_exits_zero_after_a_fit_beside_a_busy_core(tmp_path: Path) ->
     try:
         failed = []
         for launch in range(LAUNCHES):
-            exits = launch_ranks(TESTS / "exit_job.py", {}, 2, tmp_path / str(launch), timeout=60)
+            exits = launch_ranks(TESTS / "exit_job.py", None, 2, tmp_path / str(launch), timeout=60)
             failed += [
                 (launch, rank, e.returncode, e.output[-1500:]) for rank, e in enumerate(exits) if e.returncode != 0
             ]

@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from conftest import run_command
+from launch import run_python
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -49,8 +49,8 @@ def lightning_floor() -> str:
 
 def install_release(version: str, target: Path) -> None:
     """``pip install --no-deps --target`` of ``lightning==version``; fails the test if the index cannot give it."""
-    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check"]
-    code, output = run_command(
+    pip = ["-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check"]
+    code, output = run_python(
         [*pip, "--retries", "1", "--timeout", "20", "--target", str(target), f"lightning=={version}"],
         timeout=90,
         name=f"pip install lightning=={version} from the package index",
@@ -86,11 +86,11 @@ def test_plugin_works_with_the_lightning_floor(tmp_path: Path) -> None:
     assert not unmet, f"lightning=={floor} needs other versions of the installed packages: {unmet}"
 
     pythonpath = os.pathsep.join(filter(None, [str(target), str(ROOT), os.environ.get("PYTHONPATH")]))
-    code, output = run_command(
-        [sys.executable, "-c", PYTEST_WITH_VERSION, "-q", "-x", "-rA", "-p", "no:cacheprovider", *SUBSET],
+    code, output = run_python(
+        ["-c", PYTEST_WITH_VERSION, "-q", "-x", "-rA", "-p", "no:cacheprovider", *SUBSET],
         timeout=180,
         cwd=ROOT,
-        env={"PYTHONPATH": pythonpath},
+        PYTHONPATH=pythonpath,
         name=f"pytest under lightning=={floor}",
     )
     imported = re.search(r"^imported lightning (\S+) from (\S+)$", output, re.M)

@@ -74,7 +74,7 @@ def test_zero1_takes_every_optimizer(run_job) -> None:
     }
     result = run_job(config, timeout=400)
     for run_config in config["runs"][:-1]:
-        merged = {**config, **run_config}
+        merged = {**config, **{k: v for k, v in run_config.items() if k != "name"}}
         assert_matches(JobResult(0, result.output, result.out_dir / run_config["name"]), merged, 2)
     errors = sorted((result.out_dir / "lbfgs").glob("rank*.error"))
     assert len(errors) == 2  # refused on every rank

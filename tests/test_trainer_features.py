@@ -111,7 +111,9 @@ def test_callbacks_and_trainer_features(run_job, tmp_path: Path) -> None:
         name = overrides["name"]
         ref_dir = tmp_path / "reference" / name
         ref_dir.mkdir(parents=True)
-        config = {k: v for k, v in {**BASE, **overrides}.items() if k not in ("strategy", "devices", "expect_error")}
+        config = {
+            k: v for k, v in {**BASE, **overrides}.items() if k not in ("strategy", "devices", "expect_error", "name")
+        }
         if overrides.get("expect_error"):
             with pytest.raises(Exception) as raised:
                 run({**config, "out_dir": str(ref_dir)})
