@@ -20,7 +20,6 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_bfpp.collectives import all_gather_objects
 from lightning_bfpp.faults import explain_lost_rank
 from lightning_bfpp.lightning_internals import (
     SubprocessLauncherMixin,
@@ -34,12 +33,12 @@ from lightning_bfpp.lightning_internals import (
 )
 from lightning_bfpp.log_relay import LogRecorder, install_metric_sync
 from lightning_bfpp.microbatch import split_batch
-from lightning_bfpp.module import missing_hooks
+from lightning_bfpp.module import check_pipeline_module
 from lightning_bfpp.options import PipelineOptions, arguments_docstring
 from lightning_bfpp.p2p import PeerLink
 from lightning_bfpp.partition import Partition
 from lightning_bfpp.process_groups import destroy_at_exit
-from lightning_bfpp.run.groups import PipelineGroups
+from lightning_bfpp.run.groups import PipelineGroups, layout_ranks
 from lightning_bfpp.run.pipeline import StagePipeline, step_schedule
 from lightning_bfpp.run.split import PipelineSplit, plan_split
 from lightning_bfpp.strategy_checkpoints import ShardedCheckpoints
@@ -47,7 +46,6 @@ from lightning_bfpp.strategy_collectives import PipelineCollectives
 from lightning_bfpp.strategy_evaluation import PipelinedEvaluation
 from lightning_bfpp.strategy_nonfinite import NonFinitePolicy
 from lightning_bfpp.summary import record_whole_model, use_whole_model_summary
-from lightning_bfpp.timeline import wall_clock, write_timeline
 from lightning_bfpp.trainer_checks import check_callbacks
 
 if TYPE_CHECKING:
@@ -153,16 +151,12 @@ class BFPPStrategy(
     @property
     def pipeline_rank(self) -> int:
         """This process's rank within its pipeline."""
-        if self.rank_layout == "dp_contiguous":
-            return self.global_rank // self.data_parallel_size
-        return self.global_rank % self.pipeline_parallel_size
+        return layout_ranks(self.global_rank, self.world_size, self.pipeline_parallel_size, self.rank_layout)[0]
 
     @property
     def data_parallel_rank(self) -> int:
         """This process's replica index."""
-        if self.rank_layout == "dp_contiguous":
-            return self.global_rank % self.data_parallel_size
-        return self.global_rank // self.pipeline_parallel_size
+        return layout_ranks(self.global_rank, self.world_size, self.pipeline_parallel_size, self.rank_layout)[1]
 
     @property
     def is_last_stage_rank(self) -> bool:
@@ -221,17 +215,7 @@ class BFPPStrategy(
     @override
     def connect(self, model: pl.LightningModule) -> None:
         # Checks that need no other rank run here, on every rank, before the process group exists.
-        missing = missing_hooks(model)
-        if missing:
-            raise TypeError(
-                f"{type(model).__name__} lacks the pipeline hooks {missing}: subclass `lightning_bfpp.PipelineModule` "
-                "and implement pipeline_layers(), pipeline_input(batch) and pipeline_loss(outputs, batch)."
-            )
-        if not model.automatic_optimization:
-            raise ValueError(
-                "BFPPStrategy runs forward and backward itself and needs automatic optimization: remove "
-                "`self.automatic_optimization = False` from the module."
-            )
+        check_pipeline_module(model)
         precision = getattr(self.precision_plugin, "precision", "32-true")
         if precision not in SUPPORTED_PRECISIONS:
             raise ValueError(
@@ -305,23 +289,14 @@ class BFPPStrategy(
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
-            self._shard_optimizers()
+            schedulers = [config.scheduler for config in self.lr_scheduler_configs]
+            self.optimizers = self.pipeline.shard_optimizers(self.optimizers, schedulers)  # ZeRO-1
         self.setup_precision_plugin()
         pipeline = self.pipeline
         replace_clip_grad_by_norm(  # the global norm, over every stage of the pipeline
             self.precision_plugin,
             lambda plugin, optimizer, clip_val: pipeline.clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val),
         )
-
-    def _shard_optimizers(self) -> None:
-        """ZeRO-1 (``sharding="optimizer"``): each optimizer replaced by its sharded version, the LR schedulers
-        re-pointed to it."""
-        assert self.pipeline is not None
-        replaced = {id(o): self.pipeline.shard_optimizer(o) for o in self.optimizers}
-        for config in self.lr_scheduler_configs:
-            if id(config.scheduler.optimizer) in replaced:
-                config.scheduler.optimizer = replaced[id(config.scheduler.optimizer)]
-        self.optimizers = [replaced[id(o)] for o in self.optimizers]
 
     @override
     def model_to_device(self) -> None:
@@ -387,7 +362,7 @@ class BFPPStrategy(
         )
         self._add_losses(batch_idx, losses)
         if recording and batch_number == end - 1:
-            self._write_timeline()
+            pipeline.write_timeline(self.timeline_dir)  # type: ignore[arg-type]
         if steps_optimizer:
             pipeline.finish_step()
         loss = self._relay_step(torch.stack(losses).mean() if losses else None, recorder)
@@ -396,14 +371,6 @@ class BFPPStrategy(
         if steps_optimizer:
             self._check_nonfinite(batch_idx)
         return loss
-
-    def _write_timeline(self) -> None:
-        """Gathers every rank's recorded events; rank 0 writes the trace and the picture."""
-        assert self.pipeline is not None
-        gathered = all_gather_objects(wall_clock(self.pipeline.take_events()))
-        if self.global_rank == 0:
-            P, L, M = self.pipeline_parallel_size, self.stages_per_rank, self.micro_batches
-            write_timeline(dict(enumerate(gathered)), self.timeline_dir, f"{self.schedule_name}: P={P} L={L} M={M}")  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------------------ the end
     @override

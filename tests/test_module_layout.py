@@ -13,7 +13,7 @@ import lightning_bfpp
 
 PACKAGE = Path(lightning_bfpp.__file__).parent
 MAX_LINES = 450
-STILL_OVER = {"strategy.py"}  # modules not split yet; this list may only shrink
+STILL_OVER: set[str] = set()  # modules not split yet; this list may only shrink
 
 PLANNING = {
     "schedule",

@@ -20,6 +20,14 @@ def ranks_of(world_size: int, pipeline_size: int, rank_layout: str) -> tuple[lis
     return pipelines, [[rank_of(pp, dp) for dp in range(D)] for pp in range(P)]
 
 
+def layout_ranks(rank: int, world_size: int, pipeline_size: int, rank_layout: str) -> tuple[int, int]:
+    """The pipeline rank and the data-parallel rank of global ``rank`` (see :func:`ranks_of`)."""
+    replicas = world_size // pipeline_size
+    if rank_layout == "dp_contiguous":
+        return rank // replicas, rank % replicas
+    return rank % pipeline_size, rank // pipeline_size
+
+
 @dataclass(frozen=True)
 class PipelineGroups:
     """This rank's pipeline group and data-parallel group, its rank in each, and the timeout of their collectives.
@@ -60,6 +68,4 @@ class PipelineGroups:
         pipelines, replicas = ranks_of(world, pipeline_size, rank_layout)
         pipeline, _ = dist.new_subgroups_by_enumeration(pipelines, timeout=timeout)
         data_parallel, _ = dist.new_subgroups_by_enumeration(replicas, timeout=timeout)
-        pipeline_rank = next(ranks.index(rank) for ranks in pipelines if rank in ranks)
-        data_parallel_rank = next(ranks.index(rank) for ranks in replicas if rank in ranks)
-        return cls(pipeline, data_parallel, pipeline_rank, data_parallel_rank, timeout)
+        return cls(pipeline, data_parallel, *layout_ranks(rank, world, pipeline_size, rank_layout), timeout)
