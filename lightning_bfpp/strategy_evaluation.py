@@ -46,17 +46,17 @@ class PipelinedEvaluation:
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._evaluation_step("validation_step", args, kwargs)
+        return self._pipelined_evaluation_step("validation_step", args, kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._evaluation_step("test_step", args, kwargs)
+        return self._pipelined_evaluation_step("test_step", args, kwargs)
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._evaluation_step("predict_step", args, kwargs)
+        return self._pipelined_evaluation_step("predict_step", args, kwargs)
 
-    def _evaluation_step(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _pipelined_evaluation_step(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         with self._explain_lost_rank(f"a {hook.replace('_', ' ')}"):  # type: ignore[attr-defined]
             return self._run_evaluation_step(hook, args, kwargs)
 

@@ -163,7 +163,7 @@ class StagePipeline:
         """The global schedule this pipeline runs for a step of ``micro_batches`` (see :func:`step_schedule`)."""
         return step_schedule(self.options, self.groups.pipeline_size, micro_batches, forward_only)
 
-    def _executor(self, micro_batches: int, forward_only: bool) -> PipelineExecutor:
+    def _executor_for(self, micro_batches: int, forward_only: bool) -> PipelineExecutor:
         key = (forward_only, micro_batches)
         if key not in self._executors:
             schedule = self.schedule(micro_batches, forward_only)
@@ -214,7 +214,7 @@ class StagePipeline:
         the gradients late). ``reduce_gradients`` False: the step only accumulates (no data-parallel reduction).
         ``record``: keep the time of each action for :meth:`take_events`. Call :meth:`finish_step` after the last
         step of an accumulation window, before the optimizer step."""
-        executor = self._executor(len(micro_batches), forward_only=False)
+        executor = self._executor_for(len(micro_batches), forward_only=False)
         if record and executor.events is None:
             executor.events = []
         assert self.data_parallel is not None
@@ -241,7 +241,7 @@ class StagePipeline:
     ) -> None:
         """Runs ``micro_batches`` forward only (evaluation), without gradients; the last stage hands each micro-batch's
         outputs to ``last(micro_batch, outputs)``."""
-        executor = self._executor(len(micro_batches), forward_only=True)
+        executor = self._executor_for(len(micro_batches), forward_only=True)
         with torch.no_grad():
             executor.run(self._stage_forward(micro_batches, forward_context), last)  # type: ignore[arg-type]
 
