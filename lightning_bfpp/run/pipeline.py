@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from lightning_bfpp.schedule import Schedule, build_schedule
 from lightning_bfpp.sharding import FSDP_MODES
 from lightning_bfpp.stream_order import validate_stream_order
 from lightning_bfpp.tied import TiedGradients, dedupe_stage_parameters, set_aliases
-from lightning_bfpp.timeline import TimedEvent
+from lightning_bfpp.timeline import TimedEvent, wall_clock, write_timeline
 from lightning_bfpp.weight_flush import add_weight_flush
 from lightning_bfpp.weight_grad import WeightGradientBatcher
 from lightning_bfpp.zero import zero_optimizer
@@ -261,6 +262,14 @@ class StagePipeline:
             executor.events = None
         return events
 
+    def write_timeline(self, directory: str | Path) -> None:
+        """Gathers every rank's recorded actions (:meth:`take_events`; a collective over the world); rank 0 writes the
+        trace and the picture into ``directory``."""
+        gathered = all_gather_objects(wall_clock(self.take_events()))
+        if dist.get_rank() == 0:
+            P, L, M = self.groups.pipeline_size, self.options.stages_per_rank, self.micro_batches
+            write_timeline(dict(enumerate(gathered)), directory, f"{self.options.schedule}: P={P} L={L} M={M}")
+
     # --------------------------------------------------------------------------------------- around the step
     def clip_grad_norm_(self, params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
         """Scales the gradients of ``params`` (this rank's) as ``torch.nn.utils.clip_grad_norm_`` would on the unsplit
@@ -275,6 +284,14 @@ class StagePipeline:
         if self.options.sharding != "optimizer":
             return optimizer
         return zero_optimizer(optimizer, self.groups.data_parallel)
+
+    def shard_optimizers(self, optimizers: Sequence[Optimizer], lr_schedulers: Sequence[Any] = ()) -> list[Optimizer]:
+        """:meth:`shard_optimizer` of each of ``optimizers``; the LR schedulers of a replaced one are re-pointed to
+        its replacement."""
+        replaced = {id(o): self.shard_optimizer(o) for o in optimizers}
+        for scheduler in lr_schedulers:
+            scheduler.optimizer = replaced.get(id(scheduler.optimizer), scheduler.optimizer)
+        return [replaced[id(o)] for o in optimizers]
 
     def close(self) -> None:
         """Gives the layers back their own forwards and drops the executors and the data-parallel mode."""
