@@ -1,14 +1,15 @@
 """The pipeline runtime without Lightning: :class:`StagePipeline` splits a model over the pipeline ranks, sets up
 its data parallelism, and runs one step of the schedule at a time.
 
-A plain torch training loop::
+A plain torch training loop (README, "Without Lightning")::
 
     groups = PipelineGroups.create(pipeline_size=2, timeout=timedelta(minutes=5))
     pipeline = StagePipeline.build(PipelineOptions(pipeline_parallel_size=2), model, groups, device)
     optimizer = pipeline.shard_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
     for batch in batches:
+        micro = split_batch(batch, pipeline.micro_batches)
         optimizer.zero_grad()
-        pipeline.run(split_batch(batch, pipeline.micro_batches), loss_fn, loss_scale=1 / pipeline.micro_batches)
+        pipeline.run(micro, lambda m, outputs: loss_fn(outputs, micro[m]), 1 / pipeline.micro_batches)
         pipeline.finish_step()
         optimizer.step()
 """
