@@ -3,6 +3,8 @@ as the unsplit model does on one process (float64)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,14 @@ def test_stage_pipeline_in_a_torch_loop_matches_one_process(tmp_path: Path) -> N
         assert merged.keys() == reference["state"].keys(), layout
         for name, expected in reference["state"].items():
             torch.testing.assert_close(merged[name], expected, rtol=1e-10, atol=1e-12, msg=f"{layout}: {name}")
+
+
+def test_import_registers_the_strategy_once_lightning_loads() -> None:
+    """``import lightning_bfpp`` leaves Lightning out; importing Lightning afterwards still registers ``"bfpp"``."""
+    code = (
+        "import sys, lightning_bfpp; assert 'lightning' not in sys.modules; "
+        "from lightning.pytorch.strategies import StrategyRegistry; print(type(StrategyRegistry.get('bfpp')).__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "BFPPStrategy"
