@@ -31,6 +31,29 @@ PLANNING = {
     "plan",
 }
 
+RUNTIME = {  # the runtime: torch only, never Lightning or torchmetrics (README, "Without Lightning")
+    "executor",
+    "p2p",
+    "sharding",
+    "zero",
+    "tied",
+    "weight_grad",
+    "recompute",
+    "grad_clip",
+    "nonfinite",
+    "checkpoint",
+    "materialize",
+    "microbatch",
+    "collectives",
+    "process_groups",
+    "faults",
+    "run/__init__",
+    "run/data_parallel",
+    "run/groups",
+    "run/pipeline",
+    "run/split",
+}
+
 PUBLIC_NAMES = {
     "schedule": [
         "COMMUNICATION_KINDS",
@@ -117,6 +140,16 @@ def test_planning_module_imports_only_the_standard_library_and_planning_modules(
     assert not foreign, f"{module} imports {sorted(foreign)}"
     ours = {name.split(".")[1] for name in imported if name.startswith("lightning_bfpp.")}
     assert ours <= PLANNING, f"{module} imports {sorted(ours - PLANNING)}, outside the planning layer"
+
+
+@pytest.mark.parametrize("module", sorted(RUNTIME))
+def test_runtime_module_imports_no_lightning(module: str) -> None:
+    imported = _imports(PACKAGE / f"{module}.py")
+    foreign = {n for n in imported if n.split(".")[0] in ("lightning", "pytorch_lightning", "torchmetrics")}
+    assert not foreign, f"{module} imports {sorted(foreign)}"
+    ours = {n.removeprefix("lightning_bfpp.").replace(".", "/") for n in imported if n.startswith("lightning_bfpp.")}
+    allowed = RUNTIME | PLANNING | {"options", "partition"}
+    assert ours <= allowed, f"{module} imports {sorted(ours - allowed)}, outside the runtime and planning layers"
 
 
 @pytest.mark.parametrize("module", sorted(PUBLIC_NAMES))
