@@ -134,6 +134,10 @@ def main(config_path: str) -> None:
     if rank == 0:
         result["reference"] = train_reference(data)
     result["lightning_imported"] = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "torchmetrics"))
+    if rank == 0:  # importing Lightning after lightning_bfpp registers the strategy
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        result["registered"] = type(StrategyRegistry.get("bfpp")).__name__
     torch.save(result, Path(config["out_dir"]) / f"rank{rank}.pt")
     gc.collect()  # the pipelines' process groups, before the default group ends
     dist.destroy_process_group()
