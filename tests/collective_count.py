@@ -35,7 +35,7 @@ def count_fsdp_collectives(strategy: Any, dtypes: Counter[tuple[str, str]] | Non
     def stage_of(issuer: Any) -> int:
         if isinstance(issuer, int):
             return issuer
-        for stage, shell in strategy._data_parallel.stages.items():
+        for stage, shell in strategy.pipeline.data_parallel.stages.items():
             if issuer is not None and issuer in shell._get_fsdp_state()._fsdp_param_groups:
                 return stage
         return -1

@@ -113,7 +113,8 @@ class Recorder(pl.Callback):
         self.allocated_before_setup = [name for name, p in pl_module.named_parameters() if not p.is_meta]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        batcher = getattr(trainer.strategy, "_weight_gradient_batcher", None)
+        pipeline = getattr(trainer.strategy, "pipeline", None)
+        batcher = pipeline.weight_gradients if pipeline is not None else None
         self.batched_linears = batcher.num_layers if batcher is not None else 0
         if self.record_initial:  # the weights before the first step, and the bytes of this rank's parameters
             self.initial = {k: full_tensor(v).detach().cpu().clone() for k, v in pl_module.state_dict().items()}
@@ -305,7 +306,7 @@ def run(config: TrainJobSpec | dict[str, Any]) -> dict[str, Any]:
         strategy = BFPPStrategy(timeout=timedelta(seconds=spec.pg_timeout), **strategy_kwargs)
         streams = spec.emulate_nccl_streams  # "pair" or "rank": NCCL's transfer order, over gloo
         if streams:
-            strategy._link_class = type("NcclStreams", (NcclStreamLink,), {"streams": streams})
+            strategy.link_class = type("NcclStreams", (NcclStreamLink,), {"streams": streams})
         strategy.timeline_dir = spec.timeline_dir
     recorder = Recorder(spec.record_initial)
     saved = SavedBytes() if spec.count_saved_bytes else None  # what the training steps keep for backward

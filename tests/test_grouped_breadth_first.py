@@ -13,6 +13,7 @@ from test_equivalence import assert_matches
 from lightning_bfpp import BFPPStrategy
 from lightning_bfpp.plan.schedule import build_schedule
 from lightning_bfpp.plan.simulate import CostModel, simulate
+from lightning_bfpp.run.pipeline import step_schedule
 
 
 def test_grouped_training_matches_one_process_with_nccl_stream_order(run_job) -> None:
@@ -72,8 +73,10 @@ def test_training_runs_the_grouped_schedule_and_evaluation_the_plain_one() -> No
     strategy = BFPPStrategy(pipeline_parallel_size=2, stages_per_rank=2, micro_batches=4, breadth_first_micro_batches=2)
     grouped = build_schedule("breadth_first", 2, 2, 4, breadth_first_micro_batches=2)
     assert grouped != build_schedule("breadth_first", 2, 2, 4)
-    assert strategy._build_schedule(4, forward_only=False) == grouped
-    assert strategy._build_schedule(3, forward_only=True) == build_schedule("breadth_first", 2, 2, 3, forward_only=True)
+    assert step_schedule(strategy.options, 2, 4) == grouped
+    assert step_schedule(strategy.options, 2, 3, forward_only=True) == build_schedule(
+        "breadth_first", 2, 2, 3, forward_only=True
+    )
 
 
 def test_hydra_schedule_group_sets_the_group_size() -> None:

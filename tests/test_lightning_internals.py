@@ -33,10 +33,7 @@ LIBRARIES = ("lightning", "lightning_fabric", "pytorch_lightning", "lightning_ut
 OWN_NAMES = {
     "lightning/strategy.py": {
         "_process_group_backend",  # BFPPStrategy's own (DDPStrategy, not a base class, has one of the same name)
-        "_timeout",  # BFPPStrategy's own, likewise
-        "_executor",  # BFPPStrategy method: the pipeline executor for a micro-batch count
         "_training_step",  # BFPPStrategy method
-        "_evaluation_step",  # BFPPStrategy method
     },
     "lightning/log_relay.py": {"_error", "_module", "_metrics"},  # LogRecorder's fields; a module-level helper
     "run/tied.py": {"_module"},

@@ -14,7 +14,7 @@ import lightning_bfpp
 
 PACKAGE = Path(lightning_bfpp.__file__).parent
 MAX_LINES = 450
-STILL_OVER = {"lightning/strategy.py"}  # modules not split yet; this list may only shrink
+STILL_OVER: set[str] = set()  # modules not split yet; this list may only shrink
 
 PUBLIC_NAMES = {
     "plan.schedule": [

@@ -6,9 +6,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from lightning.pytorch.plugins import MixedPrecision
 
-from lightning_bfpp import BFPPStrategy
+from lightning_bfpp.lightning.strategy import AUTOCAST_DTYPES
 from lightning_bfpp.options import PipelineOptions
 from lightning_bfpp.plan import (
     GB,
@@ -29,6 +28,7 @@ from lightning_bfpp.plan.efficiency import FLAT, EfficiencyCurve
 from lightning_bfpp.plan.search import _schedule
 from lightning_bfpp.plan.simulate import SHARDING_MODES, resident_bytes, simulate
 from lightning_bfpp.plan.specs import BATCHED_SHARDING
+from lightning_bfpp.run.data_parallel import fsdp_mixed_precision
 from lightning_bfpp.run.weight_grad import WEIGHT_GRADIENTS
 
 SMALL = ModelSpec(layers=8, hidden=1024, seq_len=512, vocab=8192)
@@ -67,7 +67,7 @@ def test_bf16_mixed_full_sharding_bytes_are_those_the_strategy_sends() -> None:
     """ZeRO-3 under bf16-mixed: the planner gathers in the parameter dtype and reduces in the reduction dtype of the
     FSDP policy the strategy derives from the precision, and sends the stage outputs in autocast's dtype; each rank
     keeps float32 parameters, gradients and Adam moments."""
-    policy = BFPPStrategy(sharding="full", precision_plugin=MixedPrecision("bf16-mixed", "cpu"))._fsdp_mixed_precision()
+    policy = fsdp_mixed_precision(AUTOCAST_DTYPES["bf16-mixed"])  # what the strategy gives FSDP under bf16-mixed
     layout = Layout("breadth_first", 2, 2, 4, micro_batch_size=2, num_micro_batches=4, sharding="full")
     cost = cost_model(SMALL, CLUSTER, layout)
     assert (cost.gathered_bytes, cost.grad_bytes) == (policy.param_dtype.itemsize, policy.reduce_dtype.itemsize)

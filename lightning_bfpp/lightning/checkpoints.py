@@ -14,6 +14,7 @@ from typing import Any
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_bfpp.lightning.internals import unwrap_optimizer
 from lightning_bfpp.run import checkpoint as bfpp_checkpoint
 from lightning_bfpp.run.zero import adopt_local_options
 
@@ -40,7 +41,7 @@ class ShardedCheckpoints:
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The optimizer state of this rank's parameters, flattened and keyed by parameter name."""
-        return bfpp_checkpoint.optimizer_state_dict(self.lightning_module, optimizer)
+        return bfpp_checkpoint.optimizer_state_dict(self.lightning_module, unwrap_optimizer(optimizer))
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
@@ -63,14 +64,15 @@ class ShardedCheckpoints:
         path = Path(self.broadcast(str(checkpoint_path)))
         module = self.lightning_module
         strict = module.strict_loading
+        optimizers = [unwrap_optimizer(o) for o in self.optimizers]  # the runtime takes plain torch optimizers
         if bfpp_checkpoint.is_sharded_checkpoint(path):
-            checkpoint = bfpp_checkpoint.load_sharded(path, module, self.optimizers, strict, weights_only)
+            checkpoint = bfpp_checkpoint.load_sharded(path, module, optimizers, strict, weights_only)
         elif path.is_file():
-            checkpoint = bfpp_checkpoint.load_plain(path, module, self.optimizers, None, strict, weights_only)
+            checkpoint = bfpp_checkpoint.load_plain(path, module, optimizers, None, strict, weights_only)
         else:
             checkpoint = None
         if checkpoint is not None:
-            for optimizer in self.optimizers:
+            for optimizer in optimizers:
                 adopt_local_options(optimizer)  # ZeRO-1: the options restored into the local optimizer
             return checkpoint
         if bfpp_checkpoint.is_incomplete_checkpoint(path):

@@ -112,3 +112,18 @@ def missing_hooks(module: nn.Module) -> list[str]:
         if method is None or method is getattr(PipelineModule, name):
             missing.append(name)
     return missing
+
+
+def check_pipeline_module(module: pl.LightningModule) -> None:
+    """Raises if ``module`` cannot be pipelined: a pipeline hook missing, or manual optimization."""
+    missing = missing_hooks(module)
+    if missing:
+        raise TypeError(
+            f"{type(module).__name__} lacks the pipeline hooks {missing}: subclass `lightning_bfpp.PipelineModule` "
+            "and implement pipeline_layers(), pipeline_input(batch) and pipeline_loss(outputs, batch)."
+        )
+    if not module.automatic_optimization:
+        raise ValueError(
+            "BFPPStrategy runs forward and backward itself and needs automatic optimization: remove "
+            "`self.automatic_optimization = False` from the module."
+        )

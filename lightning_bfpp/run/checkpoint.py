@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
-from lightning_bfpp.lightning.internals import unwrap_optimizer  # noqa: TID251 (moves to the Lightning side)
 from lightning_bfpp.run.collectives import all_gather_objects
 from lightning_bfpp.run.tied import canonical_names
 from lightning_bfpp.run.zero import local_optimizer
@@ -74,7 +73,7 @@ def optimizer_state_dict(module: nn.Module, optimizer: Optimizer) -> dict[str, A
     its canonical name, the one the unsplit module's ``named_parameters()`` reports)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    optimizer = local_optimizer(optimizer)  # a LightningOptimizer's, or ZeRO-1's local optimizer: this rank's share
+    optimizer = local_optimizer(optimizer)  # ZeRO-1's local optimizer: this rank's share
     state = get_optimizer_state_dict(module, optimizer, options=_options(flatten_optimizer_state_dict=True))
     return _rename_parameters(state, canonical_names(module))
 
@@ -222,7 +221,6 @@ def load_plain(
     canonical = canonical_names(module)  # tied copies: the plain checkpoint's optimizer state uses the first name
     local_params = [canonical.get(name, name) for name, _ in module.named_parameters()]
     optimizer_states = checkpoint.pop("optimizer_states", None)
-    optimizers = [unwrap_optimizer(o) for o in optimizers]
     param_names = {id(p): canonical.get(name, name) for name, p in module.named_parameters()}
     local_groups = [[[param_names[id(p)] for p in g["params"]] for g in o.param_groups] for o in optimizers]
 

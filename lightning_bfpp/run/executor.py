@@ -16,6 +16,7 @@ from torch import Tensor
 from lightning_bfpp.plan.schedule import Action, ActionKind, Schedule, communication_groups
 from lightning_bfpp.plan.timeline import TimedEvent
 from lightning_bfpp.plan.weight_flush import validate_weight_flush
+from lightning_bfpp.run.data_parallel import DataParallel
 from lightning_bfpp.run.p2p import (
     KIND_ACT,
     KIND_GRAD,
@@ -31,22 +32,6 @@ ForwardFn = Callable[[int, int, StageIO | None], StageIO]
 """``forward(stage, micro_batch, inputs)``: runs a stage; ``inputs`` is None for the first stage."""
 LastStageFn = Callable[[int, StageIO], Tensor | None]
 """``last(micro_batch, outputs)``: consumes the last stage's outputs; returns the loss to back-propagate, or None."""
-
-
-class DataParallelHooks(Protocol):
-    """What the data-parallel mode does at the points of the schedule that concern parameters and gradients."""
-
-    def gather(self, stage: int) -> None:
-        """GATHER: start gathering ``stage``'s sharded parameters (the stage's compute waits for them)."""
-
-    def reshard(self, stage: int) -> None:
-        """RESHARD: free ``stage``'s gathered parameters."""
-
-    def before_backward(self, stage: int, last: bool) -> None:
-        """Right before a backward of ``stage``; ``last`` for its last micro-batch of the step."""
-
-    def backward_done(self, stage: int) -> None:
-        """REDUCE_GRAD: every backward of ``stage`` has run; start reducing its gradients."""
 
 
 class DeferredWeightGradients(Protocol):
@@ -106,7 +91,8 @@ class PipelineExecutor:
             as one batch; at the first receive of a boundary, the transfers of the group before it are issued, and the
             boundary's shapes received on their own, first.
         data_parallel: what the data-parallel mode does at the schedule's GATHER, RESHARD and REDUCE_GRAD actions and
-            around each backward (see :class:`DataParallelHooks`); None when there is nothing to do.
+            around each backward (see :class:`~lightning_bfpp.run.data_parallel.DataParallel`); None when there is
+            nothing to do.
         weight_gradients: deferred weight gradients, added to ``.grad`` at the schedule's BACKWARD_WEIGHT actions
             (see :mod:`lightning_bfpp.plan.weight_flush`, which checks that the schedule has them).
     """
@@ -116,7 +102,7 @@ class PipelineExecutor:
         schedule: Schedule,
         rank: int,
         link: PeerLink | None,
-        data_parallel: DataParallelHooks | None = None,
+        data_parallel: DataParallel | None = None,
         weight_gradients: DeferredWeightGradients | None = None,
     ) -> None:
         self.schedule = schedule

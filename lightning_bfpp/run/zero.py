@@ -15,8 +15,6 @@ import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim import LBFGS, Optimizer
 
-from lightning_bfpp.lightning.internals import unwrap_optimizer  # noqa: TID251 (moves to the Lightning side)
-
 
 def zero_optimizer(optimizer: Optimizer, group: dist.ProcessGroup | None) -> ZeroRedundancyOptimizer:
     """A ``ZeroRedundancyOptimizer`` of the same class, parameter groups and options as ``optimizer``: each replica
@@ -66,8 +64,7 @@ def _constructor_options(optimizer_class: type[Optimizer], defaults: dict[str, A
     return {k: v for k, v in defaults.items() if k in accepted}
 
 
-def _zero(optimizer: Any) -> ZeroRedundancyOptimizer | None:
-    optimizer = unwrap_optimizer(optimizer)  # a LightningOptimizer
+def _zero(optimizer: Optimizer) -> ZeroRedundancyOptimizer | None:
     return optimizer if isinstance(optimizer, ZeroRedundancyOptimizer) else None
 
 
@@ -76,29 +73,19 @@ def _copy_options(sources: Sequence[dict[str, Any]], targets: Sequence[dict[str,
         target.update({k: v for k, v in source.items() if k != "params"})
 
 
-def local_optimizer(optimizer: Any) -> Any:
+def local_optimizer(optimizer: Optimizer) -> Optimizer:
     """The optimizer that holds this rank's state: the local one of a ``ZeroRedundancyOptimizer`` (given the wrapper's
     current options, e.g. a learning rate an LR scheduler changed since the last step), else itself."""
     zero = _zero(optimizer)
     if zero is None:
-        return unwrap_optimizer(optimizer)
+        return optimizer
     _copy_options(zero.param_groups, zero.optim.param_groups)
     return zero.optim
 
 
-def adopt_local_options(optimizer: Any) -> None:
+def adopt_local_options(optimizer: Optimizer) -> None:
     """After the local optimizer of a ``ZeroRedundancyOptimizer`` was loaded from a checkpoint: copies its restored
     options to the wrapper's parameter groups (``step()`` would otherwise overwrite them with the wrapper's)."""
     zero = _zero(optimizer)
     if zero is not None:
         _copy_options(zero.optim.param_groups, zero.param_groups)
-
-
-def shard_optimizer_states(strategy: Any, group: dist.ProcessGroup | None) -> None:
-    """Replaces each of ``strategy.optimizers`` with its ZeRO-1 version, re-pointing the LR schedulers to it."""
-    replaced = {id(o): zero_optimizer(o, group) for o in strategy.optimizers}
-    for config in strategy.lr_scheduler_configs:
-        scheduler = config.scheduler
-        if id(scheduler.optimizer) in replaced:
-            scheduler.optimizer = replaced[id(scheduler.optimizer)]
-    strategy.optimizers = [replaced[id(o)] for o in strategy.optimizers]
