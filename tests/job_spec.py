@@ -1,4 +1,4 @@
-"""Typed configurations of the test jobs (``run_job.py``, ``fault_job.py``, ``eval_job.py``).
+"""Typed configurations of the test jobs (``run_job.py``, ``fault_job.py``, ``eval_job.py``, ``runtime_job.py``).
 
 A test gives a spec or a plain dict; :meth:`JobSpec.from_dict` turns the dict into the spec and raises ``TypeError``
 naming any key the spec does not have, so a typo in a test's config fails instead of being ignored. The job scripts
@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
+
+from typing_extensions import Self
 
 
 class JobSpec:
@@ -169,10 +171,22 @@ class EvalJobSpec(JobSpec):
     data: EvalDataSpec = field(default_factory=EvalDataSpec)
 
 
+@dataclass(frozen=True)
+class RuntimeJobSpec(JobSpec):
+    """``runtime_job.py``: layouts trained in turn by the runtime in a plain torch loop (no Lightning)."""
+
+    out_dir: str  # each rank writes rank<r>.pt here
+    layouts: dict[str, dict[str, Any]]  # name -> PipelineOptions values
+    steps: int = 3  # optimizer steps per layout
+    batch_size: int = 8  # per data-parallel replica
+    pg_timeout: float = 30  # seconds, the process groups' timeout
+
+
 JOB_SPECS: dict[str, type[JobSpec]] = {
     "run_job.py": TrainJobSpec,
     "fault_job.py": FaultJobSpec,
     "eval_job.py": EvalJobSpec,
+    "runtime_job.py": RuntimeJobSpec,
 }
 
 

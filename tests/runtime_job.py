@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from job_spec import RuntimeJobSpec
 from torch import Tensor, nn
 
 from lightning_bfpp.options import PipelineOptions
@@ -122,14 +123,14 @@ def train_pipelined(options: PipelineOptions, data: list[dict[str, Tensor]], tim
 
 
 def main(config_path: str) -> None:
-    config = json.loads(Path(config_path).read_text())
+    spec = RuntimeJobSpec.from_dict(json.loads(Path(config_path).read_text()))
     torch.set_default_dtype(torch.float64)
     rank, world = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    timeout = timedelta(seconds=config["pg_timeout"])
+    timeout = timedelta(seconds=spec.pg_timeout)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
-    data = batches(config["steps"], config["batch_size"])
+    data = batches(spec.steps, spec.batch_size)
     result: dict[str, Any] = {}
-    for name, options in config["layouts"].items():
+    for name, options in spec.layouts.items():
         result[name] = train_pipelined(PipelineOptions(**options), data, timeout)
     if rank == 0:
         result["reference"] = train_reference(data)
@@ -138,7 +139,7 @@ def main(config_path: str) -> None:
         from lightning.pytorch.strategies import StrategyRegistry
 
         result["registered"] = type(StrategyRegistry.get("bfpp")).__name__
-    torch.save(result, Path(config["out_dir"]) / f"rank{rank}.pt")
+    torch.save(result, Path(spec.out_dir) / f"rank{rank}.pt")
     gc.collect()  # the pipelines' process groups, before the default group ends
     dist.destroy_process_group()
 

@@ -6,12 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from launch import launch_ranks
 
 TESTS = Path(__file__).resolve().parent
 LAUNCHES = 20
 
 
+@pytest.mark.timeout(900)  # 20 launches: about 150 s on an idle 2-core machine, twice that under load
 def test_every_rank_exits_zero_after_a_fit_beside_a_busy_core(tmp_path: Path) -> None:
     """20 one-step two-rank fits (fresh processes) beside a CPU-bound process, as on a loaded CI machine. Without the
     strategy's exit hook a gloo worker thread could free a finished collective during interpreter finalization and
