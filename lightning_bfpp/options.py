@@ -264,5 +264,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def option_property(name: str) -> property:
+    """A read-only attribute of the strategy giving ``options.<name>``; setting it raises, saying how to set it."""
+
+    def get(strategy: Any) -> Any:
+        return getattr(strategy.options, name)
+
+    def refuse(strategy: Any, value: Any) -> None:
+        raise AttributeError(
+            f"BFPPStrategy's options are fixed when it is created: pass {name}={value!r} to BFPPStrategy(...) "
+            f"(Hydra: strategy.{name}=...) instead of setting it afterwards."
+        )
+
+    return property(get, refuse, doc=f"``options.{name}`` (set through the constructor).")
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -303,11 +303,11 @@ def run(config: TrainJobSpec | dict[str, Any]) -> dict[str, Any]:
     if isinstance(strategy_kwargs, str):
         strategy = strategy_kwargs
     elif strategy_kwargs is not None:
-        strategy = BFPPStrategy(timeout=timedelta(seconds=spec.pg_timeout), **strategy_kwargs)
+        options = {"timeout": timedelta(seconds=spec.pg_timeout), "timeline_dir": spec.timeline_dir, **strategy_kwargs}
+        strategy = BFPPStrategy(**options)
         streams = spec.emulate_nccl_streams  # "pair" or "rank": NCCL's transfer order, over gloo
         if streams:
             strategy.link_class = type("NcclStreams", (NcclStreamLink,), {"streams": streams})
-        strategy.timeline_dir = spec.timeline_dir
     recorder = Recorder(spec.record_initial)
     saved = SavedBytes() if spec.count_saved_bytes else None  # what the training steps keep for backward
     autocast = AutocastRecorder() if spec.record_autocast else None

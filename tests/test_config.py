@@ -334,3 +334,13 @@ def test_shapes_are_balanced_and_deterministic() -> None:
 def test_sharding_group_selects_the_mode(mode: str) -> None:
     cfg = compose_cfg(f"sharding={mode}")
     assert instantiate(cfg.strategy, _convert_="all").sharding == mode
+
+
+def test_strategy_options_are_read_only_after_construction() -> None:
+    """The runtime reads the strategy's options: assigning one afterwards would be silently ignored, so it raises."""
+    strategy = BFPPStrategy(pipeline_parallel_size=2, sharding="full", schedule="depth_first")
+    assert (strategy.sharding, strategy.schedule_name) == (strategy.options.sharding, strategy.options.schedule)
+    assert (strategy.sharding, strategy.schedule_name) == ("full", "depth_first")
+    with pytest.raises(AttributeError, match=r"pass sharding='none' to BFPPStrategy\(\.\.\.\)"):
+        strategy.sharding = "none"
+    assert strategy.options.sharding == "full"

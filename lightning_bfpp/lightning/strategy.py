@@ -38,7 +38,7 @@ from lightning_bfpp.lightning.module import check_pipeline_module
 from lightning_bfpp.lightning.nonfinite_policy import NonFinitePolicy
 from lightning_bfpp.lightning.summary import record_whole_model, use_whole_model_summary
 from lightning_bfpp.lightning.trainer_checks import check_callbacks
-from lightning_bfpp.options import PipelineOptions, arguments_docstring
+from lightning_bfpp.options import PipelineOptions, arguments_docstring, option_property
 from lightning_bfpp.plan.partition import Partition
 from lightning_bfpp.run.faults import explain_lost_rank
 from lightning_bfpp.run.groups import PipelineGroups, layout_ranks
@@ -83,6 +83,19 @@ class BFPPStrategy(
     """
 
     strategy_name = "bfpp"
+    # the options, read-only: the runtime reads ``options``, so they are set through the constructor only
+    stages_per_rank = option_property("stages_per_rank")
+    schedule_name = option_property("schedule")
+    partition_method = option_property("partition")
+    partition_boundaries = option_property("partition_boundaries")
+    rank_layout = option_property("rank_layout")
+    sharding = option_property("sharding")
+    activation_checkpointing = option_property("activation_checkpointing")
+    breadth_first_micro_batches = option_property("breadth_first_micro_batches")
+    weight_gradients = option_property("weight_gradients")
+    nonfinite_loss = option_property("nonfinite_loss")
+    timeline_dir = option_property("timeline_dir")
+    timeline_batches = option_property("timeline_batches")
     materializes_pipeline_layers = True  # meta layers: each rank materializes its own in setup (PipelineModule)
 
     def __init__(
@@ -106,18 +119,6 @@ class BFPPStrategy(
             precision_plugin=precision_plugin,
         )
         self.options = options
-        self.stages_per_rank = options.stages_per_rank
-        self.schedule_name = options.schedule
-        self.partition_method = options.partition
-        self.partition_boundaries = options.partition_boundaries
-        self.rank_layout = options.rank_layout
-        self.sharding = options.sharding
-        self.activation_checkpointing = options.activation_checkpointing
-        self.breadth_first_micro_batches = options.breadth_first_micro_batches
-        self.weight_gradients = options.weight_gradients
-        self.nonfinite_loss = options.nonfinite_loss
-        self.timeline_dir = options.timeline_dir
-        self.timeline_batches = options.timeline_batches
         self.link_class = link_class
         self._process_group_backend = options.process_group_backend
         self.num_nodes = 1
