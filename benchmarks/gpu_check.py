@@ -9,6 +9,8 @@ Checks (one line each, ``check <name>: ok ...`` or ``check <name>: FAILED <reaso
 - ``bf16_speed_memory``: ``bf16-mixed``, ``BFPPStrategy(pipeline_parallel_size=1, stages_per_rank=4,
   micro_batches=8)`` and ``auto`` on the same batches; tokens/s from the median of the timed steps after warm-up,
   peak memory from ``torch.cuda.max_memory_allocated`` (reset before each run); both must end with finite losses.
+  The timed steps run under ``torch.cuda.set_sync_debug_mode("warn")``: the host syncs inside each step are counted
+  (on CPU: the package's own host reads).
 - ``fp32_losses``: the same in ``32-true`` for 20 steps; every step's loss equal to ``auto``'s within
   ``rtol=1e-3, atol=1e-4`` (the micro-batches reduce in another order).
 - ``sharding_full``, ``weight_gradients_batched``, ``activation_checkpointing_layer``, ``timeline``: one fit each
@@ -16,8 +18,9 @@ Checks (one line each, ``check <name>: ok ...`` or ``check <name>: FAILED <reaso
 - ``fp16_losses``: ``16-mixed`` (loss scaling) against ``auto``'s ``16-mixed`` losses within ``rtol=2e-2``.
 
 The process exits non-zero if a check failed. The last line is
-``gpu_check passed=<k>/<n> bfpp_over_auto_tokens=<x> bfpp_over_auto_peak_memory=<y>`` (``nan`` on CPU, where no
-peak memory is measured).
+``gpu_check passed=<k>/<n> bfpp_over_auto_tokens=<x> bfpp_over_auto_peak_memory=<y> host_syncs_per_step=<n>``
+(memory ``nan`` on CPU, where no peak memory is measured; ``host_syncs_per_step`` is the median over bfpp's timed
+steps).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from bfpp_examples.gpt import GPT
 
 from lightning_bfpp import BFPPStrategy
+from lightning_bfpp.run.host_sync import host_reads
 
 FULL = {"vocab_size": 8192, "seq_len": 512, "n_layer": 12, "n_head": 12, "n_embd": 768, "batch": 16}  # ~98M
 QUICK = {"vocab_size": 64, "seq_len": 16, "n_layer": 4, "n_head": 2, "n_embd": 32, "batch": 16}
@@ -64,14 +69,20 @@ class CheckGPT(GPT):
 class Run:
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
+    host_syncs: list[int] = field(default_factory=list)  # per step, see StepRecorder
     peak_bytes: int = 0
 
 
 class StepRecorder(pl.Callback):
-    """Every step's loss and wall time (the device synchronized around the step)."""
+    """Every step's loss, wall time (the device synchronized around the step) and host syncs inside the step: on a
+    GPU the synchronizing CUDA operations that ``torch.cuda.set_sync_debug_mode("warn")`` reports (the package's and
+    Lightning's alike); on the CPU, which has none, the package's own host reads (``lightning_bfpp.run.host_sync``)."""
 
     def __init__(self, run: Run, device: torch.device) -> None:
         self.run, self.device, self._start = run, device, 0.0
+        self._warnings: Any = None
+        self._caught: list[warnings.WarningMessage] = []
+        self._reads = 0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -79,9 +90,22 @@ class StepRecorder(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._sync()
+        self._reads = host_reads()
+        if self.device.type == "cuda":
+            self._warnings = warnings.catch_warnings(record=True)
+            self._caught = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._warnings is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._warnings.__exit__(None, None, None)
+            self._warnings = None
+            self.run.host_syncs.append(sum("synchroniz" in str(w.message) for w in self._caught))
+        else:
+            self.run.host_syncs.append(host_reads() - self._reads)
         self._sync()
         self.run.step_seconds.append(time.perf_counter() - self._start)
         self.run.losses.append(float(outputs["loss"]))
@@ -161,12 +185,14 @@ class Checker:
         figures = {
             "tokens": speed["bfpp"] / speed["auto"],
             "memory": bfpp.peak_bytes / auto.peak_bytes if auto.peak_bytes else float("nan"),
+            "host_syncs": statistics.median(bfpp.host_syncs[warmup:]),
         }
         line = (
             f"tokens/s bfpp={speed['bfpp']:.0f} auto={speed['auto']:.0f} ratio={figures['tokens']:.3f} "
             f"(median of {self.timed} steps after {warmup}, bfpp max/min step {spread:.2f}); peak memory "
             f"bfpp={bfpp.peak_bytes / 2**30:.2f} GiB auto={auto.peak_bytes / 2**30:.2f} GiB "
-            f"ratio={figures['memory']:.3f}"
+            f"ratio={figures['memory']:.3f}; host syncs per steady step bfpp={bfpp.host_syncs[warmup:]} "
+            f"auto={auto.host_syncs[warmup:]}"
         )
         return line, figures
 
@@ -202,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1 if args.cpu else torch.get_num_threads())
     checker = Checker(args.cpu, args.quick, steps=4 if args.quick else 13, timed=2 if args.quick else 10)
     loss_steps = 4 if args.quick else 20
-    figures = {"tokens": float("nan"), "memory": float("nan")}
+    figures = {"tokens": float("nan"), "memory": float("nan"), "host_syncs": float("nan")}
 
     def speed() -> str:
         line, measured = checker.speed_and_memory()
@@ -219,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     passed, total = sum(checker.results), len(checker.results)
     print(
         f"gpu_check passed={passed}/{total} bfpp_over_auto_tokens={figures['tokens']:.3f} "
-        f"bfpp_over_auto_peak_memory={figures['memory']:.3f}",
+        f"bfpp_over_auto_peak_memory={figures['memory']:.3f} host_syncs_per_step={figures['host_syncs']:g}",
         flush=True,
     )
     return 0 if passed == total else 1

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lightning_bfpp.run.checkpoint import META_FILENAME, is_sharded_checkpoint
+from lightning_bfpp.run.host_sync import host_tensor
 
 
 def _load_keys(path: Path, key: str) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def to_state_dict(path: str | Path) -> dict[str, Tensor]:
     Runs in one process without a process group, whatever layout (``P``, ``L``, ``D``) wrote the checkpoint.
     """
     state = _load_keys(_check(path), "state_dict")
-    return {name: value.cpu() if isinstance(value, Tensor) else value for name, value in state.items()}
+    return {name: host_tensor(value) if isinstance(value, Tensor) else value for name, value in state.items()}
 
 
 def to_lightning_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def layer_indices(name: str, value: Any) -> tuple[int, ...]:
 def seconds(name: str, value: Any) -> timedelta:
     """A positive duration: a ``timedelta`` or a number of seconds, kept as a ``timedelta``."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = timedelta(seconds=float(value))
+        value = timedelta(seconds=float(value))  # host number
     if not isinstance(value, timedelta) or value.total_seconds() <= 0:
         raise ValueError(f"{name} must be a positive number of seconds or a timedelta, got {value!r}.")
     return value

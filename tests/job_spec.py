@@ -67,7 +67,7 @@ class TrainJobSpec(JobSpec):
     empty_init: bool = True  # init_module's empty_init
     strategy: dict[str, Any] | str | None = None  # BFPPStrategy keyword arguments; a name; None: "auto"
     pg_timeout: float = 60  # process-group timeout, seconds
-    emulate_nccl_streams: str | None = None  # "pair" or "rank": NCCL's transfer order, over gloo
+    emulate_nccl_streams: str | None = None  # "rank": NCCL's transfer order on the group's one stream, over gloo
     timeline_dir: str | None = None  # the strategy records its executed timeline there
     precision: str = "64-true"  # Trainer precision; "16-mixed" as the CPU mixed-precision plugin
     scaler: dict[str, Any] = field(default_factory=dict)  # GradScaler keyword arguments (16-mixed)
@@ -92,6 +92,7 @@ class TrainJobSpec(JobSpec):
     record_autocast: bool = False  # record Linear output dtypes and autocast in backward
     record_reductions: bool = False  # log gradient reductions and step marks
     count_collectives: bool = False  # count FSDP collectives and their dtypes
+    count_host_reads: bool = False  # count the package's reads of tensor values on the host, per training batch
     rank_overrides: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # local rank -> key -> merged
     runs: list[dict[str, Any]] = field(default_factory=list)  # {"name", "expect_error"?, **overrides}: one run each
 

@@ -2,8 +2,8 @@
 
 NCCL runs the transfers of a rank in issue order on a stream, one batch at a time: a receive holds the stream until
 its data arrives, and a send until the peer's matching receive has run (rendezvous). Gloo matches messages by tag
-and buffers sends, which hides orders that hang on NCCL. Here one worker thread per stream (per peer, or one for all
-peers) runs the batches in issue order; a batch's transfers are posted together and the batch ends when all are done;
+and buffers sends, which hides orders that hang on NCCL. Here one worker thread, the rank's stream for all its peers,
+runs the batches in issue order; a batch's transfers are posted together and the batch ends when all are done;
 each received message is acknowledged and a send ends only with that acknowledgement, so sends are rendezvous too.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -67,36 +66,20 @@ class _BatchWork:
 
 
 class NcclStreamLink(PeerLink):
-    """:class:`~lightning_bfpp.run.p2p.PeerLink` over gloo with NCCL's ordering (see the module docstring).
-
-    Arguments:
-        streams: ``"pair"``, one stream (worker thread) per peer; ``"rank"``, one stream for all peers.
-    """
+    """:class:`~lightning_bfpp.run.p2p.PeerLink` over gloo with NCCL's ordering (see the module docstring): one stream
+    (worker thread) for all the peers of a rank, as the group communicator that ``batch_isend_irecv`` uses."""
 
     emulates_nccl = True
-    streams: Literal["pair", "rank"] = "pair"
 
     def __init__(self, group: dist.ProcessGroup, num_micro_batches: int, device: torch.device) -> None:
         super().__init__(group, num_micro_batches, device)
-        self._queues: dict[int, queue.SimpleQueue[_Batch]] = {}
-
-    def _stream(self, peer: int) -> queue.SimpleQueue[_Batch]:
-        key = peer if self.streams == "pair" else -1
-        if key not in self._queues:
-            self._queues[key] = queue.SimpleQueue()
-            threading.Thread(target=_worker, args=(self._queues[key],), daemon=True).start()
-        return self._queues[key]
+        self._stream: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
+        threading.Thread(target=_worker, args=(self._stream,), daemon=True).start()
 
     def _start(self, transfers: list[Transfer]) -> list[dist.Work]:
-        ops = [as_p2p_op(transfer, self.group) for transfer in transfers]
-        by_stream: dict[int, list[dist.P2POp]] = {}
-        for op in ops:
-            by_stream.setdefault(op.peer if self.streams == "pair" else -1, []).append(op)
-        parts = []
-        for key, stream_ops in by_stream.items():
-            parts.append(_Batch(stream_ops))
-            self._stream(stream_ops[0].peer if key != -1 else -1).put(parts[-1])
-        return [_BatchWork(parts)]  # type: ignore[list-item]
+        batch = _Batch([as_p2p_op(transfer, self.group) for transfer in transfers])
+        self._stream.put(batch)
+        return [_BatchWork([batch])]  # type: ignore[list-item]
 
 
 def _worker(batches: queue.SimpleQueue[_Batch]) -> None:

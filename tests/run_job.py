@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from collective_count import ReductionLog, count_fsdp_collectives
+from host_read_probe import HostReadProbe
 from job_spec import TrainJobSpec
 from models import MODELS, TokenData, loader
 from nccl_streams import NcclStreamLink
@@ -305,9 +306,8 @@ def run(config: TrainJobSpec | dict[str, Any]) -> dict[str, Any]:
     elif strategy_kwargs is not None:
         options = {"timeout": timedelta(seconds=spec.pg_timeout), "timeline_dir": spec.timeline_dir, **strategy_kwargs}
         strategy = BFPPStrategy(**options)
-        streams = spec.emulate_nccl_streams  # "pair" or "rank": NCCL's transfer order, over gloo
-        if streams:
-            strategy.link_class = type("NcclStreams", (NcclStreamLink,), {"streams": streams})
+        if spec.emulate_nccl_streams:  # "rank": NCCL's transfer order on the group's one stream, over gloo
+            strategy.link_class = NcclStreamLink
     recorder = Recorder(spec.record_initial)
     saved = SavedBytes() if spec.count_saved_bytes else None  # what the training steps keep for backward
     autocast = AutocastRecorder() if spec.record_autocast else None
@@ -315,6 +315,7 @@ def run(config: TrainJobSpec | dict[str, Any]) -> dict[str, Any]:
     if reductions is not None:
         reductions.install()
     summaries = [PrintedModelSummary(), PrintedRichModelSummary()] if spec.summary else []
+    host_reads = HostReadProbe() if spec.count_host_reads else None
     extra_callbacks = stock_callbacks(spec.callbacks, spec.out_dir)
     trainer_options = {
         "max_steps": spec.max_steps,
@@ -336,6 +337,7 @@ def run(config: TrainJobSpec | dict[str, Any]) -> dict[str, Any]:
         callbacks=[recorder]
         + [c for c in (saved, autocast) if c is not None]
         + ([StepMarks(reductions)] if reductions else [])
+        + ([host_reads] if host_reads else [])
         + summaries
         + extra_callbacks,
         use_distributed_sampler=spec.default_sampler,
@@ -359,7 +361,13 @@ def run(config: TrainJobSpec | dict[str, Any]) -> dict[str, Any]:
     collectives = count_fsdp_collectives(trainer.strategy, collective_dtypes) if spec.count_collectives else None
     if spec.tune is not None:  # the Tuner's method, run before fit
         getattr(Tuner(trainer), spec.tune)(model, datamodule=data)
-    trainer.fit(model, datamodule=data)
+    if host_reads is not None:
+        host_reads.install()
+    try:
+        trainer.fit(model, datamodule=data)
+    finally:
+        if host_reads is not None:
+            host_reads.remove()
     if spec.save_checkpoint:  # a name in out_dir; every rank takes part (under bfpp a sharded directory)
         trainer.save_checkpoint(Path(spec.out_dir) / spec.save_checkpoint)
     validated = trainer.validate(model, datamodule=data, verbose=False) if spec.validate_after else None
@@ -384,6 +392,7 @@ def run(config: TrainJobSpec | dict[str, Any]) -> dict[str, Any]:
         "reductions": reductions.events if reductions is not None else None,
         "summaries": {type(s).__name__: s.text for s in summaries},  # printed on rank 0 only
         "targets": recorder.targets,
+        "host_reads": host_reads.steps if host_reads else None,
     }
     if spec.out_dir:
         torch.save(result, Path(spec.out_dir) / f"rank{trainer.global_rank}.pt")

@@ -97,14 +97,14 @@ CASES = [
     ),
     pytest.param((2, 2, 2, 4), "depth_first", "parameters", "adam", {"wide": True}, id="P2-L2-D2-df-params"),
     pytest.param((2, 1, 1, 4), "gpipe", "uniform", "sgd", {"accumulate": 2, "nccl": "rank"}, id="P2-gpipe-accum-nccl"),
-    pytest.param((2, 2, 1, 4), "depth_first", "uniform", "sgd", {"nccl": "pair"}, id="P2-L2-M4-df-nccl-streams"),
+    pytest.param((2, 2, 1, 4), "depth_first", "uniform", "sgd", {"nccl": "rank"}, id="P2-L2-M4-df-nccl-streams"),
     pytest.param((4, 2, 1, 8), "breadth_first", "uniform", "adam", {"nccl": "rank"}, id="P4-L2-M8-bf-nccl-streams"),
     pytest.param(
         (2, 1, 1, 4),
         "1f1b",
         "uniform",
         "adam",
-        {"clip_val": 0.05, "clip_algorithm": "value", "nccl": "pair"},
+        {"clip_val": 0.05, "clip_algorithm": "value", "nccl": "rank"},
         id="P2-1f1b",
     ),
 ]

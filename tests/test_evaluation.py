@@ -246,7 +246,7 @@ def test_recorder_combines_micro_batches_by_reduce_fx_and_replays_metrics() -> N
         with recorder.capture(last):
             last.hook(m)
     calls = recorder.calls()
-    assert calls[0] == MetricCounts((("acc", 2),))
+    assert calls[0] == MetricCounts((("acc", 2),), added=(("acc", 2),))
     by_name = {c.name: c for c in calls[1:]}
     assert list(by_name) == ["loss", "count", "worst", "acc"]
     assert (by_name["loss"].value, by_name["loss"].dtype) == (2.0, torch.float64)
@@ -257,6 +257,7 @@ def test_recorder_combines_micro_batches_by_reduce_fx_and_replays_metrics() -> N
     )
     assert (by_name["worst"].value, by_name["worst"].dtype) == (5.0, torch.float32)
     assert by_name["acc"] == LogCall("acc", 0.75, None, (), (), "acc")
+    assert all(isinstance(by_name[n].value, torch.Tensor) for n in ("loss", "worst", "acc"))  # not read on the host
 
     other = Module()  # a rank of the pipeline that did not run the hook
     replay(other, calls, torch.device("cpu"))
@@ -268,28 +269,33 @@ def test_recorder_combines_micro_batches_by_reduce_fx_and_replays_metrics() -> N
 
 def test_step_relay_values_survive_the_tensor_path_exactly() -> None:
     """What the last stage logged reaches the other ranks unchanged when only the values travel (as float64): the
-    loss in its dtype, every value, a Metric's missing step value, update counts; a changed option is noticed."""
-    from lightning_bfpp.lightning.log_relay import DeferredError, LogCall, MetricCounts, _join, _split
+    loss in its dtype, every value, a Metric's missing step value, the batch's metric updates; a changed option is
+    noticed."""
+    from lightning_bfpp.lightning.log_relay import DeferredError, LogCall, MetricCounts
+    from lightning_bfpp.lightning.step_relay import _join, _pack, _split
 
     calls = [
-        MetricCounts((("acc", 3),)),
-        LogCall("loss", 0.1 + 0.2, torch.float32, (), (("prog_bar", True),)),
+        MetricCounts((("acc", 3),), added=(("acc", 2),)),
+        LogCall("loss", torch.tensor(0.1 + 0.2, dtype=torch.float32), torch.float32, (), (("prog_bar", True),)),
         LogCall("acc", None, None, (), (), "acc"),
         LogCall("n", 12.0, None, (), (("reduce_fx", "sum"),)),
     ]
     loss = torch.tensor(1 / 3, dtype=torch.bfloat16)
     layout, values = _split(loss, calls)
-    sent = torch.tensor(values, dtype=torch.float64).tolist()
-    joined_loss, joined_calls = _join(layout, sent)
+    sent = _pack(1.0, values, torch.device("cpu"))
+    assert sent.dtype == torch.float64 and sent[0] == 1.0
+    joined_loss, joined_calls = _join(layout, sent[1:])
     assert joined_loss.dtype == torch.bfloat16 and joined_loss.item() == loss.item()
-    assert joined_calls == calls
+    assert joined_calls[0] == MetricCounts((("acc", 2),), relative=True)  # the batch's updates, added on arrival
+    assert joined_calls[1:] == calls[1:]
+    assert joined_calls[1].value.item() == calls[1].value.double().item()
     changed = [*calls[:3], LogCall("n", 12.0, None, (), (("reduce_fx", "max"),))]
     assert _split(loss, changed)[0] != layout
     # a collective refused in a later step: the error changes the layout (so it travels) and survives the join
     failed = [*calls, DeferredError("all_gather inside pipeline_loss")]
     failed_layout, failed_values = _split(loss, failed)
-    assert failed_layout != layout and failed_values == values
-    assert _join(failed_layout, failed_values)[1] == failed
+    assert failed_layout != layout and len(failed_values) == len(values)
+    assert _join(failed_layout, sent[1:])[1][-1] == failed[-1]
 
 
 def test_evaluation_results_merge_per_micro_batch() -> None:

@@ -17,7 +17,10 @@ CHECKS = [
     "timeline",
     "fp16_losses",
 ]
-HEADLINE = re.compile(r"gpu_check passed=(\d+)/(\d+) bfpp_over_auto_tokens=(\S+) bfpp_over_auto_peak_memory=(\S+)")
+HEADLINE = re.compile(
+    r"gpu_check passed=(\d+)/(\d+) bfpp_over_auto_tokens=(\S+) bfpp_over_auto_peak_memory=(\S+) "
+    r"host_syncs_per_step=(\S+)"
+)
 
 
 def test_gpu_check_passes_every_check_on_cpu() -> None:
@@ -31,4 +34,5 @@ def test_gpu_check_passes_every_check_on_cpu() -> None:
     assert headline.group(1) == headline.group(2) == str(len(CHECKS))
     assert float(headline.group(3)) > 0  # tokens/s ratio; the peak memory ratio is nan on CPU
     assert headline.group(4) == "nan"
+    assert float(headline.group(5)) <= 1  # on CPU: the package's host reads in a steady-state step
     assert code == 0, output[-4000:]

@@ -28,7 +28,7 @@ def test_grouped_training_matches_one_process_with_nccl_stream_order(run_job) ->
         "model": {"num_blocks": 4, "optimizer": "adam"},
         "batch_size": 8,
         "max_steps": 3,
-        "emulate_nccl_streams": "pair",  # NCCL's transfer order and rendezvous, emulated over gloo
+        "emulate_nccl_streams": "rank",  # NCCL's transfer order and rendezvous, emulated over gloo
     }
     assert_matches(run_job(config, timeout=150), config, 1)
 

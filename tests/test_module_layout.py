@@ -37,7 +37,6 @@ PUBLIC_NAMES = {
         "simulate_order",
         "stage_rank",
         "validate_schedule",
-        "_message",
     ],
     "plan.simulate": [
         "SHARDING_MODES",

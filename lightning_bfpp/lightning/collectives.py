@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_bfpp.lightning.internals import distributed_is_initialized, sync_ddp_if_available
 from lightning_bfpp.lightning.log_relay import refuse_in_pipeline_hook
+from lightning_bfpp.run.host_sync import host_values, to_device
 
 
 class PipelineCollectives:
@@ -25,9 +26,9 @@ class PipelineCollectives:
         # test, file_exists) compare the sum with the world size.
         if refuse_in_pipeline_hook("trainer.strategy.reduce_boolean_decision()"):
             return decision
-        flag = torch.tensor(int(decision), device=self.root_device)  # type: ignore[attr-defined]
-        flag = sync_ddp_if_available(flag, dist.group.WORLD, reduce_op=ReduceOp.SUM)
-        return bool(flag == self.world_size) if all else bool(flag)  # type: ignore[attr-defined]
+        flag = to_device(torch.tensor(int(decision)), self.root_device)  # type: ignore[attr-defined]
+        total = host_values(sync_ddp_if_available(flag, dist.group.WORLD, reduce_op=ReduceOp.SUM))
+        return total == self.world_size if all else bool(total)  # type: ignore[attr-defined]
 
     @override
     def barrier(self, name: str | None = None) -> None:

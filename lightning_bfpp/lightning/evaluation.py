@@ -9,7 +9,14 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_bfpp.lightning.log_relay import LogRecorder, PipelineMetricSync, StepRelay, install_metric_sync, replay
+from lightning_bfpp.lightning.log_relay import (
+    LogRecorder,
+    PipelineMetricSync,
+    calls_on_host,
+    install_metric_sync,
+    replay,
+)
+from lightning_bfpp.lightning.step_relay import RelayedStep, StepRelay
 from lightning_bfpp.run.collectives import relay
 from lightning_bfpp.run.executor import StageIO
 from lightning_bfpp.run.microbatch import batch_size_of, merge_outputs, split_batch
@@ -91,23 +98,24 @@ class PipelinedEvaluation:
             s.pipeline.run_forward(micro_batches, last)
         return self._relay_from_last_stage(merge_outputs(results), recorder)
 
-    def _relay_step(self, loss: Tensor | None, recorder: LogRecorder) -> Tensor:
-        """The training step's :meth:`_relay_from_last_stage` of the batch loss: while the logged names and options stay
-        the same, one tensor broadcast per step (see :class:`~lightning_bfpp.lightning.log_relay.StepRelay`)."""
+    def _start_relay(self, loss: Tensor | None, recorder: LogRecorder) -> RelayedStep:
+        """Starts handing the training step's batch loss and logged calls from the last stage to every rank of the
+        pipeline: while the logged names and options stay the same, one tensor broadcast per step and nothing read on
+        the host but its flag (see :mod:`~lightning_bfpp.lightning.step_relay`)."""
         s: Any = self
         if self._step_relay is None or self._step_relay.group is not s.pp_group:
             self._step_relay = StepRelay(s.pp_group, s.pipeline_parallel_size - 1, s.root_device)
         last = s.is_last_stage_rank
         assert not last or loss is not None
-        loss, calls = self._step_relay(loss.cpu() if last else None, recorder.calls() if last else None)
-        replay(s.lightning_module, calls, s.root_device)
-        return loss.to(s.root_device)
+        return self._step_relay.start(loss if last else None, recorder.calls() if last else None)
 
     def _relay_from_last_stage(self, result: Any, recorder: LogRecorder) -> Any:
         """Sends ``result`` (computed on the last stage; ignored elsewhere) and the calls ``recorder`` captured there to
         every rank of the pipeline, replays the calls on every rank, and returns the result on this rank's device."""
         s: Any = self
-        payload = (move_data_to_device(result, "cpu"), recorder.calls()) if s.is_last_stage_rank else None
+        payload = None
+        if s.is_last_stage_rank:
+            payload = (move_data_to_device(result, "cpu"), calls_on_host(recorder.calls()))
         result, calls = relay(payload, s.pp_group, s.pipeline_parallel_size - 1)
         replay(s.lightning_module, calls, s.root_device)
         return move_data_to_device(result, s.root_device)

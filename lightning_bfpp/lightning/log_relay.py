@@ -39,6 +39,7 @@ from lightning_bfpp.lightning.internals import (
     set_metric_update_count,
 )
 from lightning_bfpp.run.collectives import relay
+from lightning_bfpp.run.host_sync import host_tensor, host_values, to_device
 
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
 _capturing = 0  # > 0 while a last-stage hook runs under LogRecorder.capture
@@ -62,12 +63,13 @@ class DeferredError:
 class LogCall:
     """One ``self.log`` call of a batch, its value combined over the micro-batches that made it.
 
-    ``dtype`` is None for a value logged as a Python number; ``metric`` is the module path of a torchmetrics
-    ``Metric`` logged as an object (``value`` is then its step value, or None).
+    ``value`` is a float for a value logged as a Python number (``dtype`` None), else a scalar float64 tensor on the
+    device (never read on the host here: Lightning reads it when a logger is due); ``metric`` is the module path of a
+    torchmetrics ``Metric`` logged as an object (``value`` is then its step value, or None).
     """
 
     name: str
-    value: float | None
+    value: float | Tensor | None
     dtype: torch.dtype | None
     args: tuple[Any, ...]
     kwargs: tuple[tuple[str, Any], ...]
@@ -76,9 +78,12 @@ class LogCall:
 
 @dataclass(frozen=True)
 class MetricCounts:
-    """The update counts, after the batch, of the Metric modules that the last stage's hooks updated."""
+    """The update counts, after the batch, of the Metric modules that the last stage's hooks updated; ``relative``:
+    the counts are the updates of the batch, to add to the counts of a rank that did not run the hooks."""
 
     counts: tuple[tuple[str, int], ...]
+    relative: bool = False
+    added: tuple[tuple[str, int], ...] = ()  # the batch's updates (for the training step's relay)
 
 
 class _Entry:
@@ -140,7 +145,7 @@ class LogRecorder:
                 raise ValueError(f"self.log({name!r}, ...) got a tensor of shape {tuple(value.shape)}: log a scalar.")
             entry.values.append(value.detach().reshape(()))
         elif isinstance(value, numbers.Number) and not isinstance(value, complex):
-            entry.values.append(float(value))  # type: ignore[arg-type]
+            entry.values.append(float(value))  # type: ignore[arg-type]  # host number
         else:
             raise TypeError(
                 f"self.log({name!r}, {type(value).__name__}) inside a pipeline hook: log a scalar tensor, a number or "
@@ -168,20 +173,22 @@ class LogRecorder:
         if self._error is not None:
             result.append(DeferredError(self._error))
         if self._module is not None and self._counts_before is not None:
+            before = self._counts_before
             changed = tuple(
                 (name, metric_update_count(m))
                 for name, m in _metrics(self._module)
-                if self._counts_before.get(name) != metric_update_count(m)
+                if before.get(name) != metric_update_count(m)
             )
             if changed:
-                result.append(MetricCounts(changed))
+                added = tuple((name, count - before.get(name, 0)) for name, count in changed)
+                result.append(MetricCounts(changed, added=added))
         for name, entry in self._entries.items():
             kwargs = dict(entry.kwargs)
             if name in self._batch_sizes:  # the batch's size, not the last micro-batch's
                 kwargs["batch_size"] = sum(self._batch_sizes[name])
             if entry.metric is not None:
                 values = entry.values
-                step = None if any(v is None for v in values) else torch.stack(values).mean().item()
+                step = None if any(v is None for v in values) else torch.stack(values).mean()
                 result.append(LogCall(name, step, None, entry.args, tuple(sorted(kwargs.items())), entry.metric))
                 continue
             value, dtype = _combine(entry.values, kwargs.get("reduce_fx", "mean"))
@@ -203,17 +210,31 @@ def refuse_in_pipeline_hook(call: str) -> bool:
     return True
 
 
-def _combine(values: list[Any], reduce_fx: Any) -> tuple[float, torch.dtype | None]:
+def _combine(values: list[Any], reduce_fx: Any) -> tuple[float | Tensor, torch.dtype | None]:
+    """The micro-batch values combined in float64: on the host for numbers, on the device (no read) for tensors."""
     op = _reduction_name(reduce_fx)
-    dtype = values[0].dtype if isinstance(values[0], Tensor) else None
-    stacked = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if not any(isinstance(v, Tensor) for v in values):
+        numbers_ = [float(v) for v in values]  # host number: Python numbers, no device involved
+        if op == "sum":
+            return sum(numbers_), None
+        combined = {"max": max, "min": min}.get(op)
+        return (combined(numbers_) if combined else sum(numbers_) / len(numbers_)), None
+    dtype = next(v.dtype for v in values if isinstance(v, Tensor))
+    device = next(v.device for v in values if isinstance(v, Tensor))
+    stacked = torch.stack([_as_float64(v, device) for v in values])
     if op == "sum":
-        return stacked.sum().item(), dtype
+        return stacked.sum(), dtype
     if op == "max":
-        return stacked.max().item(), dtype
+        return stacked.max(), dtype
     if op == "min":
-        return stacked.min().item(), dtype
-    return stacked.mean().item(), dtype
+        return stacked.min(), dtype
+    return stacked.mean(), dtype
+
+
+def _as_float64(value: Any, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach().to(torch.float64)
+    return to_device(torch.tensor(float(value), dtype=torch.float64), device)  # host number
 
 
 def _reduction_name(reduce_fx: Any) -> str:
@@ -238,112 +259,38 @@ def replay(module: Any, calls: list[LogCall | MetricCounts | DeferredError], dev
             raise PipelineHookError(call.message)
         if isinstance(call, MetricCounts):
             for name, count in call.counts:
-                set_metric_update_count(module.get_submodule(name), count)
+                metric = module.get_submodule(name)
+                set_metric_update_count(metric, metric_update_count(metric) + count if call.relative else count)
             continue
         kwargs = dict(call.kwargs)
         if call.metric is not None:
             metric = module.get_submodule(call.metric)
-            set_metric_forward_value(
-                metric,
-                torch.tensor(call.value, dtype=metric.dtype, device=metric.device) if call.value is not None else None,
-            )
+            value = None if call.value is None else _as_tensor(call.value, metric.dtype, metric.device)
+            set_metric_forward_value(metric, value)
             module.log(call.name, metric, *call.args, metric_attribute=call.metric, **kwargs)
-        elif call.dtype is None:
-            value: Any = call.value
-            module.log(call.name, value, *call.args, **kwargs)
-        else:
-            module.log(call.name, torch.tensor(call.value, dtype=call.dtype, device=device), *call.args, **kwargs)
+        elif call.dtype is None and not isinstance(call.value, Tensor):
+            module.log(call.name, call.value, *call.args, **kwargs)
+        else:  # a tensor; a number relayed as a tensor becomes the tensor Lightning makes of a number
+            dtype = call.dtype or torch.get_default_dtype()
+            module.log(call.name, _as_tensor(call.value, dtype, device), *call.args, **kwargs)
 
 
-class StepRelay:
-    """Hands the last stage's batch loss and recorded calls (:meth:`LogRecorder.calls`) to every rank of the pipeline,
-    once per training step.
-
-    The first step, and a step whose calls differ from the previous step's in anything but their values (names,
-    options, which values are missing), sends everything as a pickled object (two broadcasts). Otherwise one broadcast
-    of a float64 tensor carries the values: exact for the loss, the logged floats and the metric update counts.
-
-    Arguments:
-        group: the pipeline's process group (None: nothing to send).
-        src: the group rank of the last stage.
-        device: where the process group's backend takes tensors.
-    """
-
-    def __init__(self, group: dist.ProcessGroup | None, src: int, device: torch.device) -> None:
-        self.group, self.src, self.device = group, src, device
-        self._layout: tuple[Any, ...] | None = None  # the previous step's, the same on every rank of the pipeline
-
-    def __call__(self, loss: Tensor | None, calls: list[LogCall | MetricCounts] | None) -> tuple[Any, Any]:
-        """``loss`` (on the CPU) and ``calls`` on the last stage (None elsewhere); returns them on every rank."""
-        if self.group is None or dist.get_world_size(self.group) == 1:
-            return loss, calls
-        mine = _split(loss, calls) if dist.get_rank(self.group) == self.src else None
-        if self._layout is not None:
-            values = torch.zeros(1 + _value_count(self._layout), dtype=torch.float64)
-            if mine is not None and _same(mine[0], self._layout):
-                values[0] = 1.0
-                values[1:] = torch.tensor(mine[1], dtype=torch.float64)
-            values = values.to(self.device)
-            dist.broadcast(values, group=self.group, group_src=self.src)
-            received = values.tolist()
-            if received[0] == 1.0:
-                return _join(self._layout, received[1:])
-        layout, numbers_ = relay(mine, self.group, self.src)
-        self._layout = layout
-        return _join(layout, numbers_)
+def _as_tensor(value: float | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=dtype)
+    return to_device(torch.tensor(value, dtype=dtype), device)
 
 
-def _split(
-    loss: Tensor | None, calls: list[LogCall | MetricCounts | DeferredError] | None
-) -> tuple[tuple[Any, ...], list[float]]:
-    """The structure of a step's loss and calls (``("counts", names)``, ``("error", error)`` or ``("call", call
-    without value, has value)`` per call), and their values in order."""
-    values: list[float] = []
-    layout: list[Any] = [None if loss is None else loss.dtype]
-    if loss is not None:
-        values.append(float(loss))
-    for call in calls or []:
-        if isinstance(call, DeferredError):
-            layout.append(("error", call))
-        elif isinstance(call, MetricCounts):
-            layout.append(("counts", tuple(name for name, _ in call.counts)))
-            values += [float(count) for _, count in call.counts]
-        else:
-            layout.append(("call", dataclasses.replace(call, value=None), call.value is not None))
-            if call.value is not None:
-                values.append(call.value)
-    return tuple(layout), values
-
-
-def _value_count(layout: tuple[Any, ...]) -> int:
-    count = 0 if layout[0] is None else 1
-    for item in layout[1:]:
-        if item[0] == "counts":
-            count += len(item[1])
-        elif item[0] == "call":
-            count += int(item[2])
-    return count
-
-
-def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # an option that does not compare (a tensor): send the calls as an object
-        return False
-
-
-def _join(layout: tuple[Any, ...], values: list[float]) -> tuple[Tensor | None, list[LogCall | MetricCounts]]:
-    it = iter(values)
-    loss = None if layout[0] is None else torch.tensor(next(it), dtype=layout[0])
-    calls: list[LogCall | MetricCounts] = []
-    for item in layout[1:]:
-        if item[0] == "counts":
-            calls.append(MetricCounts(tuple((name, int(next(it))) for name in item[1])))
-        elif item[0] == "error":
-            calls.append(item[1])
-        else:
-            calls.append(dataclasses.replace(item[1], value=next(it)) if item[2] else item[1])
-    return loss, calls
+def calls_on_host(calls: list[LogCall | MetricCounts | DeferredError]) -> list[LogCall | MetricCounts | DeferredError]:
+    """``calls`` with their tensor values as floats (one host read): what travels as a pickled object."""
+    tensors = [c.value for c in calls if isinstance(c, LogCall) and isinstance(c.value, Tensor)]
+    if not tensors:
+        return calls
+    values = iter(host_values(torch.stack([t.to(torch.float64) for t in tensors])))
+    return [
+        dataclasses.replace(c, value=next(values)) if isinstance(c, LogCall) and isinstance(c.value, Tensor) else c
+        for c in calls
+    ]
 
 
 class PipelineMetricSync:
@@ -362,9 +309,9 @@ class PipelineMetricSync:
     def __call__(self, tensor: Tensor, group: Any = None) -> list[Tensor]:
         if _capturing or self.pp_group is None or dist.get_world_size(self.pp_group) == 1:
             return self._gather(tensor)
-        parts = [t.cpu() for t in self._gather(tensor)] if self.is_last else None
+        parts = [host_tensor(t) for t in self._gather(tensor)] if self.is_last else None
         parts = relay(parts, self.pp_group, self.last)
-        return [t.to(tensor.device) for t in parts]
+        return [to_device(t, tensor.device) for t in parts]
 
     def _gather(self, tensor: Tensor) -> list[Tensor]:
         if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_bfpp.run.nonfinite import NonFiniteCheck, NonFiniteError, back_off
@@ -25,16 +26,23 @@ class NonFinitePolicy:
             self._nonfinite = NonFiniteCheck(self.global_rank, self.root_device)  # type: ignore[attr-defined]
         self._nonfinite.add_losses(batch_idx, losses)
 
-    def _check_nonfinite(self, batch_idx: int) -> None:
-        """Agrees on every rank whether a loss of this accumulation window or a gradient is non-finite; then raises,
-        or zeroes the gradients and marks the optimizer step to be skipped (see :meth:`optimizer_step`).
+    def _start_nonfinite_check(self) -> Tensor:
+        """Starts agreeing on every rank whether a loss of this accumulation window or a gradient is non-finite: the
+        flags, on the device, to read on the host with the step's other values and hand to
+        :meth:`_finish_nonfinite_check`."""
+        assert self._nonfinite is not None
+        module = self.lightning_module  # type: ignore[attr-defined]
+        return self._nonfinite.start((n, p.grad) for n, p in module.named_parameters() if p.grad is not None)
+
+    def _finish_nonfinite_check(self, batch_idx: int, flags: list[float]) -> None:
+        """From the flags' values: raises, or zeroes the gradients and marks the optimizer step to be skipped (see
+        :meth:`optimizer_step`).
 
         With a gradient scaler (``16-mixed``), non-finite gradients alone are an overflow of the scaled gradients:
         every rank skips the step and backs off the scale, whatever ``nonfinite_loss`` says."""
         assert self._nonfinite is not None
-        module = self.lightning_module  # type: ignore[attr-defined]
-        trainer = module.trainer
-        found = self._nonfinite.check((n, p.grad) for n, p in module.named_parameters() if p.grad is not None)
+        trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
+        found = self._nonfinite.finish(flags)
         if not found:
             return
         scaler = self._scaler
@@ -64,12 +72,12 @@ class NonFinitePolicy:
         scaler = getattr(self.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
         return scaler if scaler is not None and scaler.is_enabled() else None
 
-    def _loss_scale(self) -> float:
-        """The scaler's current scale (1 without one), read on every rank: scaling creates the scale on this rank's
-        device, which unscaling the gradients needs on ranks without the loss too."""
+    def _loss_scale(self) -> float | Tensor:
+        """The scaler's current scale (1 without one; a device tensor, not read on the host), on every rank: scaling
+        creates the scale on this rank's device, which unscaling the gradients needs on ranks without the loss too."""
         scaler = self._scaler
         device = self.root_device  # type: ignore[attr-defined]
-        return 1.0 if scaler is None else float(scaler.scale(torch.ones((), device=device)))
+        return 1.0 if scaler is None else scaler.scale(torch.ones((), device=device))
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:

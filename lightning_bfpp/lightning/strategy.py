@@ -33,7 +33,7 @@ from lightning_bfpp.lightning.internals import (
     restore_clip_grad_by_norm,
     skip_loop_backward,
 )
-from lightning_bfpp.lightning.log_relay import LogRecorder, install_metric_sync
+from lightning_bfpp.lightning.log_relay import LogRecorder, install_metric_sync, replay
 from lightning_bfpp.lightning.module import check_pipeline_module
 from lightning_bfpp.lightning.nonfinite_policy import NonFinitePolicy
 from lightning_bfpp.lightning.summary import record_whole_model, use_whole_model_summary
@@ -42,6 +42,7 @@ from lightning_bfpp.options import PipelineOptions, arguments_docstring, option_
 from lightning_bfpp.plan.partition import Partition
 from lightning_bfpp.run.faults import explain_lost_rank
 from lightning_bfpp.run.groups import PipelineGroups, layout_ranks
+from lightning_bfpp.run.host_sync import host_values_together
 from lightning_bfpp.run.microbatch import split_batch
 from lightning_bfpp.run.p2p import PeerLink
 from lightning_bfpp.run.pipeline import StagePipeline, step_schedule
@@ -366,11 +367,17 @@ class BFPPStrategy(
             pipeline.write_timeline(self.timeline_dir)  # type: ignore[arg-type]
         if steps_optimizer:
             pipeline.finish_step()
-        loss = self._relay_step(torch.stack(losses).mean() if losses else None, recorder)
+        relayed = self._start_relay(torch.stack(losses).mean() if losses else None, recorder)
+        flags = self._start_nonfinite_check() if steps_optimizer else None
+        relay_flag, found = host_values_together(relayed.flag, flags)  # the step's one host read
+        loss, calls = relayed.result(relay_flag[0] if relay_flag else None)
+        replay(module, calls, self.root_device)
+        assert loss is not None
+        loss = loss.to(self.root_device)
         call_hook(trainer, "on_before_backward", loss)
         call_hook(trainer, "on_after_backward")
-        if steps_optimizer:
-            self._check_nonfinite(batch_idx)
+        if found is not None:
+            self._finish_nonfinite_check(batch_idx, found)
         return loss
 
     # ------------------------------------------------------------------------------------------------ the end

@@ -36,7 +36,6 @@ from lightning_bfpp.plan.schedule_actions import (
     communication_groups,
     stage_rank,
 )
-from lightning_bfpp.plan.schedule_actions import _message as _message
 from lightning_bfpp.plan.schedule_validation import _fail as _fail
 from lightning_bfpp.plan.schedule_validation import simulate_order, validate_schedule
 

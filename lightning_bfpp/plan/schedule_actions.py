@@ -155,16 +155,3 @@ def _first_of(actions: Iterable[Action], kind: ActionKind) -> dict[int, Action]:
         if action.kind is kind:
             first.setdefault(action.stage, action)
     return first
-
-
-def _message(action: Action) -> tuple[str, int, int] | None:
-    """The message a communication action sends or receives, named by its kind, downstream stage and micro-batch."""
-    if action.kind is _SA:
-        return ("act", action.stage + 1, action.micro_batch)
-    if action.kind is _RA:
-        return ("act", action.stage, action.micro_batch)
-    if action.kind is _SG:
-        return ("grad", action.stage, action.micro_batch)
-    if action.kind is _RG:
-        return ("grad", action.stage + 1, action.micro_batch)
-    return None

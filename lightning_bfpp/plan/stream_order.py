@@ -1,18 +1,21 @@
 """Checks that a schedule cannot hang on NCCL, by a model of how NCCL runs point-to-point transfers.
 
-NCCL does not match messages by tag. It runs the transfers of a rank in the order they are issued, on a stream: one
-per pair of ranks for single ``isend``/``irecv`` calls, and, for ``batch_isend_irecv``, the communicator of the whole
-group. The model follows the executor and these rules:
+NCCL does not match messages by tag. The executor posts every transfer of a communication group as one
+``batch_isend_irecv`` on the pipeline group's communicator, which runs a rank's transfers to all its peers in issue
+order on one stream (a lone ``isend``/``irecv`` does too, on a group created eagerly, as the strategy creates them on
+GPUs). The model follows the executor and these rules:
 
-- A rank issues its actions in order without waiting, except for the shapes (header) of a stage boundary, which it
-  reads on the host at the boundary's first receive.
+- A rank issues its actions in order without waiting, except in a step that learns the shapes (header) of a stage
+  boundary: the first step of each batch shape, where the receiver reads them on the host at the boundary's first
+  receive. Later steps with the same shapes send no header and never wait on the host; both kinds of step are
+  checked.
 - Each communication group (:func:`lightning_bfpp.plan.schedule.communication_groups`) is one unit on the stream: its
   transfers are posted at once and the unit ends when all of them are done. Issued as single operations, each
-  transfer is a unit of its own. The sender adds the header of a boundary right before its first activation; the
-  receiver issues the part of the group before the boundary's first receive, then receives the header on its own
-  and waits for it, then issues the rest of the group.
-- A unit starts when it is first on its stream and the rank's computes issued before it are done (the stream waits
-  for the compute stream). A receive and a send are done together, when both are started and each is the next
+  transfer is a unit of its own. In a step with headers, the sender adds the header of a boundary right before its
+  first activation; the receiver issues the part of the group before the boundary's first receive, then receives the
+  header on its own and waits for it, then issues the rest of the group.
+- A unit starts when it is first on its rank's stream and the rank's computes issued before it are done (the stream
+  waits for the compute stream). A receive and a send are done together, when both are started and each is the next
   transfer of its unit for that peer (rendezvous); if the two name different messages, NCCL would pair them anyway.
 - A compute waits for the previous compute and for the unit that holds its input.
 
@@ -23,14 +26,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
 
 from lightning_bfpp.plan.schedule import COMMUNICATION_KINDS, Action, ActionKind, Schedule, communication_groups
 from lightning_bfpp.plan.schedule_validation import _fail
-
-Streams = Literal["pair", "rank"]
-"""``"pair"``: one stream per pair of ranks (single operations); ``"rank"``: one stream per rank for all its peers
-(``batch_isend_irecv``)."""
 
 Message = tuple[str, int, int]  # ("act" | "grad" | "header", downstream stage of the boundary, micro-batch)
 
@@ -53,9 +51,6 @@ class _Unit:
         else:
             book[peer] = deque((message,))
         self.left += 1
-
-    def pending_with(self, peer: int) -> bool:
-        return bool(self.sends.get(peer)) or bool(self.recvs.get(peer))
 
     def fresh(self) -> _Unit:
         """A copy with none of its transfers done."""
@@ -99,8 +94,9 @@ def _describe(message: Message) -> str:
     return f"{what} {stage}, micro-batch {micro_batch}"
 
 
-def _rank_items(schedule: Schedule, rank: int, batched: bool) -> list[tuple[str, object]]:
-    """What ``rank`` issues, in order: computes, units of transfers, and host waits for a boundary's shapes."""
+def _rank_items(schedule: Schedule, rank: int, batched: bool, headers: bool = True) -> list[tuple[str, object]]:
+    """What ``rank`` issues, in order: computes, units of transfers, and (``headers``: a step that learns the shapes)
+    host waits for a boundary's shapes."""
     actions = schedule.actions[rank]
     if batched:
         groups = communication_groups(actions)
@@ -121,7 +117,7 @@ def _rank_items(schedule: Schedule, rank: int, batched: bool) -> list[tuple[str,
         unit = _Unit(rank, [], computes)
         for a in (actions[j] for j in group_at[i]):
             send, peer, message = _transfer(schedule.pipeline_size, a)
-            if a.kind is ActionKind.RECV_ACT and a.stage not in header_received:
+            if headers and a.kind is ActionKind.RECV_ACT and a.stage not in header_received:
                 # the executor issues what it has of the group, then reads the shapes on the host
                 header_received.add(a.stage)
                 if unit.left:
@@ -130,7 +126,7 @@ def _rank_items(schedule: Schedule, rank: int, batched: bool) -> list[tuple[str,
                 header = _Unit(rank, [], computes)
                 header.add(False, peer, ("header", a.stage, 0))
                 items += [("unit", header), ("wait", header)]
-            if a.kind is ActionKind.SEND_ACT and a.stage + 1 not in header_sent:
+            if headers and a.kind is ActionKind.SEND_ACT and a.stage + 1 not in header_sent:
                 header_sent.add(a.stage + 1)
                 unit.add(True, peer, ("header", a.stage + 1, 0))
             unit.add(send, peer, message)
@@ -162,33 +158,25 @@ def _fresh(items: list[tuple[str, object]]) -> list[tuple[str, object]]:
     return out
 
 
-def check_stream_order(
-    schedule: Schedule,
-    *,
-    streams: Streams = "rank",
-    batched: bool = True,
-    _items: list[list[tuple[str, object]]] | None = None,
-) -> None:
+def check_stream_order(schedule: Schedule, *, batched: bool = True, headers: bool = True) -> None:
     """Runs the model (see the module docstring); raises :class:`~lightning_bfpp.plan.schedule.ScheduleError` naming the
     blocked ranks and transfers if NCCL could hang or pair the wrong messages.
 
     Arguments:
         schedule: the schedule to check.
-        streams: ``"pair"``, one stream per pair of ranks; ``"rank"``, one stream per rank for all its peers.
         batched: each communication group is issued as one ``batch_isend_irecv`` (what the executor does); False:
             every send and receive is issued on its own.
+        headers: a step that learns the boundaries' shapes (the first of each batch shape); False: a step with
+            known shapes.
     """
     size = schedule.pipeline_size
-    if _items is None:
-        _items = [_rank_items(schedule, r, batched) for r in range(size)]
-    ranks = [_Rank(_fresh(items)) for items in _items]
-    per_pair = streams == "pair"
-    queues: dict[tuple[int, int], deque[_Unit]] = {}  # (rank, peer), or (rank, -1) for one stream per rank
+    ranks = [_Rank(_fresh(_rank_items(schedule, r, batched, headers))) for r in range(size)]
+    queues: dict[int, deque[_Unit]] = {}  # each rank's stream: the group communicator's, for all its peers
     neighbours = [sorted({(r - 1) % size, (r + 1) % size} - {r}) for r in range(size)]
 
     def head(rank: int, peer: int) -> _Unit | None:
         """The unit first on ``rank``'s stream to ``peer``, if it has started."""
-        queue = queues.get((rank, peer if per_pair else -1))
+        queue = queues.get(rank)
         if not queue or ranks[rank].computes_done < queue[0].computes_before:
             return None
         return queue[0]
@@ -205,8 +193,7 @@ def check_stream_order(
                         break
                 elif kind == "unit":
                     assert isinstance(item, _Unit)
-                    for peer in sorted({*item.sends, *item.recvs}) if per_pair else [-1]:
-                        queues.setdefault((rank, peer), deque()).append(item)
+                    queues.setdefault(rank, deque()).append(item)
                 else:
                     state.computes.append(item)  # type: ignore[arg-type]
                 state.issued += 1
@@ -230,24 +217,22 @@ def check_stream_order(
                     unit.left -= 1
                     other.left -= 1
                     progressed = True
-                for r, q in ((rank, peer), (peer, rank)):  # retire finished units
-                    queue = queues.get((r, q if per_pair else -1))
-                    while queue and not (queue[0].pending_with(q) if per_pair else queue[0].left):
+                for r in (rank, peer):  # retire finished units
+                    queue = queues.get(r)
+                    while queue and not queue[0].left:
                         queue.popleft()
     if mismatches or any(s.issued < len(s.items) or s.computes for s in ranks) or any(queues.values()):
-        raise _fail(schedule, _hang_report(ranks, queues, mismatches, per_pair, batched))
+        raise _fail(schedule, _hang_report(ranks, queues, mismatches, batched))
 
 
 def _hang_report(
     ranks: list[_Rank],
-    queues: dict[tuple[int, int], deque[_Unit]],
+    queues: dict[int, deque[_Unit]],
     mismatches: list[str],
-    per_pair: bool,
     batched: bool,
 ) -> list[str]:
     how = "groups issued as batch_isend_irecv" if batched else "every transfer issued on its own"
-    where = "one stream per pair of ranks" if per_pair else "one stream per rank"
-    problems = [f"NCCL could hang ({how}, {where}); the first blocked transfers:", *mismatches]
+    problems = [f"NCCL could hang ({how}, one stream per rank); the first blocked transfers:", *mismatches]
     for rank, state in enumerate(ranks):
         if state.issued < len(state.items) and state.items[state.issued][0] == "wait":
             problems.append(f"rank {rank} waits on the host for the shapes of its next input")
@@ -255,22 +240,20 @@ def _hang_report(
             action, needs = state.computes[0]
             label = needs.label if needs is not None else "?"
             problems.append(f"rank {rank} cannot run {action}: it waits for the transfers of group {label}")
-    for (rank, peer), queue in sorted(queues.items()):
+    for rank, queue in sorted(queues.items()):
         if not queue:
             continue
         unit = queue[0]
-        peers = [peer] if per_pair else sorted({*unit.sends, *unit.recvs})
+        peers = sorted({*unit.sends, *unit.recvs})
         todo = [f"send {_describe(unit.sends[p][0])} to rank {p}" for p in peers if unit.sends.get(p)]
         todo += [f"receive {_describe(unit.recvs[p][0])} from rank {p}" for p in peers if unit.recvs.get(p)]
-        stream_name = f"rank {rank}'s stream" + (f" to rank {peer}" if per_pair else "")
-        problems.append(f"{stream_name} is stuck in group {unit.label}: it has yet to {' and '.join(todo)}")
+        problems.append(f"rank {rank}'s stream is stuck in group {unit.label}: it has yet to {' and '.join(todo)}")
     return problems
 
 
 def validate_stream_order(schedule: Schedule) -> None:
-    """Checks that the executor's transfers (groups issued as ``batch_isend_irecv``) cannot hang on NCCL, with one
-    stream per pair of ranks and with one stream per rank; raises :class:`~lightning_bfpp.plan.schedule.ScheduleError`
-    naming the blocked ranks and transfers."""
-    items = [_rank_items(schedule, r, batched=True) for r in range(schedule.pipeline_size)]
-    for streams in ("rank", "pair"):
-        check_stream_order(schedule, streams=streams, batched=True, _items=items)  # type: ignore[arg-type]
+    """Checks that the executor's transfers (groups issued as ``batch_isend_irecv`` on the group's communicator)
+    cannot hang on NCCL, in a step that learns the boundaries' shapes and in a step that knows them; raises
+    :class:`~lightning_bfpp.plan.schedule.ScheduleError` naming the blocked ranks and transfers."""
+    for headers in (True, False):
+        check_stream_order(schedule, batched=True, headers=headers)

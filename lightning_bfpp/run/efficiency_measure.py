@@ -72,7 +72,8 @@ def measure(
         f"measured on {name} ({device.type}, {torch.get_num_threads()} threads), {dtype}, hidden {hidden}, "
         f"best {best:.3g} TFLOP/s"
     )
-    return EfficiencyCurve(tuple((float(r), t / best) for r, t in zip(sizes, tflops, strict=True)), source), tflops
+    curve = tuple((float(r), t / best) for r, t in zip(sizes, tflops, strict=True))  # host number
+    return EfficiencyCurve(curve, source), tflops
 
 
 def _sizes(text: str) -> list[int]:

@@ -6,7 +6,8 @@ The executor knows nothing about Lightning: the caller hands it the stage comput
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,11 +60,18 @@ class StepState:
     grad_recvs: dict[tuple[int, int], PendingRecv] = field(default_factory=dict)
     input_metas: dict[int, StageIOMeta] = field(default_factory=dict)
     sent_metas: dict[int, StageIOMeta] = field(default_factory=dict)
+    known_metas: dict[int, StageIOMeta] = field(default_factory=dict)  # by boundary, from earlier steps
+    new_metas: dict[int, StageIOMeta] = field(default_factory=dict)  # by boundary, learned by a header this step
 
     def leftovers(self) -> list[str]:
         """Tensors or receives that a complete step should have consumed: activations, gradients, pending recvs."""
         names = ("inputs", "outputs", "output_grads", "input_grads", "act_recvs", "grad_recvs")
         return [f"{name}{sorted(getattr(self, name))}" for name in names if getattr(self, name)]
+
+
+MAX_KNOWN_SHAPES = 64
+"""Batch shapes whose boundary shapes an executor remembers (the least recently used are forgotten first, in the
+same order on every rank, since every rank sees the same batches)."""
 
 
 def _as_tuple(value: StageIO) -> tuple[Tensor, ...]:
@@ -88,8 +96,11 @@ class PipelineExecutor:
         rank: this process's pipeline rank.
         link: the point-to-point link to the other pipeline ranks (None when ``pipeline_size == 1``). Each
             communication group of the schedule (:func:`~lightning_bfpp.plan.schedule.communication_groups`) is issued
-            as one batch; at the first receive of a boundary, the transfers of the group before it are issued, and the
-            boundary's shapes received on their own, first.
+            as one batch. The first step of each batch shape learns each boundary's shapes from a header: at the
+            boundary's first receive the transfers of the group before it are issued, and the header received (and
+            read on the host) on its own. Later steps with the same batch shapes (``shapes_key`` of :meth:`run`) send
+            no header and read nothing on the host: the receiver allocates from the shapes it remembers, and the
+            sender checks on the host (from tensor metadata, without a device read) that its outputs still have them.
         data_parallel: what the data-parallel mode does at the schedule's GATHER, RESHARD and REDUCE_GRAD actions and
             around each backward (see :class:`~lightning_bfpp.run.data_parallel.DataParallel`); None when there is
             nothing to do.
@@ -131,6 +142,7 @@ class PipelineExecutor:
         self._last_backward = {a.stage: a.micro_batch for a in self.actions if a.kind is ActionKind.BACKWARD}
         # what run() does, in order, built once: (function, argument, timeline label, timeline category)
         self._program: list[tuple[Callable[[Any], None], Any, str, str]] = []
+        self._known_shapes: OrderedDict[Hashable, dict[int, StageIOMeta]] = OrderedDict()
         group_ends = {group[-1]: group for group in communication_groups(self.actions)}
         for i, action in enumerate(self.actions):
             if action.kind is not ActionKind.GROUP_END:  # a marker: nothing to run
@@ -143,15 +155,22 @@ class PipelineExecutor:
         self,
         forward: ForwardFn,
         last: LastStageFn,
-        loss_scale: float = 1.0,
+        loss_scale: float | Tensor = 1.0,
         before_first_backward: Callable[[], None] | None = None,
+        shapes_key: Hashable | None = None,
     ) -> list[Tensor]:
         """Runs the step; returns the detached losses of the micro-batches (empty unless this rank holds the last
-        stage). Gradients accumulate into the parameters' ``.grad``, scaled by ``loss_scale``;
-        ``before_first_backward`` (e.g. zeroing the gradients) runs right before the step's first backward."""
+        stage). Gradients accumulate into the parameters' ``.grad``, scaled by ``loss_scale`` (a number or a scalar
+        tensor); ``before_first_backward`` (e.g. zeroing the gradients) runs right before the step's first backward.
+
+        ``shapes_key`` describes the shapes of the step's batch (the same on every rank of the pipeline, e.g.
+        :func:`~lightning_bfpp.run.microbatch.batch_shapes_key`): a step whose key an earlier step had sends no shape
+        headers. None: headers every step."""
         self._forward_fn, self._last_fn, self._loss_scale = forward, last, loss_scale
         self._before_first_backward = before_first_backward
         self._state = StepState()
+        if shapes_key is not None and shapes_key in self._known_shapes:
+            self._state.known_metas = self._known_shapes[shapes_key]
         completed = False
         try:
             if self.events is None:
@@ -168,6 +187,8 @@ class PipelineExecutor:
             leftovers = self._state.leftovers()
             if leftovers:
                 raise RuntimeError(f"The schedule left {leftovers} behind on pipeline rank {self.rank}: it is invalid.")
+            if shapes_key is not None:
+                self._remember_shapes(shapes_key, self._state.new_metas)
             return [self._state.losses[m] for m in sorted(self._state.losses)]
         finally:
             if not completed and self.weight_gradients is not None:
@@ -177,6 +198,13 @@ class PipelineExecutor:
             self._state = StepState()
             self._forward_fn = self._last_fn = None  # type: ignore[assignment]
             self._before_first_backward = None
+
+    def _remember_shapes(self, key: Hashable, learned: dict[int, StageIOMeta]) -> None:
+        known = self._known_shapes.setdefault(key, {})
+        known.update(learned)
+        self._known_shapes.move_to_end(key)
+        while len(self._known_shapes) > MAX_KNOWN_SHAPES:
+            self._known_shapes.popitem(last=False)
 
     def _wait(self, pending: PendingRecv, label: str) -> list[Tensor]:
         if self.events is None:
@@ -198,10 +226,12 @@ class PipelineExecutor:
         state, stage, m = self._state, action.stage, action.micro_batch
         assert self.link is not None
         peer = self._peer(stage - 1)
+        if stage not in state.input_metas and stage in state.known_metas:  # shapes seen before: no header
+            state.input_metas[stage] = state.known_metas[stage]
         if stage not in state.input_metas:  # the boundary's first receive: the group so far, then the shapes
             self.link.issue()
             start = time.perf_counter()
-            state.input_metas[stage] = self.link.recv_header(stage, peer)
+            state.input_metas[stage] = state.new_metas[stage] = self.link.recv_header(stage, peer)
             if self.events is not None:
                 self.events.append(TimedEvent(f"header {stage}", "wait", start, time.perf_counter()))
         state.act_recvs[(stage, m)] = self.link.recv(state.input_metas[stage].tensors, KIND_ACT, stage, m, peer)
@@ -248,7 +278,17 @@ class PipelineExecutor:
         peer = self._peer(stage + 1)
         if stage + 1 not in state.sent_metas:
             state.sent_metas[stage + 1] = meta
-            self.link.send_header(meta, stage + 1, peer)
+            known = state.known_metas.get(stage + 1)
+            if known is None:
+                state.new_metas[stage + 1] = meta
+                self.link.send_header(meta, stage + 1, peer)
+            elif known != meta:
+                raise ValueError(
+                    f"Stage {stage} produced outputs of shapes {meta}, but an earlier step with a batch of the same "
+                    f"shapes gave {known}: bfpp sends a stage's output shapes only when the batch's shapes change, "
+                    "so the outputs' shapes must depend only on the shapes of the batch (pad data-dependent sizes "
+                    "to a fixed size, or make the size visible in the batch's shapes)."
+                )
         elif state.sent_metas[stage + 1] != meta:
             raise ValueError(
                 f"Stage {stage} produced outputs of different shapes within one step ({state.sent_metas[stage + 1]} "

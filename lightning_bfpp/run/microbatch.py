@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -59,6 +59,26 @@ def _take(value: Any, size: int, parts: int, index: int) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_take(v, size, parts, index) for v in value)
     return value
+
+
+def batch_shapes_key(micro_batches: Sequence[Any]) -> Hashable:
+    """What a step's micro-batches look like, from host metadata only (no device read): the dtype and shape of every
+    tensor, and the values of ints, bools, strings and None (which may decide shapes); other values by type. Steps with
+    equal keys are expected to give every stage outputs of equal shapes (see
+    :class:`~lightning_bfpp.run.executor.PipelineExecutor`)."""
+    return (len(micro_batches), *(_shapes_of(batch) for batch in micro_batches))
+
+
+def _shapes_of(value: Any) -> Hashable:
+    if isinstance(value, Tensor):
+        return ("tensor", value.dtype, tuple(value.shape))
+    if isinstance(value, Mapping):
+        return ("map", *((key if isinstance(key, Hashable) else repr(key), _shapes_of(v)) for key, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_shapes_of(v) for v in value))
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return type(value).__qualname__
 
 
 def merge_outputs(parts: list[Any]) -> Any:

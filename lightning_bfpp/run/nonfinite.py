@@ -1,5 +1,7 @@
 """Non-finite losses and gradients: found on whichever rank holds them, agreed on by every rank with one small
-all-reduce per optimizer step, so that every rank raises, or every rank skips the step, and the ranks never diverge."""
+all-reduce per optimizer step, so that every rank raises, or every rank skips the step, and the ranks never diverge.
+The flags are read on the host with the step's other end-of-step values (:meth:`NonFiniteCheck.start`, then
+:meth:`NonFiniteCheck.finish`)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_bfpp.run.collectives import all_gather_objects
+from lightning_bfpp.run.host_sync import host_values
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -34,15 +37,16 @@ class NonFiniteCheck:
         self.group = group
         self._losses: list[tuple[int, Tensor]] = []
         self.gradients_only = False  # the last check found non-finite gradients on some rank and only finite losses
+        self._started: tuple[list[tuple[str, Tensor]], list[Tensor]] = ([], [])
 
     def add_losses(self, batch_idx: int, losses: Sequence[Tensor]) -> None:
         """Records the micro-batch losses of one batch (empty on ranks without the last stage)."""
         if losses:
             self._losses.append((batch_idx, torch.stack([loss.detach() for loss in losses])))
 
-    def check(self, named_grads: Iterable[tuple[str, Tensor]]) -> list[str]:
-        """One all-reduce of two flags over the group; returns what was non-finite on any rank (the same list on every
-        rank; empty when everything is finite) and forgets the recorded losses."""
+    def start(self, named_grads: Iterable[tuple[str, Tensor]]) -> Tensor:
+        """Starts agreeing: one all-reduce (MAX) of two flags over the group, non-finite losses and non-finite
+        gradients; returns the flags on the device without reading them. Hand their values to :meth:`finish`."""
         named = list(named_grads)
         grads = [g.to_local() if hasattr(g, "to_local") else g for _, g in named]  # DTensor: the local shard
         flags = torch.zeros(2, dtype=torch.int32, device=self.device)
@@ -53,7 +57,14 @@ class NonFiniteCheck:
             flags[1] = (~torch.isfinite(torch.stack([n.to(self.device) for n in norms]))).any()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        found = flags.tolist()
+        self._started = (named, grads)
+        return flags
+
+    def finish(self, found: Sequence[float]) -> list[str]:
+        """From the values of :meth:`start`'s flags (read on the host): what was non-finite on any rank (the same
+        list on every rank; empty when everything is finite); forgets the recorded losses."""
+        named, grads = self._started
+        self._started = ([], [])
         losses, self._losses = self._losses, []
         self.gradients_only = bool(found[1] and not found[0])
         if not any(found):
@@ -61,14 +72,19 @@ class NonFiniteCheck:
         mine = [
             f"the loss of micro-batch {m} of batch {batch} on global rank {self.rank} is {value:g}"
             for batch, values in losses
-            for m, value in enumerate(values.tolist())
+            for m, value in enumerate(host_values(values))
             if not math.isfinite(value)
         ]
-        bad = [name for (name, _), g in zip(named, grads, strict=True) if not torch.isfinite(g).all()]
+        finite = host_values(torch.stack([torch.isfinite(g).all() for g in grads])) if grads else []
+        bad = [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
         if bad:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             mine.append(f"the gradients of {shown} on global rank {self.rank}")
         return [line for lines in all_gather_objects(mine, self.group) for line in lines]
+
+    def check(self, named_grads: Iterable[tuple[str, Tensor]]) -> list[str]:
+        """:meth:`start` and :meth:`finish` with one host read of the flags in between."""
+        return self.finish(host_values(self.start(named_grads)))
 
 
 def back_off(scaler: torch.amp.GradScaler) -> None:

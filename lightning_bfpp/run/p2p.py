@@ -1,8 +1,15 @@
 """Point-to-point transfer of stage activations and their gradients between pipeline ranks.
 
-A stage boundary sends, once per step and before its first activation, a small header that describes the tensors
-(tuple or not, dtype and shape of each), so shapes may change from step to step. Gradients need no header: the
-receiver produced the activations they belong to.
+A stage boundary sends a small header that describes the tensors (tuple or not, dtype and shape of each) before its
+first activation of a step whose batch has shapes the boundary has not seen yet (see
+:class:`~lightning_bfpp.run.executor.PipelineExecutor`): both ranks of a boundary see the same batches, so both know
+without a message whether a header comes. A step whose batch shapes were seen before sends none, and the receiver
+allocates from the shapes it remembers, without waiting on the host. Gradients need no header: the receiver produced
+the activations they belong to.
+
+Every transfer of a communication group is posted as one ``batch_isend_irecv`` on the pipeline group's communicator
+(on NCCL: one stream for all peers, transfers run in issue order); gloo matches by tag, and there each transfer is
+started on the group directly.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from lightning_bfpp.run.host_sync import host_values, to_device
 
 MAX_TENSORS = 16
 MAX_DIMS = 8
@@ -60,11 +69,11 @@ class StageIOMeta:
             base = 2 + i * (2 + MAX_DIMS)
             header[base], header[base + 1] = DTYPES.index(meta.dtype), len(meta.shape)
             header[base + 2 : base + 2 + len(meta.shape)] = torch.tensor(meta.shape, dtype=torch.int64)
-        return header.to(device)
+        return to_device(header, device)
 
     @staticmethod
     def decode(header: Tensor) -> StageIOMeta:
-        values = header.tolist()
+        values = host_values(header)
         tensors = []
         for i in range(values[1]):
             base = 2 + i * (2 + MAX_DIMS)

@@ -39,8 +39,9 @@ from lightning_bfpp.run.executor import PipelineExecutor, StageIO
 from lightning_bfpp.run.grad_clip import clip_grad_norm_global
 from lightning_bfpp.run.groups import PipelineGroups
 from lightning_bfpp.run.materialize import check_materialized, materialize_layers
+from lightning_bfpp.run.microbatch import batch_shapes_key
 from lightning_bfpp.run.p2p import PeerLink
-from lightning_bfpp.run.recompute import run_layers
+from lightning_bfpp.run.recompute import LayerCallError, run_layers
 from lightning_bfpp.run.sharding import FSDP_MODES
 from lightning_bfpp.run.split import SPLIT_ATTRIBUTE, PipelineModel, PipelineSplit, drop_remote_layers, plan_split
 from lightning_bfpp.run.tied import TiedGradients, dedupe_stage_parameters, set_aliases
@@ -193,7 +194,12 @@ class StagePipeline:
             with context():
                 x = model.pipeline_input(batch) if stage == 0 else inputs  # type: ignore[operator]
                 layer_forward = model.pipeline_layer_forward  # type: ignore[union-attr]
-                return data_parallel.run(stage, run_layers, layer_forward, stage_layers[stage], x, batch, checkpointing)
+                try:
+                    return data_parallel.run(
+                        stage, run_layers, layer_forward, stage_layers[stage], x, batch, checkpointing
+                    )
+                except LayerCallError as error:
+                    raise LayerCallError(f"Stage {stage}, micro-batch {m}: {error}") from error.__cause__
 
         return forward
 
@@ -202,7 +208,7 @@ class StagePipeline:
         self,
         micro_batches: Sequence[Any],
         loss_fn: LossFn,
-        loss_scale: float = 1.0,
+        loss_scale: float | Tensor = 1.0,
         *,
         forward_context: StageContext = nullcontext,
         before_first_backward: Callable[[], None] | None = None,
@@ -233,7 +239,13 @@ class StagePipeline:
             return loss.reshape(())
 
         forward = self._stage_forward(micro_batches, forward_context)
-        return executor.run(forward, last, loss_scale, before_first_backward=before_first_backward)
+        return executor.run(
+            forward,
+            last,
+            loss_scale,
+            before_first_backward=before_first_backward,
+            shapes_key=batch_shapes_key(micro_batches),
+        )
 
     def run_forward(
         self,
@@ -245,7 +257,8 @@ class StagePipeline:
         outputs to ``last(micro_batch, outputs)``."""
         executor = self._executor_for(len(micro_batches), forward_only=True)
         with torch.no_grad():
-            executor.run(self._stage_forward(micro_batches, forward_context), last)  # type: ignore[arg-type]
+            forward = self._stage_forward(micro_batches, forward_context)
+            executor.run(forward, last, shapes_key=batch_shapes_key(micro_batches))  # type: ignore[arg-type]
 
     def finish_step(self) -> None:
         """After the last step of an accumulation window: waits for the data-parallel reductions, then sums the

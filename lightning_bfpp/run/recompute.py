@@ -45,7 +45,7 @@ def run_layers(
 
     def run_all(x: StageIO) -> StageIO:
         for index, layer in layers:
-            x = layer_forward(index, layer, x, batch)
+            x = _call_layer(layer_forward, index, layer, x, batch)
         return x
 
     if mode == "none" or not torch.is_grad_enabled() or not layers:
@@ -54,5 +54,26 @@ def run_layers(
         return _recomputed(run_all, inputs)
     x = inputs
     for index, layer in layers:
-        x = _recomputed(lambda y, index=index, layer=layer: layer_forward(index, layer, y, batch), x)
+        x = _recomputed(lambda y, index=index, layer=layer: _call_layer(layer_forward, index, layer, y, batch), x)
     return x
+
+
+class LayerCallError(TypeError):
+    """A layer could not take what the layer before it returned (a tuple is spread into the next layer's
+    positional arguments)."""
+
+
+def _call_layer(layer_forward: LayerForward, index: int, layer: nn.Module, x: StageIO, batch: Any) -> StageIO:
+    """``layer_forward(index, layer, x, batch)``; a ``TypeError`` about the arguments of a layer given a tuple is
+    re-raised saying the convention and how to change it."""
+    try:
+        return layer_forward(index, layer, x, batch)
+    except TypeError as error:
+        if not isinstance(x, tuple) or "argument" not in str(error) or isinstance(error, LayerCallError):
+            raise
+        raise LayerCallError(
+            f"Layer {index} ({type(layer).__name__}) was given a tuple of {len(x)} tensors, which bfpp spreads into "
+            f"the layer's positional arguments (`layer(*outputs)`, as torch.distributed.pipelining does), and failed: "
+            f"{error}. Return a single tensor from the layer before it, accept the tensors as separate arguments, or "
+            "override `pipeline_layer_forward(index, layer, inputs, batch)` to call the layer as it expects."
+        ) from error

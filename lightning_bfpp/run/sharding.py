@@ -9,7 +9,9 @@ once per run of a stage's computes, with the next run's gather started before th
 A parameter that no replica gave a gradient keeps ``.grad = None`` after the reduction, so that the optimizer skips
 it as on one process; one that some replicas gave a gradient gets the average over all replicas, the others
 counting zero (as one process computing the whole batch). Each reduction carries one presence count per parameter
-for this, in the same collective.
+for this, in the same collective. A replica that computed every gradient of a stage knows without reading them that
+all are present; only a stage with a missing local gradient reads the counts on the host, once the step's
+reductions are waited for (:meth:`finish`), never in the middle of the backward.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from lightning_bfpp.run.host_sync import host_values, to_device
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -42,6 +46,7 @@ class _Reduction:
     work: dist.Work
     output: Tensor
     store: Callable[[Tensor], None]
+    reads_host: bool  # its store reads the presence counts on the host: only in wait_all, after the backward
 
 
 class _Reductions:
@@ -51,15 +56,14 @@ class _Reductions:
         self.size = size
         self._pending: list[_Reduction] = []
 
-    def add(self, work: dist.Work, output: Tensor, store: Callable[[Tensor], None]) -> None:
-        self._pending.append(_Reduction(work, output, store))
+    def add(self, work: dist.Work, output: Tensor, store: Callable[[Tensor], None], reads_host: bool) -> None:
+        self._pending.append(_Reduction(work, output, store, reads_host))
 
     def store_completed(self) -> None:
-        """Stores the results of the oldest reductions that already completed, without waiting (frees their
-        buffers early); a failed one raises its error."""
-        while self._pending and self._pending[0].work.is_completed():
-            reduction = self._pending.pop(0)
-            self._store(reduction, wait=reduction.work.exception() is not None)
+        """Stores the results of the oldest reductions that already completed (frees their buffers early; waiting
+        for a completed one returns at once, or raises its error), except those whose store reads the host."""
+        while self._pending and not self._pending[0].reads_host and self._pending[0].work.is_completed():
+            self._store(self._pending.pop(0), wait=True)
 
     def wait_all(self) -> None:
         for reduction in self._pending:
@@ -74,7 +78,7 @@ class _Reductions:
 
 def _present(grads: Sequence[Tensor | None], like: Tensor) -> Tensor:
     """1 for each gradient that exists, 0 for each missing one (summed over the replicas by the reduction)."""
-    return torch.tensor([g is not None for g in grads], dtype=like.dtype, device=like.device)
+    return to_device(torch.tensor([g is not None for g in grads], dtype=like.dtype), like.device)
 
 
 class StageGradientReducer:
@@ -127,12 +131,14 @@ class StageGradientReducer:
         for p in params:
             p.grad = None
         work = dist.all_reduce(bucket, group=self.group, async_op=True)
-        self._reductions.add(work, bucket, lambda averaged: self._store(params, averaged))
+        all_local = all(g is not None for g in grads)
+        self._reductions.add(work, bucket, lambda averaged: self._store(params, averaged, all_local), not all_local)
 
-    def _store(self, params: list[nn.Parameter], averaged: Tensor) -> None:
+    def _store(self, params: list[nn.Parameter], averaged: Tensor, all_local: bool) -> None:
         *grads, present = _unflatten_dense_tensors(averaged, [*params, torch.empty(len(params))])
-        for p, grad, used in zip(params, grads, present.tolist(), strict=True):
-            p.grad = grad if used else None  # no replica computed it: the optimizer skips it, as on one process
+        used = [True] * len(params) if all_local else host_values(present)
+        for p, grad, is_used in zip(params, grads, used, strict=True):
+            p.grad = grad if is_used else None  # no replica computed it: the optimizer skips it, as on one process
 
     def finish(self) -> None:
         """Waits for every started reduction and stores the averaged gradients."""
@@ -245,7 +251,10 @@ class ShardedStages:
         bucket[:, offset:] = _present(grads, bucket)  # every replica's row carries the presence counts
         output = bucket.new_empty(bucket.shape[1])
         work = dist.reduce_scatter_tensor(output, bucket.view(-1), group=self.group, async_op=True)
-        self._reductions.add(work, output, lambda averaged: _store_shards(params, widths, averaged))
+        all_local = all(g is not None for g in grads)
+        self._reductions.add(
+            work, output, lambda averaged: _store_shards(params, widths, averaged, all_local), not all_local
+        )
 
     def finish(self) -> None:
         """Waits for every started reduce-scatter and stores this replica's averaged gradient shards."""
@@ -281,10 +290,11 @@ def _copy_rows(flat: Tensor, rows: Tensor) -> None:
         rows[full, :rest].copy_(flat[full * width :])
 
 
-def _store_shards(params: Sequence[Any], widths: Sequence[int], averaged: Tensor) -> None:
+def _store_shards(params: Sequence[Any], widths: Sequence[int], averaged: Tensor, all_local: bool) -> None:
     """Stores this replica's shard of each averaged gradient as its sharded ``.grad`` (added to an existing one); a
-    parameter no replica computed a gradient for keeps none."""
-    present = averaged[sum(widths) :].tolist()
+    parameter no replica computed a gradient for keeps none (read on the host only unless ``all_local``: this replica
+    computed every one)."""
+    present = [True] * len(params) if all_local else host_values(averaged[sum(widths) :])
     offset = 0
     for param, width, used in zip(params, widths, present, strict=True):
         if used:
