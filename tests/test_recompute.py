@@ -59,6 +59,30 @@ def test_evaluation_runs_the_layers_plainly() -> None:
     torch.testing.assert_close(y, model.blocks[1](model.blocks[0](x)))
 
 
+@pytest.mark.parametrize("mode", ["none", "layer"])
+def test_a_layer_that_cannot_take_a_tuple_is_named_with_the_convention(mode: str) -> None:
+    """A layer returning a tuple has it spread into the next layer's arguments: a layer that takes one tensor fails,
+    and the error says which layer, the convention and how to change it (not just ``forward() takes 2 positional
+    arguments``)."""
+    from lightning_bfpp.run.recompute import LayerCallError
+
+    class Pair(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, x * 2
+
+    layers = [(3, Pair()), (4, torch.nn.Linear(2, 2))]
+
+    def default_forward(index: int, layer: torch.nn.Module, x, batch):
+        return layer(*x) if isinstance(x, tuple) else layer(x)
+
+    with pytest.raises(LayerCallError) as info:
+        run_layers(default_forward, layers, torch.ones(1, 2, requires_grad=True), None, mode)
+    message = str(info.value)
+    assert "Layer 4 (Linear) was given a tuple of 2 tensors" in message
+    assert "layer(*outputs)" in message and "pipeline_layer_forward" in message
+    assert "positional argument" in message  # the original error is kept
+
+
 def test_unknown_mode_is_rejected_with_the_choices() -> None:
     with pytest.raises(ValueError, match=r"activation_checkpointing='stages'.*'none', 'stage', 'layer'"):
         BFPPStrategy(activation_checkpointing="stages")
