@@ -30,6 +30,7 @@ def _runs() -> list[dict]:
     return runs
 
 
+@pytest.mark.timeout(900)  # eight fits in one launch: about 60 s on an idle 2-core machine, more under load
 def test_at_most_one_host_read_per_rank_per_steady_step(run_job) -> None:
     """P=2 x D=2, every schedule and sharding mode, one launch: after the first step (which learns the shapes of every
     stage boundary and the layout of the logged values) each rank reads device values once per step, through
@@ -42,9 +43,10 @@ def test_at_most_one_host_read_per_rank_per_steady_step(run_job) -> None:
         "batch_size": 4,
         "max_steps": 4,
         "count_host_reads": True,
+        "pg_timeout": 180,  # eight fits of four processes on two cores
         "runs": runs,
     }
-    result = run_job(config, timeout=600)
+    result = run_job(config, timeout=850)
     for run in runs:
         ranks = JobResult(0, result.output, result.out_dir / run["name"]).ranks()
         assert len(ranks) == 4, run["name"]
