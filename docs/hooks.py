@@ -13,7 +13,7 @@ from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-OPTIONS_MARKER = "<!-- options-table -->"
+OPTIONS_TABLE = re.compile(r"(<!-- options-table -->\n).*?(<!-- /options-table -->)", re.S)
 # the sections that the options' help texts link to, by anchor, and the pages that hold them now
 SECTION_PAGES = {
     "sharded-data-parallelism": "guide/sharding.md",
@@ -45,7 +45,24 @@ def options_table(page_uri: str) -> str:
     return re.sub(r"\]\(#([\w-]+)\)", link, markdown_table())
 
 
+def with_options_table(markdown: str, page_uri: str) -> str:
+    """``markdown`` with the table between the ``options-table`` markers generated afresh."""
+    return OPTIONS_TABLE.sub(lambda m: m.group(1) + "\n" + options_table(page_uri) + "\n" + m.group(2), markdown)
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    if OPTIONS_MARKER in markdown:
-        markdown = markdown.replace(OPTIONS_MARKER, options_table(page.file.src_uri))
-    return markdown
+    return with_options_table(markdown, page.file.src_uri)
+
+
+SPHINX_ROLE = re.compile(r":(?:class|meth|func|mod|attr|data|exc|obj):<code>~?")
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
+    """Docstrings cite code with Sphinx roles (``:class:`~a.B```): show them as plain code."""
+    return SPHINX_ROLE.sub("<code>", html)
+
+
+OPTIONS_PAGE = ROOT / "docs" / "reference" / "options.md"
+
+if __name__ == "__main__":  # python docs/hooks.py: regenerate the options table of docs/reference/options.md
+    OPTIONS_PAGE.write_text(with_options_table(OPTIONS_PAGE.read_text(), "reference/options.md"))

@@ -4,6 +4,7 @@ generated from ``PipelineOptions``), README.md stays short with working links, a
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import re
 from pathlib import Path
@@ -41,10 +42,22 @@ def test_site_builds_strictly_with_the_generated_options_table(
     options_page = (site / "reference" / "options" / "index.html").read_text()
     for field in dataclasses.fields(PipelineOptions):
         assert f"<td><code>{field.name}</code></td>" in options_page, field.name
-    assert "options-table" not in options_page and "](#" not in options_page
+    assert "](#" not in options_page  # the help texts' section links point at pages
     api = (site / "reference" / "api" / "index.html").read_text()
     assert "BFPPStrategy" in api and "PipelineModule" in api and "pipeline_layers" in api
+    assert ":class:" not in api and ":meth:" not in api  # Sphinx roles shown as code
     assert (site / "benchmarks" / "RESULTS" / "index.html").exists()  # the benchmark results are a page
+
+
+def test_the_options_page_holds_the_generated_table() -> None:
+    """docs/reference/options.md shows the table on GitHub too: it must be the one the site build generates."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    page = hooks.OPTIONS_PAGE.read_text()
+    assert "<!-- options-table -->" in page
+    assert hooks.with_options_table(page, "reference/options.md") == page, "regenerate it: python docs/hooks.py"
 
 
 def test_readme_is_short_and_its_links_point_at_files() -> None:
