@@ -6,10 +6,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from conftest import run_script
 from docs_blocks import ROOT, Block, all_blocks
 
@@ -38,11 +42,28 @@ def quick_start() -> Block:
     return readme
 
 
+@contextlib.contextmanager
+def isolated_seeding() -> Iterator[None]:
+    """Undoes what ``seed_everything`` changes in this process: the random states and ``PL_GLOBAL_SEED``."""
+    python_state, numpy_state, seed = random.getstate(), np.random.get_state(), os.environ.get("PL_GLOBAL_SEED")
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        os.environ.pop("PL_GLOBAL_SEED", None)
+        if seed is not None:
+            os.environ["PL_GLOBAL_SEED"] = seed
+
+
 def losses(output: str) -> dict[int, float]:
     return {int(batch): float(loss) for batch, loss in LOSS.findall(output)}
 
 
-def test_quick_start_trains_on_two_processes_with_the_losses_of_one(tmp_path: Path) -> None:
+def test_quick_start_trains_on_two_processes_with_the_losses_of_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     block = quick_start()
     script = tmp_path / "quickstart.py"
     script.write_text(block.code)
@@ -55,13 +76,9 @@ def test_quick_start_trains_on_two_processes_with_the_losses_of_one(tmp_path: Pa
     namespace: dict[str, object] = {"__name__": "quickstart"}
     exec(compile(block.code, block.where, "exec"), namespace)
     printed = io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        with contextlib.redirect_stdout(printed):
-            namespace["main"]("auto")  # type: ignore[operator]
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)  # the one-process run writes lightning_logs/ there
+    with isolated_seeding(), contextlib.redirect_stdout(printed):
+        namespace["main"]("auto")  # type: ignore[operator]
     one_process = losses(printed.getvalue())
     assert sorted(one_process) == list(range(16))
     for batch in range(16):  # equal up to float32 rounding, printed to 6 decimals
