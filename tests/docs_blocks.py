@@ -42,7 +42,7 @@ def blocks(path: Path) -> list[Block]:
     while i < len(lines):
         fence = FENCE.match(lines[i])
         if not fence:
-            if "docs-test:" in lines[i] and not MARKER.match(lines[i]):
+            if lines[i].lstrip().startswith("<!-- docs-test") and not MARKER.match(lines[i]):
                 raise ValueError(f"{path}:{i + 1}: a malformed marker (docs-test: skip (why) or script (why))")
             i += 1
             continue
