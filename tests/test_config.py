@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from lightning_bfpp import BFPPStrategy
 from lightning_bfpp.config import BFPPStrategyConfig
-from lightning_bfpp.options import PipelineOptions, markdown_table, option_names
+from lightning_bfpp.options import PipelineOptions, option_names
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -115,14 +115,6 @@ def test_the_structured_config_holds_every_option_with_its_default() -> None:
     assert list(config) == ["_target_", *option_names()]
     strategy = instantiate(config, _convert_="all")
     assert isinstance(strategy, BFPPStrategy) and strategy.options == PipelineOptions()
-
-
-def test_readme_option_table_is_generated_from_the_options() -> None:
-    """README's "Strategy options" table is ``python -m lightning_bfpp.options --markdown``, exactly."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Strategy options\n", 1)[1].split("\n## ", 1)[0]
-    table = "\n".join(line for line in section.splitlines() if line.startswith("|")) + "\n"
-    assert table == markdown_table(), "regenerate it: python -m lightning_bfpp.options --markdown"
 
 
 # ------------------------------------------------------------------------------------------------------- Hydra

@@ -96,4 +96,4 @@ def test_simulator_shows_the_trade() -> None:
         for g in (8, 4, 2, 1)
     ]
     assert [r.memory.peak_live_micro_batches for r in results] == [(2 * g,) * 4 for g in (8, 4, 2, 1)]
-    assert [r.step_time for r in results] == [57.0, 66.0, 108.0, 192.0]  # the figures README.md quotes
+    assert [r.step_time for r in results] == [57.0, 66.0, 108.0, 192.0]  # the figures docs/guide/memory.md quotes
