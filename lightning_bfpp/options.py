@@ -228,7 +228,8 @@ def option_names() -> list[str]:
     return [f.name for f in dataclasses.fields(PipelineOptions)]
 
 
-def _shown(value: Any) -> str:
+def shown_default(value: Any) -> str:
+    """An option's default as the option table and ``--help`` show it."""
     if isinstance(value, timedelta):
         return f"{value.total_seconds():g} s"
     return repr(value).replace("'", '"')
@@ -238,7 +239,7 @@ def markdown_table() -> str:
     """README's option table."""
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(PipelineOptions):
-        rows.append(f"| `{f.name}` | `{_shown(f.default)}` | {f.metadata['help']} |")
+        rows.append(f"| `{f.name}` | `{shown_default(f.default)}` | {f.metadata['help']} |")
     return "\n".join(rows) + "\n"
 
 
@@ -247,7 +248,7 @@ def arguments_docstring(indent: str = "    ") -> str:
     lines = []
     for f in dataclasses.fields(PipelineOptions):
         help_text = re.sub(r"\[([^]]+)\]\(#[^)]+\)", "README's section \\1", f.metadata["help"]).replace("`", "``")
-        entry = f"{f.name}: {help_text}. Default ``{_shown(f.default)}``."
+        entry = f"{f.name}: {help_text}. Default ``{shown_default(f.default)}``."
         lines.append(textwrap.fill(entry, 120, initial_indent=indent, subsequent_indent=indent + "    "))
     return "\n".join(lines)
 
@@ -260,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table(), end="")
     else:
         for f in dataclasses.fields(PipelineOptions):
-            print(f"{f.name} (default {_shown(f.default)}): {f.metadata['help']}")
+            print(f"{f.name} (default {shown_default(f.default)}): {f.metadata['help']}")
     return 0
 
 

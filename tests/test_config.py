@@ -17,13 +17,7 @@ from omegaconf import OmegaConf
 
 from lightning_bfpp import BFPPStrategy
 from lightning_bfpp.config import BFPPStrategyConfig
-from lightning_bfpp.options import PipelineOptions, markdown_table, option_names
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-sys.path.insert(0, str(ROOT / "examples"))
-
-from bfpp_examples.app import (  # noqa: E402
+from lightning_bfpp.hydra import (
     ConfigError,
     build_strategy,
     check_config,
@@ -31,6 +25,12 @@ from bfpp_examples.app import (  # noqa: E402
     check_single_device,
     resolve_trainer,
 )
+from lightning_bfpp.options import PipelineOptions, markdown_table, option_names
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+sys.path.insert(0, str(ROOT / "examples"))
+
 from bfpp_examples.config import register_configs  # noqa: E402
 from bfpp_examples.convnet import SHAPES, make_shapes  # noqa: E402
 from bfpp_examples.gpt import GPT  # noqa: E402
@@ -220,7 +220,7 @@ def test_pipeline_layout_is_checked_before_launch() -> None:
 
 
 def checks_before_launch(cfg) -> None:
-    """What the main job checks before it starts any process (``bfpp_examples.app.run``), on a tiny GPT."""
+    """What the main job checks before it starts any process (``lightning_bfpp.hydra.run``), on a tiny GPT."""
     check_config(cfg)
     check_single_device(cfg)
     kwargs = resolve_trainer(cfg)
