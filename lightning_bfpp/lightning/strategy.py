@@ -14,7 +14,7 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
@@ -42,7 +42,7 @@ from lightning_bfpp.options import PipelineOptions, arguments_docstring, option_
 from lightning_bfpp.plan.partition import Partition
 from lightning_bfpp.run.faults import explain_lost_rank
 from lightning_bfpp.run.groups import PipelineGroups, layout_ranks
-from lightning_bfpp.run.microbatch import split_batch
+from lightning_bfpp.run.microbatch import check_loader_batches, split_batch
 from lightning_bfpp.run.p2p import PeerLink
 from lightning_bfpp.run.pipeline import StagePipeline, step_schedule
 from lightning_bfpp.run.process_groups import destroy_at_exit
@@ -303,6 +303,15 @@ class BFPPStrategy(
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """A training loader whose batches would not split into ``M`` micro-batches is refused here, on every rank,
+        before its first batch (a ragged last batch would otherwise fail only when the epoch reaches it)."""
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is not None and trainer.state.stage == RunningStage.TRAINING:
+            check_loader_batches(dataloader, self.micro_batches)
+        return super().process_dataloader(dataloader)
 
     # ------------------------------------------------------------------------------------------------ training
     @override
