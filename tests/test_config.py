@@ -200,12 +200,17 @@ def test_added_unknown_keys_are_rejected() -> None:
         check_config(cfg)
 
 
-def test_strategy_rejects_bad_choices_with_its_message() -> None:
-    bad = [("strategy.schedule=nope", "schedule='nope'"), ("strategy.sharding=zero4", "sharding='zero4'")]
+def test_bad_choices_are_refused_when_composed_listing_the_choices() -> None:
+    bad = [
+        ("strategy.schedule=nope", "Invalid value 'nope', expected one of [breadth_first, depth_first, gpipe, 1f1b, "),
+        ("strategy.sharding=zero4", "Invalid value 'zero4', expected one of [none, optimizer, gradients, full]"),
+    ]
     for override, message in bad:
-        cfg = compose_cfg(override)
-        with pytest.raises(Exception, match=message):
-            instantiate(cfg.strategy, _convert_="all")
+        with pytest.raises(ConfigCompositionException) as error:
+            compose_cfg(override)
+        assert message in str(error.value.__cause__), str(error.value.__cause__)
+    with pytest.raises(Exception, match="schedule='nope' is not supported"):  # a plain dict: the options' check
+        instantiate({"_target_": "lightning_bfpp.BFPPStrategy", "schedule": "nope"})
 
 
 def test_pipeline_layout_is_checked_before_launch() -> None:
