@@ -84,7 +84,7 @@ def test_a_ragged_last_batch_is_refused_before_the_first_batch() -> None:
 
     strategy = BFPPStrategy(pipeline_parallel_size=2, micro_batches=4)
     stage = SimpleNamespace(stage=RunningStage.TRAINING)
-    strategy._lightning_module = SimpleNamespace(_trainer=SimpleNamespace(state=stage))  # type: ignore[assignment]
+    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(state=stage))  # type: ignore[assignment]
     with pytest.raises(ValueError, match="pass drop_last=True to the DataLoader"):
         strategy.process_dataloader(loader(21))
     stage.stage = RunningStage.VALIDATING  # evaluation splits a smaller last batch into fewer micro-batches

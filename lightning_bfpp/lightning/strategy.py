@@ -321,8 +321,7 @@ class BFPPStrategy(
     def process_dataloader(self, dataloader: object) -> object:
         """A training loader whose batches would not split into ``M`` micro-batches is refused here, on every rank,
         before its first batch (a ragged last batch would otherwise fail only when the epoch reaches it)."""
-        trainer = getattr(self.lightning_module, "_trainer", None)
-        if trainer is not None and trainer.state.stage == RunningStage.TRAINING:
+        if self.lightning_module.trainer.state.stage == RunningStage.TRAINING:
             check_loader_batches(dataloader, self.micro_batches)
         return super().process_dataloader(dataloader)
 
