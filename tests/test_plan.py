@@ -156,6 +156,8 @@ def test_command_prints_table_comparison_and_plot(tmp_path, capsys) -> None:
     assert "global batch 8 sequences (1 per GPU)" in out and "global batch 32 sequences (4 per GPU)" in out
     assert "TFLOP/s/GPU" in out and "| batch/GPU | global batch | breadth_first | depth_first | gpipe | best |" in out
     assert plot.stat().st_size > 10_000
+    assert out.count("strategy = BFPPStrategy(pipeline_parallel_size=") == 2  # what to run, per batch size
+    assert out.count("Hydra: trainer=gpu strategy=bfpp strategy.pipeline_parallel_size=") == 2
 
 
 def test_command_errors_name_the_fix(capsys) -> None:
