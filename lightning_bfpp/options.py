@@ -83,9 +83,7 @@ def one_of(choices: Sequence[str], aliases: dict[str, str] | None = None) -> Che
             value = by_alias.get(value.lower(), value)
         if value not in choices:
             also = f" (or torch's names {', '.join(map(repr, aliases))})" if aliases else ""
-            raise ValueError(
-                f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, choices))}{also}."
-            )
+            raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, choices))}{also}.")
         return value
 
     return check
