@@ -12,7 +12,6 @@ The configuration lives in ``conf/`` (``conf/train.yaml`` and its groups); see t
 from __future__ import annotations
 
 import hydra
-from bfpp_examples.app import run
 from bfpp_examples.callbacks import Throughput
 from bfpp_examples.config import LitGPTModelConfig, register_configs
 from bfpp_examples.gpt import GPT
@@ -20,6 +19,7 @@ from bfpp_examples.text_data import TextDataModule
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_bfpp import PipelineModule
+from lightning_bfpp.hydra import run
 
 register_configs()
 

@@ -9,11 +9,12 @@ The configuration is ``conf/train_convnet.yaml`` with the same groups as the mai
 from __future__ import annotations
 
 import hydra
-from bfpp_examples.app import run
 from bfpp_examples.callbacks import Throughput
 from bfpp_examples.config import register_configs
 from bfpp_examples.convnet import ConvNet, ShapesDataModule
 from omegaconf import DictConfig, OmegaConf
+
+from lightning_bfpp.hydra import run
 
 register_configs()
 

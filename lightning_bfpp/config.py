@@ -10,10 +10,11 @@ Store it in Hydra's ConfigStore and instantiate it::
     ...
     trainer = Trainer(strategy=instantiate(cfg.strategy, _convert_="all"), ...)
 
-OmegaConf then rejects unknown keys and values of the wrong type when the config is composed; the options' own
-checks run when the strategy is instantiated. The config is made from the fields of
-:class:`~lightning_bfpp.options.PipelineOptions` when this module is imported, in types OmegaConf holds: a
-``timedelta`` as seconds, tuples as lists, a value of several types as ``Any``.
+OmegaConf then rejects unknown keys, values of the wrong type and a choice that is not one (listing the choices)
+when the config is composed; the options' own checks run when the strategy is instantiated. The config is made from
+the fields of :class:`~lightning_bfpp.options.PipelineOptions` when this module is imported, in types OmegaConf
+holds: a ``timedelta`` as seconds, tuples as lists, a ``Literal`` of names as an ``Enum`` of those names (a ``str``
+subclass, equal to its name), a value of several types as ``Any``.
 """
 
 from __future__ import annotations
@@ -23,24 +24,35 @@ import types
 import typing
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Optional
+from enum import Enum
+from typing import Any, Literal, Optional
 
 from lightning_bfpp.options import PipelineOptions
 
 _PLAIN = (int, float, str, bool)
 
 
-def _config_type(annotation: Any) -> Any:
-    """The type OmegaConf is given for an option of type ``annotation``."""
+def _choices(name: str, names: tuple[str, ...]) -> type[Enum]:
+    """An ``Enum`` of ``names`` (each its own value) for the option ``name``, importable from this module."""
+    title = "".join(part.title() for part in name.split("_")) + "Choice"
+    choices = Enum(title, {n: n for n in names}, type=str, module=__name__, qualname=title)  # type: ignore[misc]
+    globals()[title] = choices  # pickled configs (e.g. submitit's) find it by name
+    return choices
+
+
+def _config_type(annotation: Any, name: str = "") -> Any:
+    """The type OmegaConf is given for the option ``name`` of type ``annotation``."""
     if annotation in _PLAIN:
         return annotation
     if annotation is timedelta:
         return float
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return _choices(name, args) if name and all(isinstance(a, str) for a in args) else Any
     if origin in (typing.Union, types.UnionType):
         kinds = [a for a in args if a is not type(None)]
         if len(kinds) == 1:
-            return Optional[_config_type(kinds[0])]  # noqa: UP045 (OmegaConf needs typing's Optional)
+            return Optional[_config_type(kinds[0], name)]  # noqa: UP045 (OmegaConf needs typing's Optional)
         mapped = {_config_type(k) for k in kinds}  # timedelta | float: float
         return mapped.pop() if len(mapped) == 1 else Any
     if origin in (tuple, list, Sequence):
@@ -57,11 +69,14 @@ def _config_value(value: Any) -> Any:
 
 def _config_field(option: dataclasses.Field, annotation: Any) -> tuple[str, Any, dataclasses.Field]:
     value = _config_value(option.default)
+    kind = _config_type(annotation, option.name)
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        value = kind[value]
     if isinstance(value, list):
         default = dataclasses.field(default_factory=lambda: list(value))
     else:
         default = dataclasses.field(default=value)
-    return option.name, _config_type(annotation), default
+    return option.name, kind, default
 
 
 def _structured_config() -> type:

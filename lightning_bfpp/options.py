@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import Enum
 from typing import Any, Literal
 
 from lightning_bfpp.plan.partition import PARTITIONS
@@ -25,6 +26,19 @@ from lightning_bfpp.run.sharding import FSDP_MODES, SHARDING_MODES
 from lightning_bfpp.run.weight_grad import WEIGHT_GRADIENTS
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+# The choices of the options, as types: LightningCLI and Hydra list them and refuse another value when they parse it
+# (tests/test_config.py checks that they equal the runtime's names).
+ScheduleName = Literal["breadth_first", "depth_first", "gpipe", "1f1b", "LoopedBFS", "Interleaved1F1B", "GPipe", "1F1B"]
+PartitionMethod = Literal["uniform", "parameters", "explicit"]
+RankLayout = Literal["dp_contiguous", "pp_contiguous"]
+ShardingMode = Literal["none", "optimizer", "gradients", "full"]
+ActivationCheckpointing = Literal["none", "stage", "layer"]
+WeightGradients = Literal["per_micro_batch", "batched"]
+NonfiniteLoss = Literal["raise", "skip"]
+
+SCHEDULE_ALIASES = {"LoopedBFS": "breadth_first", "Interleaved1F1B": "depth_first", "GPipe": "gpipe", "1F1B": "1f1b"}
+"""torch.distributed.pipelining's names of the schedules (any case), accepted for ``schedule``."""
 
 Check = Callable[[str, Any], Any]
 """Takes an option's name and value; raises ``ValueError`` naming the option, or returns the value to keep."""
@@ -57,12 +71,19 @@ def positive_or_auto(name: str, value: Any) -> int | str:
     return value
 
 
-def one_of(choices: Sequence[str]) -> Check:
-    """One of ``choices``."""
+def one_of(choices: Sequence[str], aliases: dict[str, str] | None = None) -> Check:
+    """One of ``choices``, or of ``aliases`` (any case), kept as the choice it names; an ``Enum`` member (Hydra's
+    typed choice) by its value."""
+    by_alias = {alias.lower(): choice for alias, choice in (aliases or {}).items()}
 
     def check(name: str, value: Any) -> str:
+        if isinstance(value, Enum):
+            value = value.value
+        if isinstance(value, str) and value not in choices:
+            value = by_alias.get(value.lower(), value)
         if value not in choices:
-            raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, choices))}.")
+            also = f" (or torch's names {', '.join(map(repr, aliases))})" if aliases else ""
+            raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, choices))}{also}.")
         return value
 
     return check
@@ -123,13 +144,13 @@ class PipelineOptions:
         "`M`, the number of micro-batches each batch is split into (the batch size must be a multiple); `None`: `P`",
         optional(positive),
     )
-    schedule: str = option(
+    schedule: ScheduleName = option(
         "breadth_first",
         "`breadth_first` (looped, any `M`), `depth_first` (interleaved 1F1B; `M % P == 0` when `L > 1`), `gpipe`, "
-        "`1f1b` (both `L = 1`)",
-        one_of(tuple(SCHEDULES)),
+        "`1f1b` (both `L = 1`); torch's names `LoopedBFS`, `Interleaved1F1B`, `GPipe`, `1F1B` too",
+        one_of(tuple(SCHEDULES), SCHEDULE_ALIASES),
     )
-    partition: str = option(
+    partition: PartitionMethod = option(
         "uniform",
         "layers to stages: `uniform` (equal layer counts), `parameters` (balanced parameter counts), `explicit` "
         "(`partition_boundaries`)",
@@ -141,19 +162,19 @@ class PipelineOptions:
         "layers `[b[s], b[s+1])`",
         optional(layer_indices),
     )
-    rank_layout: str = option(
+    rank_layout: RankLayout = option(
         "dp_contiguous",
         "`dp_contiguous` (rank = pp_rank * D + dp_rank: the replicas of a stage are neighbours, e.g. on one node) or "
         "`pp_contiguous` (rank = dp_rank * P + pp_rank)",
         one_of(RANK_LAYOUTS),
     )
-    sharding: str = option(
+    sharding: ShardingMode = option(
         "none",
         "data-parallel mode: `none` (gradients averaged), `optimizer` (ZeRO-1), `gradients` (ZeRO-2), `full` "
         "(ZeRO-3); see [Sharded data parallelism](#sharded-data-parallelism)",
         one_of(SHARDING_MODES),
     )
-    activation_checkpointing: str = option(
+    activation_checkpointing: ActivationCheckpointing = option(
         "none",
         "`none`, `layer` or `stage`: recompute each layer / each stage in backward instead of keeping its "
         "activations (see [Saving activation memory](#saving-activation-memory))",
@@ -166,7 +187,7 @@ class PipelineOptions:
         "[Saving activation memory](#saving-activation-memory))",
         optional(positive),
     )
-    weight_gradients: str = option(
+    weight_gradients: WeightGradients = option(
         "per_micro_batch",
         "`per_micro_batch` or `batched`: each `nn.Linear` computes its weight gradient once per run of its stage's "
         "backwards, over all the run's micro-batches (see [Performance](#performance)); sharding `none` or "
@@ -176,10 +197,10 @@ class PipelineOptions:
     process_group_backend: str | None = option(
         None, "`gloo`, `nccl`, ...; `None`: `gloo` on CPU, `nccl` on GPU", optional(text)
     )
-    timeout: timedelta | float = option(  # noqa: RUF009 (a field, as every option)
+    timeout: timedelta | float = option(
         DEFAULT_TIMEOUT, "timeout of every collective and transfer (`timedelta` or seconds)", seconds
     )
-    nonfinite_loss: str = option(
+    nonfinite_loss: NonfiniteLoss = option(
         "raise",
         "a NaN/inf loss or gradient on any rank: `raise` (an error on every rank) or `skip` the optimizer step "
         "(every rank)",
@@ -228,7 +249,8 @@ def option_names() -> list[str]:
     return [f.name for f in dataclasses.fields(PipelineOptions)]
 
 
-def _shown(value: Any) -> str:
+def shown_default(value: Any) -> str:
+    """An option's default as the option table and ``--help`` show it."""
     if isinstance(value, timedelta):
         return f"{value.total_seconds():g} s"
     return repr(value).replace("'", '"')
@@ -238,7 +260,7 @@ def markdown_table() -> str:
     """README's option table."""
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(PipelineOptions):
-        rows.append(f"| `{f.name}` | `{_shown(f.default)}` | {f.metadata['help']} |")
+        rows.append(f"| `{f.name}` | `{shown_default(f.default)}` | {f.metadata['help']} |")
     return "\n".join(rows) + "\n"
 
 
@@ -247,7 +269,7 @@ def arguments_docstring(indent: str = "    ") -> str:
     lines = []
     for f in dataclasses.fields(PipelineOptions):
         help_text = re.sub(r"\[([^]]+)\]\(#[^)]+\)", "README's section \\1", f.metadata["help"]).replace("`", "``")
-        entry = f"{f.name}: {help_text}. Default ``{_shown(f.default)}``."
+        entry = f"{f.name}: {help_text}. Default ``{shown_default(f.default)}``."
         lines.append(textwrap.fill(entry, 120, initial_indent=indent, subsequent_indent=indent + "    "))
     return "\n".join(lines)
 
@@ -260,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table(), end="")
     else:
         for f in dataclasses.fields(PipelineOptions):
-            print(f"{f.name} (default {_shown(f.default)}): {f.metadata['help']}")
+            print(f"{f.name} (default {shown_default(f.default)}): {f.metadata['help']}")
     return 0
 
 

@@ -56,3 +56,36 @@ def test_bad_configuration_fails_with_a_clear_message(run_job, override: dict, m
     result = run_job(merge(BASE, override), timeout=90, expect_success=False)
     assert result.returncode != 0
     assert message in result.output, result.output[-3000:]
+
+
+def test_a_ragged_last_batch_is_refused_before_the_first_batch() -> None:
+    """With ``drop_last=False`` the loader's length tells at set-up whether its last batch splits into ``M``."""
+    from types import SimpleNamespace
+
+    import torch
+    from lightning.pytorch.trainer.states import RunningStage
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from lightning_bfpp import BFPPStrategy
+    from lightning_bfpp.run.microbatch import check_loader_batches
+
+    def loader(samples: int, batch_size: int = 8, **kwargs) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(samples, 2)), batch_size=batch_size, **kwargs)
+
+    with pytest.raises(ValueError, match=r"last batch holds 5 samples \(21 per data-parallel replica, batch_size=8\)"):
+        check_loader_batches(loader(21), 4)
+    check_loader_batches(loader(20), 4)  # a last batch of 4 splits into 4
+    check_loader_batches(loader(21, drop_last=True), 4)  # never run
+    with pytest.raises(ValueError, match="does not split into micro_batches=3"):
+        check_loader_batches(loader(24), 3)  # every batch: refused as when the first one arrives
+    sampler = DistributedSampler(TensorDataset(torch.zeros(42, 2)), num_replicas=2, rank=0, shuffle=False)
+    with pytest.raises(ValueError, match=r"5 samples \(21 per data-parallel replica"):
+        check_loader_batches(loader(42, sampler=sampler), 4)  # per replica
+
+    strategy = BFPPStrategy(pipeline_parallel_size=2, micro_batches=4)
+    stage = SimpleNamespace(stage=RunningStage.TRAINING)
+    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(state=stage))  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="pass drop_last=True to the DataLoader"):
+        strategy.process_dataloader(loader(21))
+    stage.stage = RunningStage.VALIDATING  # evaluation splits a smaller last batch into fewer micro-batches
+    assert strategy.process_dataloader(loader(21)) is not None

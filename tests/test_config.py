@@ -17,13 +17,7 @@ from omegaconf import OmegaConf
 
 from lightning_bfpp import BFPPStrategy
 from lightning_bfpp.config import BFPPStrategyConfig
-from lightning_bfpp.options import PipelineOptions, option_names
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-sys.path.insert(0, str(ROOT / "examples"))
-
-from bfpp_examples.app import (  # noqa: E402
+from lightning_bfpp.hydra import (
     ConfigError,
     build_strategy,
     check_config,
@@ -31,6 +25,12 @@ from bfpp_examples.app import (  # noqa: E402
     check_single_device,
     resolve_trainer,
 )
+from lightning_bfpp.options import PipelineOptions, option_names
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+sys.path.insert(0, str(ROOT / "examples"))
+
 from bfpp_examples.config import register_configs  # noqa: E402
 from bfpp_examples.convnet import SHAPES, make_shapes  # noqa: E402
 from bfpp_examples.gpt import GPT  # noqa: E402
@@ -192,12 +192,17 @@ def test_added_unknown_keys_are_rejected() -> None:
         check_config(cfg)
 
 
-def test_strategy_rejects_bad_choices_with_its_message() -> None:
-    bad = [("strategy.schedule=nope", "schedule='nope'"), ("strategy.sharding=zero4", "sharding='zero4'")]
+def test_bad_choices_are_refused_when_composed_listing_the_choices() -> None:
+    bad = [
+        ("strategy.schedule=nope", "Invalid value 'nope', expected one of [breadth_first, depth_first, gpipe, 1f1b, "),
+        ("strategy.sharding=zero4", "Invalid value 'zero4', expected one of [none, optimizer, gradients, full]"),
+    ]
     for override, message in bad:
-        cfg = compose_cfg(override)
-        with pytest.raises(Exception, match=message):
-            instantiate(cfg.strategy, _convert_="all")
+        with pytest.raises(ConfigCompositionException) as error:
+            compose_cfg(override)
+        assert message in str(error.value.__cause__), str(error.value.__cause__)
+    with pytest.raises(Exception, match="schedule='nope' is not supported"):  # a plain dict: the options' check
+        instantiate({"_target_": "lightning_bfpp.BFPPStrategy", "schedule": "nope"})
 
 
 def test_pipeline_layout_is_checked_before_launch() -> None:
@@ -212,7 +217,7 @@ def test_pipeline_layout_is_checked_before_launch() -> None:
 
 
 def checks_before_launch(cfg) -> None:
-    """What the main job checks before it starts any process (``bfpp_examples.app.run``), on a tiny GPT."""
+    """What the main job checks before it starts any process (``lightning_bfpp.hydra.run``), on a tiny GPT."""
     check_config(cfg)
     check_single_device(cfg)
     kwargs = resolve_trainer(cfg)

@@ -89,7 +89,7 @@ def test_bad_key_or_value_fails_at_start_naming_it(tmp_path: Path) -> None:
     code, output = train(TRAIN, "strategy.micro_batchs=8", f"hydra.run.dir={tmp_path}", timeout=60)
     assert code != 0 and "strategy.micro_batchs" in output
     code, output = train(TRAIN, "strategy.schedule=looped", f"hydra.run.dir={tmp_path}", timeout=60)
-    assert code != 0 and "schedule='looped' is not supported" in output
+    assert code != 0 and "Invalid value 'looped', expected one of [breadth_first, depth_first" in output
     assert "Initializing distributed" not in output  # failed before any process started
 
 

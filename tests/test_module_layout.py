@@ -94,6 +94,10 @@ LAYER_RULES = [  # (a file in the layer, an import it must not make)
     ("run/probe.py", "from lightning.fabric.utilities import rank_zero_warn"),
     ("run/probe.py", "import torchmetrics"),
     ("run/probe.py", "from lightning_bfpp.lightning.module import PipelineModule"),
+    ("lightning/probe.py", "from hydra.utils import instantiate"),  # Hydra only in lightning_bfpp/hydra
+    ("probe.py", "from omegaconf import OmegaConf"),
+    ("run/probe.py", "import hydra"),
+    ("plan/probe.py", "from omegaconf import DictConfig"),
 ]
 
 
@@ -119,6 +123,8 @@ def test_lint_rule_keeps_the_layers_apart(filename: str, line: str) -> None:
         ("run/probe.py", "from lightning_bfpp.plan.schedule import build_schedule"),
         ("run/probe.py", "import torch.distributed as dist"),
         ("lightning/probe.py", "from lightning_bfpp.run.executor import PipelineExecutor"),
+        ("hydra/probe.py", "from hydra.utils import instantiate"),
+        ("hydra/probe.py", "from omegaconf import OmegaConf"),
     ],
 )
 def test_lint_rule_allows_the_downward_imports(filename: str, line: str) -> None:

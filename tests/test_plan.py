@@ -156,6 +156,8 @@ def test_command_prints_table_comparison_and_plot(tmp_path, capsys) -> None:
     assert "global batch 8 sequences (1 per GPU)" in out and "global batch 32 sequences (4 per GPU)" in out
     assert "TFLOP/s/GPU" in out and "| batch/GPU | global batch | breadth_first | depth_first | gpipe | best |" in out
     assert plot.stat().st_size > 10_000
+    assert out.count("strategy = BFPPStrategy(pipeline_parallel_size=") == 2  # what to run, per batch size
+    assert out.count("Hydra: trainer=gpu strategy=bfpp strategy.pipeline_parallel_size=") == 2
 
 
 def test_command_errors_name_the_fix(capsys) -> None:
@@ -228,3 +230,58 @@ def test_planned_weight_gradient_modes_are_the_strategys() -> None:
         else:
             with pytest.raises(ValueError, match="does not work with sharding"):
                 PipelineOptions(weight_gradients="batched", sharding=mode)
+
+
+# ------------------------------------------------------------------------------------------ what the planner prints
+def test_the_printed_settings_run_the_planned_layout() -> None:
+    """The planner prints the layout as a ``BFPPStrategy(...)`` call that evaluates, and as Hydra overrides that the
+    example app's config composes into the same strategy, Trainer sizes and batch size."""
+    import sys
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lightning_bfpp import BFPPStrategy
+    from lightning_bfpp.plan.settings import format_settings, hydra_overrides, strategy_call, strategy_options
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "examples"))
+    from bfpp_examples.config import register_configs
+
+    register_configs()
+    cluster = ClusterSpec(nodes=2, gpus_per_node=4)
+    layout = Layout(
+        "depth_first", 2, 2, 4, 2, 8, sharding="optimizer", activation_checkpointing=True, accumulation=3,
+        rank_layout="pp_contiguous", weight_gradients="batched",
+    )  # fmt: skip
+    expected = PipelineOptions(**strategy_options(layout))  # type: ignore[arg-type]
+    assert (expected.micro_batches, expected.activation_checkpointing) == (8, "stage")
+    assert eval(strategy_call(layout), {"BFPPStrategy": BFPPStrategy}).options == expected
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(root / "conf")):
+        cfg = compose("train", overrides=hydra_overrides(layout, cluster))
+    assert instantiate(cfg.strategy, _convert_="all").options == replace(expected, timeout=expected.timeout)
+    trainer = (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.accumulate_grad_batches)
+    assert trainer == ("gpu", 4, 2, 3) and cfg.data.batch_size == 16  # M = 8 micro-batches of 2
+
+    text = format_settings([layout], cluster)
+    assert strategy_call(layout) in text and " ".join(hydra_overrides(layout, cluster)) in text
+    single = replace(layout, pipeline_size=1, data_parallel_size=8, schedule="breadth_first", sharding="none")
+    text = format_settings([single, layout], cluster)
+    assert text.startswith("the fastest layout has P = 1") and "strategy='ddp' instead of bfpp" in text
+    assert f"P > 1):\n  strategy = {strategy_call(layout)}" in text
+
+
+def test_rows_of_equal_predictions_are_merged() -> None:
+    """Layouts whose rows would print the same (e.g. with P = 1, every schedule) share one row, values as a/b."""
+    from lightning_bfpp.plan.report import format_table, merge_rows
+
+    results = plan(SMALL, replace(CLUSTER, gpu_memory_gb=40.0), 8, top=8).results
+    groups = merge_rows(results)
+    assert len(groups) < len(results), "this plan has layouts of equal predictions"
+    table = format_table(results, top=len(results)).splitlines()
+    rows = [line for line in table[1:] if line[:1].isalpha() and line.split()[1].isdigit()]
+    assert len(rows) == len(groups)
+    merged = next(g for g in groups if len(g) > 1)
+    assert "/" in rows[groups.index(merged)] and table[-1] == "a/b: layouts with the same prediction, in one row"

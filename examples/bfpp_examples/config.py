@@ -1,69 +1,14 @@
-"""Structured configs (dataclasses) behind ``conf/``: they fix the keys and types of every config group.
+"""The examples' model and data configs (dataclasses) behind ``conf/``; the job, trainer, checkpoint and strategy
+configs are the package's (:mod:`lightning_bfpp.hydra`).
 
 Hydra merges each YAML file of ``conf/`` onto one of these dataclasses, so a misspelt key or a value of the wrong
-type fails while the config is composed, with a message naming the key (``full_key: strategy.stages_per_rank``).
-The strategy's values (choices, sizes, options that exclude each other) are checked by the library
-(``lightning_bfpp.options.PipelineOptions``) when the strategy is instantiated, before any process starts.
+type fails while the config is composed, with a message naming the key (``full_key: model.n_layer``).
 """
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
-
-from lightning_bfpp.config import BFPPStrategyConfig
-
-# ------------------------------------------------------------------------------------------------------- strategy
-
-
-@dataclass
-class SingleStrategyConfig:
-    """One process on one device (Lightning's ``strategy="auto"``, ``devices=1``): the reference to compare with."""
-
-    _target_: str = "bfpp_examples.strategies.single_device"
-
-
-@dataclass
-class DDPStrategyConfig:
-    """Lightning's ``DDPStrategy``: every process holds the whole model."""
-
-    _target_: str = "bfpp_examples.strategies.ddp"
-    process_group_backend: str | None = None
-    find_unused_parameters: bool = False
-    timeout: float = 1800.0  # seconds
-
-
-# -------------------------------------------------------------------------------------------------------- trainer
-
-
-@dataclass
-class TrainerConfig:
-    """Arguments of ``lightning.pytorch.Trainer``.
-
-    ``devices: auto`` picks, on CPU, one process per pipeline rank (``P`` processes with ``strategy=bfpp``, 2 with
-    ``ddp``, 1 with ``single``) and, on GPU, every visible GPU. ``precision: null`` picks ``32-true`` on CPU and
-    ``bf16-mixed`` on GPU.
-    """
-
-    accelerator: str = "auto"
-    devices: Any = "auto"  # an int, a list of device indices, or "auto"
-    num_nodes: int = 1
-    precision: str | None = None
-    max_steps: int = 300
-    max_epochs: int | None = None
-    max_time: str | None = None  # "DD:HH:MM:SS"
-    val_check_interval: Any = 100  # an int: every so many training batches; a float: a fraction of an epoch
-    check_val_every_n_epoch: int | None = None  # None: val_check_interval counts batches across epochs
-    limit_train_batches: Any = None
-    limit_val_batches: Any = 20
-    num_sanity_val_steps: int = 1
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = 1.0
-    gradient_clip_algorithm: str = "norm"
-    log_every_n_steps: int = 10
-    enable_progress_bar: bool = True
-    enable_model_summary: bool = True
+from lightning_bfpp.hydra import TrainConfig
+from lightning_bfpp.hydra import register_configs as register_package_configs
 
 
 @dataclass
@@ -75,16 +20,6 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
-
-
-@dataclass
-class CheckpointConfig:
-    """Lightning's ``ModelCheckpoint``. ``dir: null`` writes to ``<run dir>/checkpoints``."""
-
-    dir: str | None = None
-    every_n_train_steps: int = 100
-    save_last: bool = True
-    save_top_k: int = 1
 
 
 # ------------------------------------------------------------------------------------------------ models and data
@@ -165,33 +100,19 @@ class ShapesDataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The top level of ``conf/train.yaml`` and ``conf/train_convnet.yaml``."""
+class ExampleTrainConfig(TrainConfig):
+    """The top level of ``conf/train.yaml`` and ``conf/train_convnet.yaml``: the package's job config, plus the
+    optimizer and the progress reports of the examples."""
 
-    name: str = MISSING
-    seed: int = 1234
-    ckpt_path: str | None = None  # a .ckpt file, or "last": the newest last.ckpt of runs next to this one
     log_interval: int = 10  # print loss and throughput every so many optimizer steps
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    strategy: Any = MISSING  # strategy=bfpp: lightning_bfpp.config.BFPPStrategyConfig, set by the groups too
-    model: Any = MISSING
-    data: Any = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-
-
-SCHEMAS: dict[str, dict[str, type]] = {
-    "strategy": {"bfpp": BFPPStrategyConfig, "ddp": DDPStrategyConfig, "single": SingleStrategyConfig},
-    "model": {"gpt": GPTConfig, "litgpt": LitGPTModelConfig, "convnet": ConvNetConfig},
-    "data": {"text": TextDataConfig, "shapes": ShapesDataConfig},
-}
 
 
 def register_configs() -> None:
-    """Stores the schemas in Hydra's ConfigStore: ``train_schema`` and ``schema/<group>/<name>``, which the YAML
-    files of ``conf/`` name first in their defaults list."""
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    for group, schemas in SCHEMAS.items():
-        for name, node in schemas.items():
-            cs.store(group=f"schema/{group}", name=name, node=node)
+    """Stores the job's schema (``train_schema``), the strategies' and the examples' model and data schemas
+    (``schema/<group>/<name>``, which the YAML files of ``conf/`` name first in their defaults list)."""
+    register_package_configs(
+        ExampleTrainConfig,
+        model={"gpt": GPTConfig, "litgpt": LitGPTModelConfig, "convnet": ConvNetConfig},
+        data={"text": TextDataConfig, "shapes": ShapesDataConfig},
+    )

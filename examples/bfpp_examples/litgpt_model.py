@@ -17,9 +17,9 @@ from litgpt import Config
 from omegaconf import DictConfig, OmegaConf
 from typing_extensions import override
 
-from bfpp_examples.app import ConfigError
 from bfpp_examples.optim import adamw_warmup_cosine
 from lightning_bfpp.adapters.litgpt import CONFIG_FILENAME, LitGPTModule
+from lightning_bfpp.hydra import ConfigError
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "n_query_groups", "head_size", "intermediate_size")
 

@@ -177,6 +177,9 @@ class TextDataModule(pl.LightningDataModule):
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"data.val_fraction={val_fraction} must lie between 0 and 1.")
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name}={value}: give a number >= 1.")
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
         tokens, implied_vocab, self.description = load_tokens(path, glob, dtype, max_tokens)
         n_val = max(seq_len + 1, int(len(tokens) * val_fraction))

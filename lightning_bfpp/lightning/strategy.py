@@ -14,8 +14,8 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from typing_extensions import override
@@ -43,7 +43,7 @@ from lightning_bfpp.plan.partition import Partition
 from lightning_bfpp.run.faults import explain_lost_rank
 from lightning_bfpp.run.groups import PipelineGroups, layout_ranks
 from lightning_bfpp.run.host_sync import host_values_together
-from lightning_bfpp.run.microbatch import split_batch
+from lightning_bfpp.run.microbatch import check_loader_batches, split_batch
 from lightning_bfpp.run.p2p import PeerLink
 from lightning_bfpp.run.pipeline import StagePipeline, step_schedule
 from lightning_bfpp.run.process_groups import destroy_at_exit
@@ -84,9 +84,12 @@ class BFPPStrategy(
     """
 
     strategy_name = "bfpp"
-    # the options, read-only: the runtime reads ``options``, so they are set through the constructor only
+    # the options, read-only under their keyword names: the runtime reads ``options``, so they are set through the
+    # constructor only (``pipeline_parallel_size``, ``micro_batches``, ``process_group_backend``: resolved values)
     stages_per_rank = option_property("stages_per_rank")
-    schedule_name = option_property("schedule")
+    schedule = option_property("schedule")
+    partition = option_property("partition")
+    schedule_name = option_property("schedule")  # earlier names of the two above
     partition_method = option_property("partition")
     partition_boundaries = option_property("partition_boundaries")
     rank_layout = option_property("rank_layout")
@@ -97,6 +100,7 @@ class BFPPStrategy(
     nonfinite_loss = option_property("nonfinite_loss")
     timeline_dir = option_property("timeline_dir")
     timeline_batches = option_property("timeline_batches")
+    timeout = option_property("timeout")
     materializes_pipeline_layers = True  # meta layers: each rank materializes its own in setup (PipelineModule)
 
     def __init__(
@@ -123,7 +127,7 @@ class BFPPStrategy(
         self.link_class = link_class
         self._process_group_backend = options.process_group_backend
         self.num_nodes = 1
-        self.partition: Partition | None = None
+        self.stage_partition: Partition | None = None  # the layers of each stage, once the module is connected
         self.groups: PipelineGroups | None = None
         self.pipeline: StagePipeline | None = None
         self._split: PipelineSplit | None = None
@@ -226,7 +230,7 @@ class BFPPStrategy(
             )
         self._check_world_size()
         self._split = plan_split(model, self.options, self.pipeline_parallel_size)
-        self.partition = self._split.partition
+        self.stage_partition = self._split.partition
         step_schedule(self.options, self.pipeline_parallel_size, self.micro_batches)  # an invalid one raises here
         super().connect(model)
 
@@ -237,6 +241,14 @@ class BFPPStrategy(
                 f"The world size ({self.num_nodes} nodes x {self.num_processes} devices = {world}) is not divisible by "
                 f"pipeline_parallel_size={self.pipeline_parallel_size}: choose a pipeline_parallel_size that divides "
                 f"{world}, or change devices/num_nodes."
+            )
+
+    def _warn_without_pipeline(self) -> None:
+        if self.pipeline_parallel_size == 1:
+            rank_zero_warn(
+                f"strategy='bfpp' runs with pipeline_parallel_size=1: no pipeline, each of the {self.world_size} "
+                "process(es) holds the whole model. Use strategy='ddp' (or 'fsdp' where the model does not fit) for "
+                "data parallelism, or give pipeline_parallel_size > 1 (and as many devices)."
             )
 
     @contextmanager
@@ -259,6 +271,7 @@ class BFPPStrategy(
         reset_seed()
         self.set_world_ranks()
         self._check_world_size()
+        self._warn_without_pipeline()
         if self._process_group_backend is None:
             self._process_group_backend = default_process_group_backend(self.root_device)
         assert self.cluster_environment is not None
@@ -304,6 +317,14 @@ class BFPPStrategy(
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """A training loader whose batches would not split into ``M`` micro-batches is refused here, on every rank,
+        before its first batch (a ragged last batch would otherwise fail only when the epoch reaches it)."""
+        if self.lightning_module.trainer.state.stage == RunningStage.TRAINING:
+            check_loader_batches(dataloader, self.micro_batches)
+        return super().process_dataloader(dataloader)
 
     # ------------------------------------------------------------------------------------------------ training
     @override

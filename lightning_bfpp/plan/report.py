@@ -8,31 +8,68 @@ from pathlib import Path
 
 from lightning_bfpp.plan.specs import GB, Prediction
 
-HEADER = (
-    f"{'schedule':13s} {'P':>3s} {'L':>3s} {'D':>3s} {'mbs':>3s} {'M':>4s}  {'A':>2s} {'sharding':9s} {'ckpt':4s} "
-    f"{'rank layout':13s} {'weight grads':15s} "
-    f"{'step ms':>8s} {'tokens/s':>9s} {'TFLOP/s/GPU':>11s} {'MFU':>5s} {'bubble':>6s} {'GiB':>5s}"
-)
+_WIDTHS = {"schedule": 13, "stages_per_rank": 3, "rank_layout": 13, "weight_gradients": 15}  # the default widths
+_MERGED = tuple(_WIDTHS)  # the columns shown as a/b where layouts of equal predictions share a row
 
 
-def format_row(r: Prediction) -> str:
-    lay = r.layout
-    extrapolated = "*" if r.simulated_micro_batches < lay.num_micro_batches else " "
+def _header(widths: dict[str, int]) -> str:
+    w = widths
     return (
-        f"{lay.schedule:13s} {lay.pipeline_size:3d} {lay.stages_per_rank:3d} {lay.data_parallel_size:3d} "
-        f"{lay.micro_batch_size:3d} {lay.num_micro_batches:4d}{extrapolated} {lay.accumulation:2d} {lay.sharding:9s} "
-        f"{'yes' if lay.activation_checkpointing else 'no':4s} {lay.rank_layout:13s} {lay.weight_gradients:15s} "
-        f"{r.step_time * 1e3:8.1f} "
-        f"{r.tokens_per_second:9.0f} {r.tflops_per_gpu:11.1f} {r.mfu:5.1%} {r.bubble_fraction:6.1%} "
-        f"{r.peak_memory_bytes / GB:5.1f}"
+        f"{'schedule':{w['schedule']}s} {'P':>3s} {'L':>{w['stages_per_rank']}s} {'D':>3s} {'mbs':>3s} {'M':>4s}  "
+        f"{'A':>2s} {'sharding':9s} {'ckpt':4s} {'rank layout':{w['rank_layout']}s} "
+        f"{'weight grads':{w['weight_gradients']}s} "
+        f"{'step ms':>8s} {'tokens/s':>9s} {'TFLOP/s/GPU':>11s} {'MFU':>5s} {'bubble':>6s} {'GiB':>5s}"
     )
 
 
+HEADER = _header(_WIDTHS)
+
+
+def _cells(group: Sequence[Prediction]) -> dict[str, str]:
+    return {name: "/".join(dict.fromkeys(str(getattr(p.layout, name)) for p in group)) for name in _MERGED}
+
+
+def format_row(r: Prediction, merged: Sequence[Prediction] = (), widths: dict[str, int] | None = None) -> str:
+    """One row; ``merged``: further layouts of the same prediction, their differing values shown as ``a/b``."""
+    lay, cell, w = r.layout, _cells([r, *merged]), widths or _WIDTHS
+    extrapolated = "*" if r.simulated_micro_batches < lay.num_micro_batches else " "
+    return (
+        f"{cell['schedule']:{w['schedule']}s} {lay.pipeline_size:3d} "
+        f"{cell['stages_per_rank']:>{w['stages_per_rank']}s} {lay.data_parallel_size:3d} {lay.micro_batch_size:3d} "
+        f"{lay.num_micro_batches:4d}{extrapolated} "
+        f"{lay.accumulation:2d} {lay.sharding:9s} {'yes' if lay.activation_checkpointing else 'no':4s} "
+        f"{cell['rank_layout']:{w['rank_layout']}s} {cell['weight_gradients']:{w['weight_gradients']}s} "
+        f"{r.step_time * 1e3:8.1f} {r.tokens_per_second:9.0f} {r.tflops_per_gpu:11.1f} {r.mfu:5.1%} "
+        f"{r.bubble_fraction:6.1%} {r.peak_memory_bytes / GB:5.1f}"
+    )
+
+
+def _key(r: Prediction) -> tuple[object, ...]:
+    """What two rows must share to be merged: the printed prediction and the layout apart from :data:`_MERGED`."""
+    lay = r.layout
+    numbers = f"{r.step_time * 1e3:.1f} {r.tokens_per_second:.0f} {r.mfu:.1%} {r.bubble_fraction:.1%} "
+    numbers += f"{r.peak_memory_bytes / GB:.1f} {r.simulated_micro_batches < lay.num_micro_batches}"
+    fields = (lay.pipeline_size, lay.data_parallel_size, lay.micro_batch_size, lay.num_micro_batches)
+    return (numbers, *fields, lay.accumulation, lay.sharding, lay.activation_checkpointing)
+
+
+def merge_rows(results: Sequence[Prediction]) -> list[list[Prediction]]:
+    """The predictions grouped by equal rows (:func:`_key`), in the order of their first member."""
+    groups: dict[tuple[object, ...], list[Prediction]] = {}
+    for r in results:
+        groups.setdefault(_key(r), []).append(r)
+    return list(groups.values())
+
+
 def format_table(results: Sequence[Prediction], top: int) -> str:
-    """The ``top`` fastest layouts as a text table."""
-    lines = [HEADER, *(format_row(r) for r in results[:top])]
-    if any(r.simulated_micro_batches < r.layout.num_micro_batches for r in results[:top]):
+    """The ``top`` fastest layouts as a text table; layouts with equal predictions share a row (``a/b``)."""
+    rows = merge_rows(results)[:top]
+    widths = {name: max([width, *(len(_cells(g)[name]) for g in rows)]) for name, width in _WIDTHS.items()}
+    lines = [_header(widths), *(format_row(g[0], g[1:], widths) for g in rows)]
+    if any(g[0].simulated_micro_batches < g[0].layout.num_micro_batches for g in rows):
         lines.append("* M too large to simulate step by step: extrapolated linearly from two smaller multiples of P")
+    if any(len(g) > 1 for g in rows):
+        lines.append("a/b: layouts with the same prediction, in one row")
     return "\n".join(lines)
 
 

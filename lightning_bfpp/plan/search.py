@@ -33,6 +33,7 @@ from lightning_bfpp.plan.report import (
     plot_comparison,
 )
 from lightning_bfpp.plan.schedule import SCHEDULES, Schedule
+from lightning_bfpp.plan.settings import format_settings
 from lightning_bfpp.plan.simulate import SHARDING_MODES, CostModel, estimate_memory, resident_bytes, simulate
 from lightning_bfpp.plan.specs import (
     ACTIVATION_BYTES,
@@ -422,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"layouts, {len(found.results)} simulated (the others do not fit or cannot beat these)"
         )
         print(format_table(found.results, args.top) if found.results else "nothing fits: add GPUs or memory")
+        print(format_settings([r.layout for r in found.results], cluster))
         table[global_batch / world] = best_per_schedule(found.results, args.schedules)
     if args.compare:
         print("\nbest predicted layout per schedule (TFLOP/s per GPU, MFU):\n" + format_comparison(table, world))

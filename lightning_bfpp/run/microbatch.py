@@ -38,6 +38,29 @@ def check_divisible(batch_size: int | None, num_micro_batches: int) -> None:
         )
 
 
+def check_loader_batches(loader: Any, num_micro_batches: int) -> None:
+    """Refuses a training data loader some of whose batches cannot split into ``num_micro_batches``, where the loader
+    tells before the first batch: a ``batch_size`` that is not a multiple, or, with ``drop_last=False``, a smaller
+    last batch (the sampler's length, per data-parallel replica, not a multiple of the batch size) that is not."""
+    batch_size = getattr(loader, "batch_size", None)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool):
+        return  # a batch sampler or an iterable dataset makes the batches: checked batch by batch
+    check_divisible(batch_size, num_micro_batches)
+    if getattr(loader, "drop_last", True):
+        return
+    try:
+        samples = len(loader.sampler)
+    except TypeError:  # a sampler without a length
+        return
+    last = samples % batch_size
+    if last % num_micro_batches:
+        raise ValueError(
+            f"The training DataLoader's last batch holds {last} samples ({samples} per data-parallel replica, "
+            f"batch_size={batch_size}), which does not split into micro_batches={num_micro_batches} equal parts: pass "
+            f"drop_last=True to the DataLoader, or give it a multiple of {batch_size} samples per replica."
+        )
+
+
 def split_batch(batch: Any, num_micro_batches: int) -> list[Any]:
     """Splits every tensor whose leading dimension is the batch size into equal parts; other values are shared."""
     size = batch_size_of(batch)

@@ -1,4 +1,4 @@
-"""Factories that ``conf/strategy/{single,ddp}.yaml`` instantiate (``strategy/bfpp.yaml`` names the class itself)."""
+"""Factories that the strategy configs ``ddp`` and ``single`` instantiate (``bfpp`` names the strategy class)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ def single_device() -> str:
     return "auto"
 
 
-def ddp(process_group_backend: str | None = None, find_unused_parameters: bool = False, timeout: float = 1800.0):
+def ddp(
+    process_group_backend: str | None = None, find_unused_parameters: bool = False, timeout: float = 1800.0
+) -> DDPStrategy:
     """Lightning's ``DDPStrategy`` (the timeout in seconds, as in the bfpp config)."""
     return DDPStrategy(
         process_group_backend=process_group_backend,
