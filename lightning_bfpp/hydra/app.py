@@ -27,6 +27,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from lightning_bfpp.hydra.checks import ConfigError, check_config, check_pipeline, check_single_device
 from lightning_bfpp.hydra.resume import resolve_ckpt_path, resume_command
 from lightning_bfpp.hydra.trainer import build_strategy, build_trainer, checkpoint_dir, resolve_trainer
+from lightning_bfpp.run.host_sync import host_values
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def run(cfg: DictConfig, build: Builder) -> dict[str, float]:
 
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics = {k: host_values(v.reshape(())) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     last = checkpoint.last_model_path or checkpoint.best_model_path
     if last:
         info(f"checkpoint: {last}")
