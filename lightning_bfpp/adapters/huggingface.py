@@ -50,12 +50,28 @@ class Family:
     embeddings: tuple[str, ...]  # the embedding layers, in order
     blocks: str  # the ModuleList of decoder blocks
     norm: str  # the final norm
+    causal_lm: str  # the transformers class with the LM head (what AutoModelForCausalLM builds)
     rotary: str | None = None  # the rotary embedding whose cos/sin every block takes, if any
+    positions: str | None = None  # the config field holding the size of a learned position table, if any
 
 
 FAMILIES = {
-    "gpt2": Family(base="transformer", embeddings=("wte", "wpe"), blocks="h", norm="ln_f"),
-    "llama": Family(base="model", embeddings=("embed_tokens",), blocks="layers", norm="norm", rotary="rotary_emb"),
+    "gpt2": Family(
+        base="transformer",
+        embeddings=("wte", "wpe"),
+        blocks="h",
+        norm="ln_f",
+        causal_lm="GPT2LMHeadModel",
+        positions="n_positions",
+    ),
+    "llama": Family(
+        base="model",
+        embeddings=("embed_tokens",),
+        blocks="layers",
+        norm="norm",
+        causal_lm="LlamaForCausalLM",
+        rotary="rotary_emb",
+    ),
 }
 
 
@@ -93,6 +109,7 @@ class HuggingFaceCausalLM(PipelineModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self._checkpoint: SafetensorsCheckpoint | None = None
         if isinstance(model, PreTrainedModel):
+            check_causal_lm(model)  # a base model or another head is refused before anything is registered
             hf_model = model
         else:
             if isinstance(model, (str, os.PathLike)):
@@ -118,6 +135,12 @@ class HuggingFaceCausalLM(PipelineModule):
         if self._checkpoint is not None:
             self._checkpoint.check_covers(self, self._aliases)
         _materialize_outside_layers(self, hf_model, self._layer_names)
+        positions = self.family.positions
+        # (config field, value): the longest sequence a learned position table allows
+        self.max_positions: tuple[str, int] | None = (
+            (positions, getattr(self.hf_config, positions)) if positions else None
+        )
+        self.train()  # as a fresh LightningModule: from_pretrained returns the model in eval mode (dropout off)
 
     def _blocks(self, base: nn.Module) -> nn.ModuleList:
         return base.get_submodule(self.family.blocks)  # type: ignore[return-value]
@@ -193,11 +216,12 @@ class HuggingFaceCausalLM(PipelineModule):
     # ---------------------------------------------------------------------------------------- Lightning hooks
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        check_batch(batch)  # on every rank, before the step (a stage that cannot run would leave the others waiting)
+        check_batch(batch, self.max_positions)  # on every rank, before the step (a stage that cannot run would
+        # leave the others waiting)
 
     @override
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        check_batch(batch)
+        check_batch(batch, self.max_positions)
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -225,6 +249,21 @@ def family_of(config: PretrainedConfig) -> Family:
     return family
 
 
+def check_causal_lm(model: PreTrainedModel) -> None:
+    """Raises unless ``model`` is a causal language model of a supported family with its LM head (what
+    ``AutoModelForCausalLM`` builds): not a base model (``GPT2Model``) nor another head (``*ForSequenceClassification``
+    and the like)."""
+    family = family_of(model.config)
+    children = dict(model.named_children())
+    if set(children) != {family.base, "lm_head"} or not isinstance(children["lm_head"], nn.Linear):
+        supported = ", ".join(f.causal_lm for f in FAMILIES.values())
+        raise TypeError(
+            f"HuggingFaceCausalLM trains a causal language model with its LM head ({supported}), not "
+            f"{type(model).__name__} (submodules {sorted(children)}): load the model with AutoModelForCausalLM "
+            "(from_pretrained or from_config), or pass its save_pretrained directory or its config."
+        )
+
+
 def as_config(config: PretrainedConfig | Mapping[str, Any]) -> PretrainedConfig:
     """A transformers config from a config or its ``to_dict()``."""
     if isinstance(config, PretrainedConfig):
@@ -246,10 +285,17 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     )
 
 
-def check_batch(batch: Any) -> None:
+def check_batch(batch: Any, max_positions: tuple[str, int] | None = None) -> None:
     """Raises a clear error for a batch the adapter cannot run: token ids, or a dict with ``input_ids`` and no
-    ``token_type_ids``."""
-    _field(batch, "input_ids")
+    ``token_type_ids``, no longer than ``max_positions`` allows (``(config field, size)`` of a learned position
+    table, GPT-2's ``n_positions``; None for rotary positions, which have no table)."""
+    length = _field(batch, "input_ids").shape[-1]
+    if max_positions is not None and length > max_positions[1]:
+        field, limit = max_positions
+        raise ValueError(
+            f"The batch holds sequences of {length} tokens, but the model has {limit} positions ({field}={limit} in "
+            f"its config): cut the sequences to at most {limit} tokens."
+        )
     if isinstance(batch, Mapping) and batch.get("token_type_ids") is not None:
         raise ValueError(
             "HuggingFaceCausalLM does not take token_type_ids: drop them from the batch (the token embedding, "
