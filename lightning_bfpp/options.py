@@ -89,6 +89,13 @@ def one_of(choices: Sequence[str], aliases: dict[str, str] | None = None) -> Che
     return check
 
 
+def boolean(name: str, value: Any) -> bool:
+    """``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
 def text(name: str, value: Any) -> str:
     """A string."""
     if not isinstance(value, str):
@@ -214,6 +221,13 @@ class PipelineOptions:
     )
     timeline_batches: tuple[int, int] = option(
         (2, 4), "`(first, stop)`: the training batches `timeline_dir` records", batch_range
+    )
+    save_distributed_checkpoint: bool = option(
+        True,
+        "`True`: a checkpoint is a directory in which each rank writes its stages (fast, any layout resumes it); "
+        "`False`: rank 0 gathers the whole model and optimizer state into one Lightning checkpoint file, which "
+        "`Model.load_from_checkpoint` and one-process runs load too (as `ModelParallelStrategy`'s option)",
+        boolean,
     )
 
     def __post_init__(self) -> None:

@@ -223,3 +223,35 @@ def test_bad_input_is_refused_with_the_fix(tmp_path: Path) -> None:
         module.on_train_batch_start({"input_ids": ids, "token_type_ids": ids}, 0)
     with pytest.raises(ValueError, match=r"a dict with 'input_ids'; got \['tokens'\]"):
         module.on_validation_batch_start({"tokens": ids}, 0)
+
+
+def test_models_without_a_causal_lm_head_and_too_long_sequences_are_refused() -> None:
+    """A base model or a model with another head is refused when the adapter is built, naming the supported classes;
+    a sequence longer than GPT-2's position table is refused before the step, naming the limit (Llama's rotary
+    positions have no table: a longer sequence runs, as in transformers)."""
+    from transformers import GPT2ForSequenceClassification, GPT2Model, LlamaForSequenceClassification
+
+    gpt2, llama = config("gpt2", tied=False), config("llama", tied=False)
+    for model in (GPT2Model(gpt2), GPT2ForSequenceClassification(gpt2), LlamaForSequenceClassification(llama)):
+        with pytest.raises(TypeError, match=rf"\(GPT2LMHeadModel, LlamaForCausalLM\), not {type(model).__name__} "):
+            HuggingFaceCausalLM(model)
+    too_long = {"input_ids": torch.zeros(2, 33, dtype=torch.long)}  # the configs have 32 positions
+    module = HuggingFaceCausalLM(AutoModelForCausalLM.from_config(gpt2))
+    with pytest.raises(ValueError, match=r"sequences of 33 tokens, but the model has 32 positions \(n_positions=32"):
+        module.on_train_batch_start(too_long, 0)
+    with pytest.raises(ValueError, match="cut the sequences to at most 32 tokens"):
+        module.on_validation_batch_start(too_long, 0)
+    module.on_train_batch_start({"input_ids": torch.zeros(2, 32, dtype=torch.long)}, 0)
+    HuggingFaceCausalLM(config("llama", tied=False)).on_train_batch_start(too_long, 0)
+
+
+def test_a_model_given_in_eval_mode_trains_in_train_mode() -> None:
+    """``from_pretrained`` returns a model in eval mode; the adapter, a fresh LightningModule, trains it with dropout,
+    as Lightning's ``fit`` trains a module built in train mode."""
+    cfg = config("gpt2", tied=True)
+    cfg.resid_pdrop = 0.5
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    module = HuggingFaceCausalLM(hf)
+    assert all(m.training for m in module.modules())
+    batch = {"input_ids": torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))}
+    assert not torch.equal(module(batch), module(batch))  # dropout is on

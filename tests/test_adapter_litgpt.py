@@ -221,3 +221,43 @@ def test_random_initialization_is_litgpts_pretraining_one() -> None:
     assert module.transformer.h[2].mlp.proj.weight.std().item() == pytest.approx(1 / 16 / 4, rel=0.05)
     assert module.transformer.h[3].attn.proj.weight.std().item() == pytest.approx(1 / 16 / 4, rel=0.05)
     assert torch.equal(module.transformer.ln_f.weight, torch.ones(256))
+
+
+def test_float64_checkpoint_trains_in_float64_like_litgpt(tmp_path: Path) -> None:
+    """A float64 checkpoint builds a float64 module (not the default float32, which would round it): one process
+    under ``precision="64-true"`` trains it exactly as ``litgpt.GPT`` in float64. A float32 checkpoint still builds
+    in the default dtype."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    case, global_batch = "pythia", 4
+    path = pretrained_checkpoint(case, tmp_path / "f32" / "lit_model.pth")
+    assert next(LitGPTModule(litgpt_config(case), checkpoint=path).parameters()).dtype == torch.float32
+    f64 = tmp_path / "f64" / "lit_model.pth"
+    f64.parent.mkdir()
+    torch.save({k: v.double() + 1e-9 for k, v in torch.load(path, weights_only=True).items()}, f64)  # float64 digits
+    module = LitGPTModule(litgpt_config(case), checkpoint=f64, **OPTIM)
+    assert {p.dtype for p in module.parameters()} == {torch.float64}
+    data = DataLoader(TokenData(STEPS * global_batch, SEQ_LEN, VOCAB), batch_size=global_batch)
+    losses = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="64-true",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Losses()],
+    )
+    trainer.fit(module, data)
+    expected_losses, expected = reference(case, f64, global_batch)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-9, atol=0)
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-9, atol=1e-12, msg=lambda m, k=key: f"{k}: {m}")

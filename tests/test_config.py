@@ -68,6 +68,7 @@ BAD_OPTIONS = [  # the options -> what the error must say
     ({"nonfinite_loss": "ignore"}, "nonfinite_loss='ignore' is not supported"),
     ({"timeline_dir": 3}, "timeline_dir must be a string"),
     ({"timeline_batches": (4, 2)}, "timeline_batches must be two batch indices (first, stop) with 0 <= first < stop"),
+    ({"save_distributed_checkpoint": "no"}, "save_distributed_checkpoint must be True or False"),
     # options that exclude each other
     ({"micro_batches": 4, "breadth_first_micro_batches": 3}, "breadth_first_micro_batches=3 must divide"),
     ({"schedule": "gpipe", "breadth_first_micro_batches": 2}, "not of schedule='gpipe'"),

@@ -317,3 +317,19 @@ def test_log_dict_goes_through_the_instances_log() -> None:
     module.__dict__["log"] = lambda name, value, *args, **kwargs: seen.append((name, value))
     module.log_dict({"a": 1.0, "b": torch.tensor(2.0)})
     assert [name for name, _ in seen] == ["a", "b"]
+
+
+def test_restricted_classmethod_is_a_classmethod_refused_on_instances() -> None:
+    """PipelineModule.load_from_checkpoint keeps LightningModule's guard: called on an instance, it raises."""
+
+    class Loader:
+        @internals.restricted_classmethod
+        def load(cls, value: int) -> tuple[type, int]:
+            return cls, value
+
+    class Child(Loader):
+        pass
+
+    assert Child.load(3) == (Child, 3)
+    with pytest.raises(TypeError, match="cannot be called on an instance"):
+        Child().load(3)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,29 +33,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.masking_utils import create_causal_mask
 from typing_extensions import override
 
+from lightning_bfpp.adapters.hf_families import as_config, check_causal_lm, family_of
 from lightning_bfpp.lightning.module import PipelineModule, StageIO
 
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss, as in transformers
 CONFIG_KEY = "hf_config"  # the transformers config (a dict) in a Lightning checkpoint written from this module
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where a family of transformers models keeps its layers: the attribute names inside the base model."""
-
-    base: str  # the base model's attribute in the *ForCausalLM model
-    embeddings: tuple[str, ...]  # the embedding layers, in order
-    blocks: str  # the ModuleList of decoder blocks
-    norm: str  # the final norm
-    rotary: str | None = None  # the rotary embedding whose cos/sin every block takes, if any
-
-
-FAMILIES = {
-    "gpt2": Family(base="transformer", embeddings=("wte", "wpe"), blocks="h", norm="ln_f"),
-    "llama": Family(base="model", embeddings=("embed_tokens",), blocks="layers", norm="norm", rotary="rotary_emb"),
-}
 
 
 class HuggingFaceCausalLM(PipelineModule):
@@ -93,6 +76,7 @@ class HuggingFaceCausalLM(PipelineModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self._checkpoint: SafetensorsCheckpoint | None = None
         if isinstance(model, PreTrainedModel):
+            check_causal_lm(model)  # a base model or another head is refused before anything is registered
             hf_model = model
         else:
             if isinstance(model, (str, os.PathLike)):
@@ -118,6 +102,12 @@ class HuggingFaceCausalLM(PipelineModule):
         if self._checkpoint is not None:
             self._checkpoint.check_covers(self, self._aliases)
         _materialize_outside_layers(self, hf_model, self._layer_names)
+        positions = self.family.positions
+        # (config field, value): the longest sequence a learned position table allows
+        self.max_positions: tuple[str, int] | None = (
+            (positions, getattr(self.hf_config, positions)) if positions else None
+        )
+        self.train()  # as a fresh LightningModule: from_pretrained returns the model in eval mode (dropout off)
 
     def _blocks(self, base: nn.Module) -> nn.ModuleList:
         return base.get_submodule(self.family.blocks)  # type: ignore[return-value]
@@ -193,11 +183,12 @@ class HuggingFaceCausalLM(PipelineModule):
     # ---------------------------------------------------------------------------------------- Lightning hooks
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        check_batch(batch)  # on every rank, before the step (a stage that cannot run would leave the others waiting)
+        check_batch(batch, self.max_positions)  # on every rank, before the step (a stage that cannot run would
+        # leave the others waiting)
 
     @override
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        check_batch(batch)
+        check_batch(batch, self.max_positions)
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -214,27 +205,6 @@ class HuggingFaceCausalLM(PipelineModule):
         checkpoint[CONFIG_KEY] = self.hf_config.to_dict()  # read by export_pretrained
 
 
-def family_of(config: PretrainedConfig) -> Family:
-    """The layer layout of ``config``'s model type; a clear error for a type the adapter does not know."""
-    family = FAMILIES.get(getattr(config, "model_type", None) or "")
-    if family is None:
-        raise ValueError(
-            f"HuggingFaceCausalLM supports the model types {sorted(FAMILIES)}, not {config.model_type!r}: use a GPT-2 "
-            "or Llama model, or write a PipelineModule for this architecture."
-        )
-    return family
-
-
-def as_config(config: PretrainedConfig | Mapping[str, Any]) -> PretrainedConfig:
-    """A transformers config from a config or its ``to_dict()``."""
-    if isinstance(config, PretrainedConfig):
-        return config
-    values = dict(config)
-    if "model_type" not in values:
-        raise ValueError("A config given as a dict needs its 'model_type' (as PretrainedConfig.to_dict() writes).")
-    return AutoConfig.for_model(values.pop("model_type"), **values)
-
-
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Transformers' causal LM loss: token ``t``'s logits predict label ``t + 1``; labels of -100 are ignored; the mean
     over the labelled tokens. Computed in the logits' precision, at least float32 (transformers always uses float32)."""
@@ -246,10 +216,17 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     )
 
 
-def check_batch(batch: Any) -> None:
+def check_batch(batch: Any, max_positions: tuple[str, int] | None = None) -> None:
     """Raises a clear error for a batch the adapter cannot run: token ids, or a dict with ``input_ids`` and no
-    ``token_type_ids``."""
-    _field(batch, "input_ids")
+    ``token_type_ids``, no longer than ``max_positions`` allows (``(config field, size)`` of a learned position
+    table, GPT-2's ``n_positions``; None for rotary positions, which have no table)."""
+    length = _field(batch, "input_ids").shape[-1]
+    if max_positions is not None and length > max_positions[1]:
+        field, limit = max_positions
+        raise ValueError(
+            f"The batch holds sequences of {length} tokens, but the model has {limit} positions ({field}={limit} in "
+            f"its config): cut the sequences to at most {limit} tokens."
+        )
     if isinstance(batch, Mapping) and batch.get("token_type_ids") is not None:
         raise ValueError(
             "HuggingFaceCausalLM does not take token_type_ids: drop them from the batch (the token embedding, "

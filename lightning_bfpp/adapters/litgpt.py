@@ -90,7 +90,10 @@ class LitGPTModule(PipelineModule):
     Arguments:
         config: a ``litgpt.Config``, a name of LitGPT's config list (``"pythia-14m"``) or a dict of config fields.
         checkpoint: LitGPT weights to start from: a ``lit_model.pth`` file or the directory holding it; its keys and
-            shapes are checked against ``config`` when the module is built. ``None``: LitGPT's random initialization.
+            shapes are checked against ``config`` when the module is built. The module keeps the checkpoint's dtype
+            where it is wider than the default dtype (a float64 checkpoint gives a float64 module, whatever the
+            Trainer's precision), else takes the default (a bfloat16 checkpoint gives float32 weights). ``None``:
+            LitGPT's random initialization, in the default dtype.
         tie_embeddings: share one weight between ``transformer.wte`` and ``lm_head`` (LitGPT's pretraining option).
         learning_rate, weight_decay, betas: the AdamW optimizer of :meth:`configure_optimizers` (override that method
             for another optimizer or a learning-rate schedule).
@@ -111,15 +114,18 @@ class LitGPTModule(PipelineModule):
         hparams = {"config": asdict(config), "checkpoint": None if checkpoint is None else str(checkpoint)}
         hparams |= {"tie_embeddings": tie_embeddings, "learning_rate": learning_rate, "weight_decay": weight_decay}
         self.save_hyperparameters({**hparams, "betas": list(betas)})
+        self._checkpoint = None if checkpoint is None else checkpoint_file(checkpoint)
+        self._pretrained: dict[str, Tensor] | None = None
+        dtype = torch.get_default_dtype()
+        if self._checkpoint is not None:  # a checkpoint wider than the default dtype is kept as it is (float64)
+            dtype = build_dtype(self.pretrained_state(), dtype)
         with torch.device("meta"):  # no memory until the strategy materializes a rank's layers
-            gpt = GPT(config)
+            gpt = GPT(config).to(dtype)
         self.lm_head = gpt.lm_head  # registered before `transformer`, as in litgpt.GPT (same state-dict order)
         self.transformer = gpt.transformer
         if tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # what LitGPT's pretraining does
         self.rope_cache = RopeCache(config)
-        self._checkpoint = None if checkpoint is None else checkpoint_file(checkpoint)
-        self._pretrained: dict[str, Tensor] | None = None
         if self._checkpoint is not None:
             check_pretrained(self, self.pretrained_state(), self._checkpoint, tie_embeddings)
 
@@ -234,6 +240,17 @@ def _normal(module: nn.Module, std: float) -> None:
     nn.init.normal_(module.weight, mean=0.0, std=std)
     if getattr(module, "bias", None) is not None:
         nn.init.zeros_(module.bias)
+
+
+def build_dtype(state: Mapping[str, Tensor], default: torch.dtype) -> torch.dtype:
+    """The dtype the module is built in for the checkpoint ``state``: its floating dtype where that is wider than
+    ``default`` (a float64 checkpoint stays float64), else ``default`` (a bfloat16 or float16 checkpoint is widened
+    exactly to float32, the weights that mixed precision keeps)."""
+    dtype = default
+    for tensor in state.values():
+        if isinstance(tensor, Tensor) and tensor.is_floating_point():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
 
 
 def checkpoint_file(checkpoint: str | Path) -> Path:

@@ -30,6 +30,7 @@ from lightning.fabric.utilities.distributed import (
 from lightning.pytorch.callbacks import ModelSummary as ModelSummaryCallback
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer import call
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch import nn
 from typing_extensions import override
@@ -55,6 +56,7 @@ __all__ = [
     "metric_update_count",
     "replace_clip_grad_by_norm",
     "restore_clip_grad_by_norm",
+    "restricted_classmethod",
     "set_metric_forward_value",
     "set_metric_update_count",
     "skip_loop_backward",
@@ -128,6 +130,11 @@ def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
     """The Trainer the module is attached to, or None. ``LightningModule.trainer`` raises when there is none
     (``configure_model`` also runs without one); ``_trainer`` holds it or None."""
     return module._trainer
+
+
+# `LightningModule.load_from_checkpoint` is decorated with it: a classmethod that raises when called on an instance
+# (whose result would be dropped). PipelineModule's override keeps that behaviour.
+restricted_classmethod = _restricted_classmethod
 
 
 # ----------------------------------------------------------------------------------------- precision plugin

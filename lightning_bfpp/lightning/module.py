@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_bfpp.lightning.internals import attached_trainer
+from lightning_bfpp.lightning.consolidated import checkpoint_source
+from lightning_bfpp.lightning.internals import attached_trainer, restricted_classmethod
 from lightning_bfpp.run.materialize import check_materialized, materialize_layers
 from lightning_bfpp.run.split import RemoteLayer
 
@@ -102,6 +103,22 @@ class PipelineModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One-device training step; ``strategy="bfpp"`` replaces it with the pipelined executor."""
         return self.pipeline_loss(self(batch), batch)
+
+    @restricted_classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``LightningModule.load_from_checkpoint``, which also reads a checkpoint directory written by
+        ``strategy="bfpp"`` (``save_distributed_checkpoint=True``, the default), whatever layout wrote it: its weights
+        and hyper-parameters, in this process."""
+        source = checkpoint_source(checkpoint_path, weights_only)
+        return super().load_from_checkpoint(source, map_location, hparams_file, strict, weights_only, **kwargs)
 
 
 def missing_hooks(module: nn.Module) -> list[str]:

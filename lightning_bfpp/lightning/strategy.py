@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from lightning_bfpp.lightning.checkpoints import ShardedCheckpoints
 from lightning_bfpp.lightning.collectives import PipelineCollectives
+from lightning_bfpp.lightning.consolidated import ConsolidatedCheckpoints
 from lightning_bfpp.lightning.evaluation import PipelinedEvaluation
 from lightning_bfpp.lightning.internals import (
     SubprocessLauncherMixin,
@@ -57,6 +58,7 @@ AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # t
 
 
 class BFPPStrategy(
+    ConsolidatedCheckpoints,
     ShardedCheckpoints,
     PipelinedEvaluation,
     NonFinitePolicy,
@@ -101,6 +103,7 @@ class BFPPStrategy(
     timeline_dir = option_property("timeline_dir")
     timeline_batches = option_property("timeline_batches")
     timeout = option_property("timeout")
+    save_distributed_checkpoint = option_property("save_distributed_checkpoint")
     materializes_pipeline_layers = True  # meta layers: each rank materializes its own in setup (PipelineModule)
 
     def __init__(
