@@ -6,7 +6,7 @@
     python examples/train.py -m strategy=bfpp,ddp trainer.max_steps=50
     python examples/train.py model=litgpt model.name=pythia-14m     # LitGPT's GPT (the litgpt extra)
 
-The configuration lives in ``conf/`` (``conf/train.yaml`` and its groups); see the README's "Configuration".
+The configuration lives in ``conf/`` (``conf/train.yaml`` and its groups); see ``docs/guide/hydra.md``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Every option of the pipeline, once: its description, default and check, and the checks between options.
 
 :class:`PipelineOptions` is what :class:`~lightning_bfpp.BFPPStrategy` reads its options from; the Hydra structured
-config (:mod:`lightning_bfpp.config`) and README's option table are generated from it.
+config (:mod:`lightning_bfpp.config`) and the docs' option table (``docs/reference/options.md``) are generated from
+it.
 ``python -m lightning_bfpp.options --markdown`` prints that table.
 """
 
@@ -271,7 +272,7 @@ def shown_default(value: Any) -> str:
 
 
 def markdown_table() -> str:
-    """README's option table."""
+    """The docs' option table (``docs/reference/options.md``; its links are anchors of the docs' guide pages)."""
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(PipelineOptions):
         rows.append(f"| `{f.name}` | `{shown_default(f.default)}` | {f.metadata['help']} |")
@@ -282,7 +283,7 @@ def arguments_docstring(indent: str = "    ") -> str:
     """The options as a docstring's ``Arguments:`` entries (reStructuredText literals)."""
     lines = []
     for f in dataclasses.fields(PipelineOptions):
-        help_text = re.sub(r"\[([^]]+)\]\(#[^)]+\)", "README's section \\1", f.metadata["help"]).replace("`", "``")
+        help_text = re.sub(r"\[([^]]+)\]\(#[^)]+\)", "the docs' section \\1", f.metadata["help"]).replace("`", "``")
         entry = f"{f.name}: {help_text}. Default ``{shown_default(f.default)}``."
         lines.append(textwrap.fill(entry, 120, initial_indent=indent, subsequent_indent=indent + "    "))
     return "\n".join(lines)
@@ -290,7 +291,7 @@ def arguments_docstring(indent: str = "    ") -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The options of BFPPStrategy.")
-    parser.add_argument("--markdown", action="store_true", help="print README's option table")
+    parser.add_argument("--markdown", action="store_true", help="print the docs' option table")
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown_table(), end="")

@@ -2,7 +2,7 @@
 
 A checkpoint is a directory: a torch.distributed.checkpoint (DCP) checkpoint in which each rank writes the stages it
 holds under the parameter names of the unsplit module, plus ``meta.pt`` (rank 0) with the rest of Lightning's
-checkpoint. The file format is :mod:`lightning_bfpp.run.checkpoint`; see README.md, "Checkpoints".
+checkpoint. The file format is :mod:`lightning_bfpp.run.checkpoint`; see ``docs/guide/checkpoints.md``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The pipeline runtime without Lightning: :class:`StagePipeline` splits a model over the pipeline ranks, sets up
 its data parallelism, and runs one step of the schedule at a time.
 
-A plain torch training loop (README, "Without Lightning")::
+A plain torch training loop (``docs/guide/without-lightning.md``)::
 
     groups = PipelineGroups.create(pipeline_size=2, timeout=timedelta(minutes=5))
     pipeline = StagePipeline.build(PipelineOptions(pipeline_parallel_size=2), model, groups, device)
