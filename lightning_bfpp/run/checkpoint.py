@@ -27,6 +27,13 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
+from lightning_bfpp.run.checkpoint_files import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    load_file,
+    one_line_errors,
+    read_dcp_metadata,
+)
 from lightning_bfpp.run.collectives import all_gather_objects
 from lightning_bfpp.run.tied import canonical_names
 from lightning_bfpp.run.zero import local_optimizer
@@ -154,12 +161,6 @@ def save_sharded(checkpoint: dict[str, Any], path: Path, is_global_zero: bool) -
         (path / f"{META_FILENAME}.tmp").replace(path / META_FILENAME)
 
 
-def _checkpoint_keys(path: Path) -> set[str]:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return set(FileSystemReader(path).read_metadata().state_dict_metadata)
-
-
 def load_sharded(
     path: Path,
     module: nn.Module,
@@ -170,22 +171,29 @@ def load_sharded(
     """Loads this rank's parameters (and optimizer states, when the checkpoint has them) from the sharded checkpoint
     at ``path``; returns the rest of the Lightning checkpoint (from ``meta.pt``). Every rank calls it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    planner = DefaultLoadPlanner(allow_partial_load=not strict)
+    metadata = read_dcp_metadata(path)  # before DCP, which would fold a failure into its own error
+
+    def reader() -> SafeFileSystemReader:
+        return SafeFileSystemReader(path, metadata)
+
+    planner = SafeLoadPlanner(path, allow_partial_load=not strict)
     model_state = {"state_dict": model_state_dict(module)}
-    dcp.load(model_state, checkpoint_id=path, planner=planner)
+    with one_line_errors(path):
+        dcp.load(model_state, storage_reader=reader(), planner=planner)
     module.load_state_dict(model_state["state_dict"], strict=strict)
 
-    keys = _checkpoint_keys(path)
+    keys = set(metadata.state_dict_metadata)
     for index, optimizer in enumerate(optimizers):
         name = f"optimizer_{index}"
         if not any(key.startswith(name + ".") for key in keys):
             continue  # saved with weights only
         optimizer = local_optimizer(optimizer)
         optimizer_state = {name: optimizer_state_dict(module, optimizer)}
-        dcp.load(optimizer_state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=not strict))
+        planner = SafeLoadPlanner(path, allow_partial_load=not strict)
+        with one_line_errors(path):
+            dcp.load(optimizer_state, storage_reader=reader(), planner=planner)
         local_names = {canonical: local for local, canonical in canonical_names(module).items()}
         set_optimizer_state_dict(
             module,
@@ -193,7 +201,7 @@ def load_sharded(
             optim_state_dict=_rename_parameters(optimizer_state[name], local_names),
             options=_options(flatten_optimizer_state_dict=True),
         )
-    return torch.load(path / META_FILENAME, map_location="cpu", weights_only=weights_only)
+    return load_file(path / META_FILENAME, weights_only)
 
 
 def load_plain(
@@ -213,8 +221,8 @@ def load_plain(
     (as ``self.parameters()`` and filters of ``named_parameters()`` do), and is checked by group sizes and shapes.
     ``group`` spans every rank (None: the default group). Returns the rest of the checkpoint.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-    if "state_dict" not in checkpoint:
+    checkpoint = load_file(path, weights_only)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise KeyError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
     full: dict[str, Tensor] = checkpoint.pop("state_dict")
     local = module.state_dict()
