@@ -24,6 +24,7 @@ from lightning_bfpp.run.checkpoint_files import (
     CheckpointError,
     SafeBytesLoading,
     SafeFileSystemReader,
+    check_data_files,
     load_file,
     one_line_errors,
     read_dcp_metadata,
@@ -40,7 +41,9 @@ def _load_keys(path: Path, key: str) -> dict[str, Any]:
 
     # What torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, restricted to `key` and kept in memory.
     state: dict[str, Any] = {}
-    reader = SafeFileSystemReader(path, read_dcp_metadata(path))
+    metadata = read_dcp_metadata(path)
+    check_data_files(path, metadata)
+    reader = SafeFileSystemReader(path, metadata)
     with one_line_errors(path):
         _load_state_dict(state, storage_reader=reader, planner=Planner(keys={key}), no_dist=True)
     return state.get(key, {})

@@ -52,6 +52,10 @@ _METADATA_TYPES = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    """The stream names a class or function outside the allowed ones."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP metadata: any other class or function the stream names is refused before it is looked up."""
 
@@ -60,7 +64,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(vars(torch).get(name), (torch.dtype, torch.layout)):
             return vars(torch)[name]
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not one of DCP's metadata types")
+        raise _Refused(f"it refers to {module}.{name}, which is not one of DCP's metadata types")
 
 
 def read_dcp_metadata(directory: str | Path) -> Metadata:
@@ -70,7 +74,7 @@ def read_dcp_metadata(directory: str | Path) -> Metadata:
     try:
         with open(file, "rb") as stream:
             metadata = _MetadataUnpickler(stream).load()
-    except pickle.UnpicklingError as error:
+    except _Refused as error:
         raise CheckpointError(f"Refused to load {file}: {error}; a save never writes this") from None
     except Exception as error:
         raise read_error(file, error) from None
@@ -181,7 +185,7 @@ def read_error(file: str | Path, error: BaseException) -> CheckpointError:
         return error
     if isinstance(error, FileNotFoundError):
         return CheckpointError(f"{error.filename or file} is missing")
-    if isinstance(error, pickle.UnpicklingError):
+    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
         return CheckpointError(
             f"Refused to load {file}: {_weights_only_reason(error)}. A checkpoint may hold tensors, numbers, strings "
             "and containers of them; loading anything else could run code from the file"
@@ -190,6 +194,44 @@ def read_error(file: str | Path, error: BaseException) -> CheckpointError:
         return CheckpointError(f"Cannot read {file}: {error.strerror or error}")
     # a truncated zip archive or pickle, an empty file: whatever torch.load or pickle raises
     return CheckpointError(f"Cannot read {file}: it is truncated or corrupted ({_describe(error)})")
+
+
+def check_data_files(directory: Path, metadata: Metadata) -> None:
+    """Raises a :class:`CheckpointError` naming the first data file that ``metadata`` lists and that is missing or
+    shorter than the data it should hold (a truncated copy, a save that did not finish)."""
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = directory / name
+        try:
+            actual = file.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{file} is missing: the checkpoint's {METADATA_FILENAME} lists it") from None
+        except OSError as error:
+            raise read_error(file, error) from None
+        if actual < size:
+            raise CheckpointError(
+                f"{file} is truncated: it has {actual} bytes, the checkpoint's {METADATA_FILENAME} expects {size}"
+            )
+
+
+def save_error(error: BaseException, target: Path, rank: int) -> str:
+    """One line for a failed save of the checkpoint ``target`` on global rank ``rank``: the operating system's cause
+    (``No space left on device``) when there is one, however deep torch or DCP wrapped it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (error, _) = sorted(error.failures.items())[0]
+    cause: BaseException | None = error
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno is not None):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        where = f" ({cause.filename})" if cause.filename else ""
+        reason = f"{cause.strerror}{where}"
+    else:
+        reason = _describe(error)
+    return f"Cannot save the checkpoint {target}: global rank {rank} failed to write its files: {reason}"
 
 
 def _weights_only_reason(error: BaseException) -> str:
