@@ -193,9 +193,7 @@ def load_sharded(
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     model_state = {"state_dict": model_state_dict(module)}
-    metadata, rest = check_before_loading(
-        path, sorted(model_state["state_dict"]), len(optimizers), strict, weights_only
-    )
+    metadata, rest = check_before_loading(path, sorted(model_state["state_dict"]), strict, weights_only)
 
     def reader() -> SafeFileSystemReader:
         return SafeFileSystemReader(path, metadata)

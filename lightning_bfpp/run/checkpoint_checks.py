@@ -13,14 +13,13 @@ META_FILENAME = "meta.pt"  # the name Lightning's ModelParallelStrategy uses too
 
 
 def check_before_loading(
-    path: Path, local_keys: list[str], optimizers: int, strict: bool, weights_only: bool | None
+    path: Path, local_keys: list[str], strict: bool, weights_only: bool | None
 ) -> tuple[Any, dict[str, Any]]:
     """``(DCP metadata, meta.pt)`` of the checkpoint at ``path``, checked on every rank before DCP reads anything: the
     files (``.metadata``, ``meta.pt``, the size of each data file) and, with ``strict``, that the checkpoint's
     parameters and buffers are those of the module, every rank's share (``local_keys``) together, as
-    ``load_state_dict(strict=True)`` checks them on one process, and that it holds no more than ``optimizers``
-    optimizer states. One all-gather carries each rank's problem with the files, if any, and its keys: a problem
-    anywhere is the same error, naming the file or the keys, on every rank."""
+    ``load_state_dict(strict=True)`` checks them on one process. One all-gather carries each rank's problem with the
+    files, if any, and its keys: a problem anywhere is the same error, naming the file or the keys, on every rank."""
     problem, metadata, rest = None, None, {}
     try:
         metadata = read_dcp_metadata(path)
@@ -37,13 +36,6 @@ def check_before_loading(
         prefix = "state_dict."
         saved = {key[len(prefix) :] for key in metadata.state_dict_metadata if key.startswith(prefix)}
         errors = key_errors(held - saved, saved - held)
-        saved_optimizers = {
-            key.partition(".")[0] for key in metadata.state_dict_metadata if key.startswith("optimizer_")
-        }
-        if len(saved_optimizers) > optimizers:
-            errors.append(
-                f"the checkpoint has the states of {len(saved_optimizers)} optimizers, the module {optimizers}"
-            )
         if errors:
             raise mismatch_error(path, errors)
     return metadata, rest
@@ -61,6 +53,7 @@ def key_errors(missing: set[str], unexpected: set[str]) -> list[str]:
 
 
 def mismatch_error(path: Path, errors: list[str]) -> RuntimeError:
+    """The error of a strict load whose keys do not match (``errors`` from :func:`key_errors`)."""
     return RuntimeError(
         f"Cannot load the checkpoint {path} into the pipelined module: {'; '.join(errors)}. The file must be a "
         "checkpoint of the same (unsplit) LightningModule; set `strict_loading = False` on the module to load "
