@@ -213,3 +213,12 @@ def test_a_litgpt_weights_file_with_a_payload_is_refused(tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match=str(weights)):
         LitGPTModule(config, checkpoint=weights)
     assert not marker.exists()
+
+
+def test_metadata_naming_a_file_outside_the_checkpoint_is_refused(checkpoint: Path) -> None:
+    metadata = _metadata(checkpoint)
+    for info in metadata.storage_data.values():
+        info.relative_path = "../plain.ckpt"
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match=r"\.metadata: it names the data file '\.\./plain\.ckpt' outside"):
+        _resume(checkpoint)
