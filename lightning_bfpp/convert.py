@@ -20,20 +20,33 @@ import torch
 from torch import Tensor
 
 from lightning_bfpp.run.checkpoint import META_FILENAME, is_sharded_checkpoint
+from lightning_bfpp.run.checkpoint_files import (
+    CheckpointError,
+    SafeBytesLoading,
+    SafeFileSystemReader,
+    check_data_files,
+    load_file,
+    one_line_errors,
+    read_dcp_metadata,
+)
 from lightning_bfpp.run.host_sync import host_tensor
 
 
 def _load_keys(path: Path, key: str) -> dict[str, Any]:
     """Reads the entries under ``key`` of the DCP checkpoint at ``path`` into this process (no process group)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    class Planner(SafeBytesLoading, _EmptyStateDictLoadPlanner):
+        directory = path
+
     # What torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, restricted to `key` and kept in memory.
     state: dict[str, Any] = {}
-    _load_state_dict(
-        state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys={key}), no_dist=True
-    )
+    metadata = read_dcp_metadata(path)
+    check_data_files(path, metadata)
+    reader = SafeFileSystemReader(path, metadata)
+    with one_line_errors(path):
+        _load_state_dict(state, storage_reader=reader, planner=Planner(keys={key}), no_dist=True)
     return state.get(key, {})
 
 
@@ -66,7 +79,7 @@ def to_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
     bfpp run from the converted file (``Model.load_from_checkpoint``) for a fresh optimizer.
     """
     path = _check(path)
-    checkpoint = torch.load(path / META_FILENAME, map_location="cpu", weights_only=False)
+    checkpoint = load_file(path / META_FILENAME)
     checkpoint.pop("optimizer_states", None)
     checkpoint["state_dict"] = to_state_dict(path)
     return checkpoint
@@ -85,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         checkpoint = {"state_dict": to_state_dict(args.src)} if args.weights_only else to_lightning_checkpoint(args.src)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     dst = Path(args.dst)

@@ -9,6 +9,9 @@ with a fresh module and Trainer (given as dicts)::
      "loggers": [...], "progress_bar": "tqdm" | "rich" | None, "actions": [["fit", ckpt_path], ["validate", "best"],
      ["test", None], ["predict", None], ["save", path]]}
 
+``fit_error`` and ``save_error`` run ``fit`` and ``save`` expecting an error, which is recorded; ``fill_disk`` fills
+the file system of a path.
+
 Each rank writes ``<stage name>.rank<global rank>.pt`` to ``out_dir`` with what it saw (see :func:`run_stage`).
 """
 
@@ -189,6 +192,16 @@ def _floats(metrics: Any) -> Any:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def _fill(path: Path) -> None:
+    """Writes ``path`` until its file system has no space left."""
+    with open(path, "wb", buffering=0) as stream:
+        try:
+            while True:
+                stream.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
 def run_stage(spec: EvalJobSpec, stage: StageSpec) -> dict[str, Any]:
     """Runs one stage; returns (and, with ``out_dir``, saves per rank) what this rank saw."""
     pl.seed_everything(spec.seed, verbose=False)
@@ -237,6 +250,20 @@ def run_stage(spec: EvalJobSpec, stage: StageSpec) -> dict[str, Any]:
             result["actions"].append({"kind": kind, "returned": [p.detach().cpu() for p in out]})
         elif kind == "save":
             trainer.save_checkpoint(arg)
+        elif kind in ("fit_error", "save_error"):  # an action expected to fail on every rank: its error, recorded
+            try:
+                trainer.fit(model, datamodule=data, ckpt_path=arg) if kind == "fit_error" else trainer.save_checkpoint(
+                    arg
+                )
+                error = None
+            except Exception as raised:
+                error = f"{type(raised).__name__}: {raised}"
+                trainer.strategy.failed = False  # agreed by every rank: no collective is left waiting
+            result["actions"].append({"kind": kind, "error": error})
+        elif kind == "fill_disk":  # rank 0 fills the file system of `arg` (a file it creates there)
+            if trainer.is_global_zero:
+                _fill(Path(arg))
+            trainer.strategy.barrier()
         elif kind == "convert":  # in-process conversion on rank 0, while the other ranks wait
             if trainer.is_global_zero:
                 from lightning_bfpp.convert import to_state_dict

@@ -9,6 +9,7 @@ resumed run must end with the parameters and losses of one uninterrupted one-pro
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,18 @@ from conftest import TESTS_DIR, run_python, run_script
 from eval_job import MetricModel, run
 from torch.distributed.checkpoint import FileSystemReader
 
-from lightning_bfpp.run.checkpoint import load_plain
+from lightning_bfpp.convert import to_state_dict
+from lightning_bfpp.run.checkpoint import load_plain, model_state_dict, save_sharded
 
 MODEL = {"num_blocks": 6, "optimizer": "adam", "lr": 0.05}
 DATA = {"train_size": 16, "batch_size": 8}  # one epoch = 2 optimizer steps
 
 
-def _stage(name: str, strategy: dict[str, Any] | None, actions: list[list[Any]], epochs: int) -> dict[str, Any]:
-    return {"name": name, "strategy": strategy, "model": MODEL, "trainer": {"max_epochs": epochs}, "actions": actions}
+def _stage(
+    name: str, strategy: dict[str, Any] | None, actions: list[list[Any]], epochs: int, **model: Any
+) -> dict[str, Any]:
+    trainer = {"max_epochs": epochs}
+    return {"name": name, "strategy": strategy, "model": {**MODEL, **model}, "trainer": trainer, "actions": actions}
 
 
 def _merged(results: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -53,19 +58,24 @@ LAYOUTS = [
         2,
         _strategy(2, 1, 2),
         {"looped": _strategy(2, 2, 4), "one-stage-two-replicas": _strategy(1, 1, 2)},
-        id="P2-to-P2L2-and-P1D2",
+        True,
+        id="P2-to-P2L2-and-P1D2-and-failures",
     ),
     pytest.param(
         4,
         _strategy(2, 1, 2),
         {"looped": _strategy(2, 2, 2, rank_layout="pp_contiguous"), "four-stages": _strategy(4, 1, 4)},
+        False,
         id="P2xD2-to-P2L2D2-and-P4",
     ),
 ]
 
 
-@pytest.mark.parametrize(("devices", "saved_on", "others"), LAYOUTS)
-def test_resume_exact_on_any_layout_and_convert(tmp_path, devices, saved_on, others) -> None:
+@pytest.mark.parametrize(("devices", "saved_on", "others", "failures"), LAYOUTS)
+def test_resume_exact_on_any_layout_and_convert(tmp_path, devices, saved_on, others, failures) -> None:
+    """With ``failures``, the same job also checks, on every rank, errors that ``test_checkpoint_errors.py`` checks in
+    one process: strict loading of the 6-block checkpoint into a 4-block module, a truncated shard, a save onto a full
+    disk (a tmpfs: needs root) that leaves no partial directory and the previous checkpoint loadable."""
     root = tmp_path / "root"
     base = {"devices": 1, "root_dir": str(root), "data": DATA, "out_dir": None}
     # one process: the uninterrupted run, and a plain one-file checkpoint after the first epoch
@@ -79,11 +89,20 @@ def test_resume_exact_on_any_layout_and_convert(tmp_path, devices, saved_on, oth
         *(_stage(name, strategy, [["fit", "sharded.ckpt"]], 2) for name, strategy in others.items()),
         _stage("from-plain", saved_on, [["fit", "plain.ckpt"]], 2),
     ]
+    disk = root / "disk"
+    if failures:
+        stages += _failure_stages(root, saved_on, mounted=_mount_small_disk(disk))
     out = tmp_path / "out"
     out.mkdir()
     cfg = {**base, "devices": devices, "out_dir": str(out), "stages": stages, "pg_timeout": 60}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    code, output = run_script(TESTS_DIR / "eval_job.py", [str(tmp_path / "config.json")], timeout=300)
+    try:
+        code, output = run_script(TESTS_DIR / "eval_job.py", [str(tmp_path / "config.json")], timeout=300)
+        disk_files = sorted(p.name for p in disk.iterdir()) if disk.is_mount() else None
+        previous = to_state_dict(disk / "a.ckpt") if (disk / "a.ckpt").is_dir() else None  # loadable after?
+    finally:
+        if disk.is_mount():
+            subprocess.run(["umount", str(disk)], check=True)
     if code != 0:
         pytest.fail(f"job failed with exit code {code}:\n{output[-6000:]}")
     ranks = {
@@ -129,6 +148,66 @@ def test_resume_exact_on_any_layout_and_convert(tmp_path, devices, saved_on, oth
         assert torch.equal(value, first[name]), name
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 2)  # saved after the first epoch
     assert checkpoint["hyper_parameters"]["optimizer"] == "adam" and "optimizer_states" not in checkpoint
+
+    if failures:
+        _assert_failures(ranks, first, disk_files, previous)
+
+
+def _mount_small_disk(disk: Path) -> bool:
+    """A 1 MiB tmpfs at ``disk`` (root only); whether it is mounted."""
+    disk.mkdir(parents=True)
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode
+        == 0
+    )
+
+
+def _failure_stages(root: Path, strategy: dict[str, Any], mounted: bool) -> list[dict[str, Any]]:
+    """Stages whose load or save fails on every rank: the 6-block checkpoint into a 4-block module; a checkpoint with
+    a truncated shard (written here, in one process); with ``mounted``, a save onto a full disk, after a first save
+    of the same path (which the test loads after the job)."""
+    damaged = root / "truncated-shard.ckpt"
+    save_sharded({"state_dict": model_state_dict(MetricModel(**MODEL).double()), "epoch": 1}, damaged, True)
+    shard = damaged / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    stages = [
+        _stage("shallower", strategy, [["fit_error", "sharded.ckpt"]], 2, num_blocks=4),  # no rank holds blocks 4-5
+        _stage("truncated-shard", strategy, [["fit_error", "truncated-shard.ckpt"]], 2),
+    ]
+    if mounted:
+        saves = [
+            ["fit", "sharded.ckpt"],  # restores the first epoch, trains nothing (max_epochs=1)
+            ["save", "disk/a.ckpt"],
+            ["fill_disk", "disk/filler"],
+            ["save_error", "disk/a.ckpt"],
+        ]
+        stages.append(_stage("full-disk", strategy, saves, 1))
+    return stages
+
+
+FAILURES = {  # stage: what its error must say, on every rank
+    "shallower": ["the module has no ['blocks.4.linear.bias', 'blocks.4.linear.weight', 'blocks.5.linear.bias', "],
+    "truncated-shard": ["truncated-shard.ckpt/__0_0.distcp is truncated: it has "],
+}
+
+
+def _assert_failures(
+    ranks: dict[str, list[dict[str, Any]]], first: dict[str, torch.Tensor], disk_files: Any, previous: Any
+) -> None:
+    for name, expected in FAILURES.items():
+        for result in ranks[name]:
+            error = result["actions"][0]["error"]
+            assert error is not None and "\n" not in error, (name, error)
+            assert all(text in error for text in expected), (name, error)
+    if disk_files is None:
+        pytest.skip("the full-disk part needs root (mount -t tmpfs)")
+    for result in ranks["full-disk"]:
+        error = result["actions"][-1]["error"]
+        assert error is not None and "\n" not in error, error
+        assert "Cannot save the checkpoint" in error and "disk/a.ckpt" in error, error
+        assert "No space left on device" in error, error
+    assert disk_files == ["a.ckpt", "filler"] and previous is not None  # no partial directory left behind
+    _assert_state_equal(previous, first, "the checkpoint that the failed save would have replaced")
 
 
 def test_plain_checkpoint_errors_name_the_keys(tmp_path: Path) -> None:

@@ -383,12 +383,15 @@ def _read_weights(source: str | os.PathLike[str] | Mapping[str, Tensor]) -> tupl
         return dict(source), None
     from lightning_bfpp.convert import to_state_dict
     from lightning_bfpp.run.checkpoint import META_FILENAME, is_sharded_checkpoint
+    from lightning_bfpp.run.checkpoint_files import load_file
 
     path = Path(source)
     if is_sharded_checkpoint(path):
-        meta = torch.load(path / META_FILENAME, map_location="cpu", weights_only=False)
+        meta = load_file(path / META_FILENAME)
         return to_state_dict(path), meta.get(CONFIG_KEY)
     if path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_file(path)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
         return checkpoint["state_dict"], checkpoint.get(CONFIG_KEY)
     raise FileNotFoundError(f"{path} is neither a bfpp checkpoint directory nor a Lightning checkpoint file.")

@@ -42,6 +42,7 @@ from typing_extensions import override
 from lightning_bfpp.convert import to_lightning_checkpoint
 from lightning_bfpp.lightning.module import PipelineModule
 from lightning_bfpp.run.checkpoint import is_sharded_checkpoint
+from lightning_bfpp.run.checkpoint_files import CheckpointError, load_file
 
 CHECKPOINT_FILENAME = "lit_model.pth"  # LitGPT's weights file in a checkpoint directory
 CONFIG_FILENAME = "model_config.yaml"  # LitGPT's config file next to it
@@ -139,7 +140,9 @@ class LitGPTModule(PipelineModule):
         """The tensors of the ``checkpoint`` file, memory-mapped (read from disk only where they are copied)."""
         if self._pretrained is None:
             assert self._checkpoint is not None
-            state = torch.load(self._checkpoint, map_location="cpu", mmap=True, weights_only=True)
+            state = load_file(self._checkpoint, mmap=True)
+            if not isinstance(state, Mapping):
+                raise CheckpointError(f"{self._checkpoint} is not a LitGPT checkpoint: it holds no state dict")
             if isinstance(state.get("model"), Mapping):  # a LitGPT training checkpoint: {"model": ..., ...}
                 state = state["model"]
             self._pretrained = state
@@ -325,7 +328,9 @@ def _read(path: Path) -> tuple[dict[str, Tensor], Config]:
     if is_sharded_checkpoint(path):
         checkpoint = to_lightning_checkpoint(path)
     elif path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_file(path)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
     else:
         raise FileNotFoundError(
             f"{path} is neither a bfpp checkpoint directory nor a Lightning checkpoint file of a LitGPTModule run."
@@ -348,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = save_litgpt_checkpoint(args.checkpoint, args.out_dir)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {written} and {written.parent / CONFIG_FILENAME}")

@@ -24,15 +24,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
+from lightning_bfpp.run.checkpoint_checks import META_FILENAME, check_before_loading, key_errors, mismatch_error
+from lightning_bfpp.run.checkpoint_files import (
+    CheckpointError,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    load_file,
+    one_line_errors,
+    save_error,
+)
 from lightning_bfpp.run.collectives import all_gather_objects
+from lightning_bfpp.run.faults import is_communication_failure
 from lightning_bfpp.run.tied import canonical_names
 from lightning_bfpp.run.zero import local_optimizer
-
-META_FILENAME = "meta.pt"  # the name Lightning's ModelParallelStrategy uses too
-
 
 PARTIAL_SUFFIX = ".partial"  # `.<name>.partial`: a checkpoint being written (Lightning's search for `last` skips it)
 OLD_SUFFIX = ".old"  # `.<name>.old`: the checkpoint being replaced, for the moment between two renames
@@ -110,16 +118,30 @@ def remove_path(path: Path) -> None:
 
 
 def save_sharded_atomic(checkpoint: dict[str, Any], path: Path, is_global_zero: bool, barrier: Any) -> None:
-    """Writes the checkpoint to :func:`partial_path` first; once every rank has written its part (a barrier), rank 0
-    renames it to ``path``, replacing what was there. A process killed during the write leaves ``path`` as it was
-    (and a partial directory that the next save removes and that is never loaded as a checkpoint)."""
+    """Writes the checkpoint to :func:`partial_path` first; once every rank has written its part, rank 0 renames it to
+    ``path``, replacing what was there. A process killed during the write leaves ``path`` as it was (and a partial
+    directory that the next save removes and that is never loaded as a checkpoint). A write that fails on any rank
+    (a full disk) raises the same one-line :class:`CheckpointError` on every rank, after rank 0 has removed the
+    partial directory; ``path`` is left as it was."""
     partial = partial_path(path)
     barrier()
     if is_global_zero:
         remove_path(partial)  # a leftover of a save that was killed
     barrier()
-    save_sharded(checkpoint, partial, is_global_zero)
-    barrier()  # every rank's files are written; meta.pt (rank 0) is the last file
+    failure = None
+    try:
+        save_sharded(checkpoint, partial, is_global_zero)
+    except (Exception, CheckpointException) as error:
+        if is_communication_failure(error):
+            raise  # a lost rank: the strategy names it
+        failure = save_error(error, path, dist.get_rank() if dist.is_initialized() else 0)
+    # every rank's files are written (meta.pt, by rank 0, is the last one), or some rank failed: all know which
+    failures = [f for f in all_gather_objects(failure) if f is not None]
+    if failures:
+        if is_global_zero:
+            remove_path(partial)
+        barrier()
+        raise CheckpointError(failures[0])
     if is_global_zero:
         replace_path(partial, path)
     barrier()
@@ -154,12 +176,6 @@ def save_sharded(checkpoint: dict[str, Any], path: Path, is_global_zero: bool) -
         (path / f"{META_FILENAME}.tmp").replace(path / META_FILENAME)
 
 
-def _checkpoint_keys(path: Path) -> set[str]:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return set(FileSystemReader(path).read_metadata().state_dict_metadata)
-
-
 def load_sharded(
     path: Path,
     module: nn.Module,
@@ -168,24 +184,35 @@ def load_sharded(
     weights_only: bool | None = None,
 ) -> dict[str, Any]:
     """Loads this rank's parameters (and optimizer states, when the checkpoint has them) from the sharded checkpoint
-    at ``path``; returns the rest of the Lightning checkpoint (from ``meta.pt``). Every rank calls it."""
+    at ``path``; returns the rest of the Lightning checkpoint (from ``meta.pt``). Every rank calls it.
+
+    Before DCP reads anything, every rank checks the files (``.metadata``, ``meta.pt``, the size of each data file)
+    and, with ``strict``, that the checkpoint's parameters and buffers are those of the module (every rank's together):
+    a problem anywhere is one error, naming the file or the keys, raised on every rank."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    planner = DefaultLoadPlanner(allow_partial_load=not strict)
     model_state = {"state_dict": model_state_dict(module)}
-    dcp.load(model_state, checkpoint_id=path, planner=planner)
+    metadata, rest = check_before_loading(path, sorted(model_state["state_dict"]), strict, weights_only)
+
+    def reader() -> SafeFileSystemReader:
+        return SafeFileSystemReader(path, metadata)
+
+    planner = SafeLoadPlanner(path, allow_partial_load=not strict)
+    with one_line_errors(path):
+        dcp.load(model_state, storage_reader=reader(), planner=planner)
     module.load_state_dict(model_state["state_dict"], strict=strict)
 
-    keys = _checkpoint_keys(path)
+    keys = set(metadata.state_dict_metadata)
     for index, optimizer in enumerate(optimizers):
         name = f"optimizer_{index}"
         if not any(key.startswith(name + ".") for key in keys):
             continue  # saved with weights only
         optimizer = local_optimizer(optimizer)
         optimizer_state = {name: optimizer_state_dict(module, optimizer)}
-        dcp.load(optimizer_state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=not strict))
+        planner = SafeLoadPlanner(path, allow_partial_load=not strict)
+        with one_line_errors(path):
+            dcp.load(optimizer_state, storage_reader=reader(), planner=planner)
         local_names = {canonical: local for local, canonical in canonical_names(module).items()}
         set_optimizer_state_dict(
             module,
@@ -193,7 +220,7 @@ def load_sharded(
             optim_state_dict=_rename_parameters(optimizer_state[name], local_names),
             options=_options(flatten_optimizer_state_dict=True),
         )
-    return torch.load(path / META_FILENAME, map_location="cpu", weights_only=weights_only)
+    return rest
 
 
 def load_plain(
@@ -213,8 +240,8 @@ def load_plain(
     (as ``self.parameters()`` and filters of ``named_parameters()`` do), and is checked by group sizes and shapes.
     ``group`` spans every rank (None: the default group). Returns the rest of the checkpoint.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-    if "state_dict" not in checkpoint:
+    checkpoint = load_file(path, weights_only)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise KeyError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
     full: dict[str, Tensor] = checkpoint.pop("state_dict")
     local = module.state_dict()
@@ -226,13 +253,7 @@ def load_plain(
 
     info = all_gather_objects((sorted(local), local_params, local_groups), group)
     held = set().union(*(set(keys) for keys, _, _ in info))
-    errors = []
-    missing = sorted(held - set(full))
-    unexpected = sorted(set(full) - held)
-    if strict and missing:
-        errors.append(f"the checkpoint lacks {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    if strict and unexpected:
-        errors.append(f"the module has no {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    errors = key_errors(held - set(full), set(full) - held) if strict else []
     if not errors:
         module.load_state_dict({k: like(v, local[k]) for k, v in full.items() if k in local}, strict=False)
         if optimizers and optimizer_states is not None:
@@ -241,11 +262,7 @@ def load_plain(
             errors += _load_plain_optimizers(optimizers, optimizer_states, local_groups, info, order, module)
     errors = sorted({e for rank_errors in all_gather_objects(errors, group) for e in rank_errors})
     if errors:
-        raise RuntimeError(
-            f"Cannot load the checkpoint {path} into the pipelined module: {'; '.join(errors)}. The file must be a "
-            "checkpoint of the same (unsplit) LightningModule; set `strict_loading = False` on the module to load "
-            "the matching entries only."
-        )
+        raise mismatch_error(path, errors)
     return checkpoint
 
 
