@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lightning_bfpp.lightning.internals import unwrap_optimizer
 from lightning_bfpp.run import checkpoint as bfpp_checkpoint
+from lightning_bfpp.run.host_sync import host_tensor
 from lightning_bfpp.run.split import RemoteLayer
 from lightning_bfpp.run.tied import canonical_names
 from lightning_bfpp.run.zero import local_optimizer
@@ -108,7 +109,7 @@ def _whole(value: Any) -> Any:
     if isinstance(value, DTensor):
         value = value.full_tensor()
     if isinstance(value, Tensor):
-        return value.detach().cpu()
+        return host_tensor(value.detach())
     return value
 
 
