@@ -2,12 +2,13 @@
 without a host read in the steady state.
 
 The last stage knows on the host what it logged: the names, options, which values exist, the metric updates of the
-batch (the layout). While the layout equals the previous step's, one broadcast of a float64 device tensor carries
-``[1, values...]``; its first element is read on the host at the end of the step together with the non-finite flags
+batch (the layout). Every step one broadcast of a float64 device tensor carries ``[flag, loss, values...]``: the loss
+always (so that ``on_before_backward`` gets it before anything is read), the values when the layout equals the
+previous step's (``flag`` 1). The flag is read on the host at the end of the step together with the non-finite flags
 (the step's one host read, :func:`~lightning_bfpp.run.host_sync.host_values_together`), and the values stay on the
 device: they are replayed as tensors, which Lightning reads only when a logger or the progress bar is due. The first
-step, and a step whose layout changed, broadcasts ``[0, ...]`` and then sends the layout and values as a pickled
-object. Values travel as float64: exact for the loss, the logged floats and tensors.
+step, and a step whose layout changed, sends ``flag`` 0 and then the layout and values as a pickled object. Values
+travel as float64: exact for the loss, the logged floats and tensors.
 """
 
 from __future__ import annotations
@@ -27,13 +28,20 @@ Calls = list[LogCall | MetricCounts | DeferredError]
 
 
 class RelayedStep:
-    """A relay started by :meth:`StepRelay.start`: read :attr:`flag` on the host (None: nothing to read), then call
-    :meth:`result` with its value."""
+    """A relay started by :meth:`StepRelay.start`: :attr:`loss` is the batch loss on this rank's device at once; read
+    :attr:`flag` on the host (None: nothing to read), then call :meth:`result` with its value."""
 
     def __init__(
-        self, relay_: StepRelay | None, flag: Tensor | None, values: Tensor | None, mine: Any, ready: Any = None
+        self,
+        relay_: StepRelay | None,
+        flag: Tensor | None,
+        values: Tensor | None,
+        mine: Any,
+        ready: Any = None,
+        loss: Tensor | None = None,
     ) -> None:
         self._relay, self.flag, self._values, self._mine, self._ready = relay_, flag, values, mine, ready
+        self.loss = loss if ready is None else ready[0]
 
     def result(self, flag: float | None) -> tuple[Tensor | None, Calls]:
         """The loss and calls on this rank (the last stage's own; a copy elsewhere)."""
@@ -62,22 +70,25 @@ class StepRelay:
         self.group, self.src, self.device = group, src, device
         self._layout: tuple[Any, ...] | None = None  # the previous step's, the same on every rank of the pipeline
 
-    def start(self, loss: Tensor | None, calls: Calls | None) -> RelayedStep:
-        """``loss`` (a device tensor) and ``calls`` on the last stage (None elsewhere). Broadcasts the values when the
-        layout may have held; reads nothing on the host."""
+    def start(self, loss: Tensor, calls: Calls | None) -> RelayedStep:
+        """``loss`` (a device tensor) and ``calls`` on the last stage (``loss`` None and ``calls`` None elsewhere).
+        Broadcasts the loss, and the values when the layout may have held; reads nothing on the host."""
         if self.group is None or dist.get_world_size(self.group) == 1:
             return RelayedStep(None, None, None, None, ready=(loss, calls))
         mine = (loss, calls) if dist.get_rank(self.group) == self.src else None
-        if self._layout is None:
-            return RelayedStep(self, None, None, mine)
-        size = 1 + _value_count(self._layout)
-        layout, numbers = _split(*mine) if mine is not None else (None, [])
-        if layout is not None and _same(layout, self._layout):
-            values = _pack(1.0, numbers, self.device)
+        size = 2 + (_value_count(self._layout) if self._layout is not None else 0)
+        if mine is not None:
+            layout, numbers = _split(*mine)
+            held = self._layout is not None and _same(layout, self._layout)
+            values = _pack(1.0 if held else 0.0, numbers if held else numbers[:1], self.device)
+            if not held:
+                values = torch.cat([values, values.new_zeros(size - values.numel())])
         else:
             values = torch.zeros(size, dtype=torch.float64, device=self.device)
         dist.broadcast(values, group=self.group, group_src=self.src)
-        return RelayedStep(self, values[:1], values[1:], mine)
+        dtype = self._layout[0] if self._layout is not None else torch.float64
+        relayed_loss = mine[0] if mine is not None else values[1].to(dtype)
+        return RelayedStep(self, values[:1], values[1:], mine, loss=relayed_loss)
 
     def _send_objects(self, mine: tuple[Tensor | None, Calls] | None) -> tuple[Tensor | None, Calls]:
         """The layout and the values as one pickled object (values read on the host on the last stage)."""

@@ -392,17 +392,17 @@ class BFPPStrategy(
         if steps_optimizer:
             pipeline.finish_step()
         relayed = self._start_relay(torch.stack(losses).mean() if losses else None, recorder)
+        assert relayed.loss is not None
+        call_hook(trainer, "on_before_backward", relayed.loss.to(self.root_device))
+        call_hook(trainer, "on_after_backward")  # may change gradients: before the non-finite check
         flags = self._start_nonfinite_check() if steps_optimizer else None
         relay_flag, found = host_values_together(relayed.flag, flags)  # the step's one host read
         loss, calls = relayed.result(relay_flag[0] if relay_flag else None)
         replay(module, calls, self.root_device)
-        assert loss is not None
-        loss = loss.to(self.root_device)
-        call_hook(trainer, "on_before_backward", loss)
-        call_hook(trainer, "on_after_backward")
         if found is not None:
             self._finish_nonfinite_check(batch_idx, found)
-        return loss
+        assert loss is not None
+        return loss.to(self.root_device)
 
     # ------------------------------------------------------------------------------------------------ the end
     @override
