@@ -37,7 +37,7 @@ from lightning_bfpp.lightning.log_relay import LogRecorder, install_metric_sync
 from lightning_bfpp.lightning.module import check_pipeline_module
 from lightning_bfpp.lightning.nonfinite_policy import NonFinitePolicy
 from lightning_bfpp.lightning.summary import record_whole_model, use_whole_model_summary
-from lightning_bfpp.lightning.trainer_checks import check_callbacks
+from lightning_bfpp.lightning.trainer_checks import check_callbacks, check_optimizers
 from lightning_bfpp.options import PipelineOptions, arguments_docstring, option_property
 from lightning_bfpp.plan.partition import Partition
 from lightning_bfpp.run.faults import explain_lost_rank
@@ -290,6 +290,7 @@ class BFPPStrategy(
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            check_optimizers(self.optimizers, self.pipeline_parallel_size)  # raised on every rank, here
             schedulers = [config.scheduler for config in self.lr_scheduler_configs]
             self.optimizers = self.pipeline.shard_optimizers(self.optimizers, schedulers)  # ZeRO-1
         self.setup_precision_plugin()

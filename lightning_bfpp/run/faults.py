@@ -32,9 +32,16 @@ def is_communication_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(sign in str(error) for sign in _SIGNS)
 
 
+_entered: list[str] = []  # the ``where`` of each enclosing explain_lost_rank, outermost first
+
+
 @contextmanager
 def explain_lost_rank(where: str, rank: int, timeout: timedelta) -> Iterator[None]:
-    """Re-raises a communication failure inside the block as :class:`RankLostError`; other errors pass unchanged."""
+    """Re-raises a communication failure inside the block as :class:`RankLostError`; other errors pass unchanged.
+
+    Nested blocks name the outermost one, the innermost in brackets: "during the save of the checkpoint ... (a
+    barrier)"."""
+    _entered.append(where)
     try:
         yield
     except RankLostError:
@@ -44,10 +51,13 @@ def explain_lost_rank(where: str, rank: int, timeout: timedelta) -> Iterator[Non
             raise
         peer = getattr(error, "peer", None)
         lost = f"global rank {peer}" if peer is not None else "another rank"
+        during = _entered[0] if len(_entered) == 1 else f"{_entered[0]} ({where})"
         raise RankLostError(
-            f"Global rank {rank} lost {lost} during {where}: {error}\n"
+            f"Global rank {rank} lost {lost} during {during}: {error}\n"
             f"{lost[0].upper()}{lost[1:]} has died (look for an error, an out-of-memory kill or a node failure in its "
             f"log) or did not answer within the timeout of {timeout.total_seconds():g} s (set by "
             "BFPPStrategy(timeout=...); Hydra: strategy.timeout). Restart the job from its last checkpoint: "
             "trainer.fit(..., ckpt_path='last') (Hydra: ckpt_path=last)."
         ) from error
+    finally:
+        _entered.pop()
