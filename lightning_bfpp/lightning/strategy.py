@@ -33,6 +33,7 @@ from lightning_bfpp.lightning.internals import (
     restore_clip_grad_by_norm,
     skip_loop_backward,
 )
+from lightning_bfpp.lightning.job_end import JobEnd
 from lightning_bfpp.lightning.log_relay import LogRecorder, install_metric_sync
 from lightning_bfpp.lightning.module import check_pipeline_module
 from lightning_bfpp.lightning.nonfinite_policy import NonFinitePolicy
@@ -60,6 +61,7 @@ class BFPPStrategy(
     PipelinedEvaluation,
     NonFinitePolicy,
     PipelineCollectives,
+    JobEnd,
     SubprocessLauncherMixin,
     ParallelStrategy,
 ):
@@ -267,6 +269,7 @@ class BFPPStrategy(
         init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
         self.groups = PipelineGroups.create(self.pipeline_parallel_size, self.options.timeout, self.rank_layout)  # type: ignore[arg-type]
         destroy_at_exit(self)  # kept between runs of this process (fit, then validate), destroyed at its exit
+        self._watch_job()  # signals, and a rank that fails alone or hangs: every rank ends (job_end.py)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -312,11 +315,19 @@ class BFPPStrategy(
         # the step and its (skipped) backward, nor call backward on the returned loss.
         skip_loop_backward(self.lightning_module.trainer)
         super().on_train_batch_start(batch, batch_idx)
+        self._requeue_now()  # an agreed SLURM requeue signal, on every rank
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
-        with self._explain_lost_rank(f"the training step of global step {self.lightning_module.trainer.global_step}"):
-            return self._training_step(*args, **kwargs)
+        where = f"the training step of global step {self.lightning_module.trainer.global_step}"
+        try:
+            with self._explain_lost_rank(where):
+                loss = self._training_step(*args, **kwargs)
+                self._agree_on_signals()  # every rank acts on a signal any rank received
+        except Exception as error:
+            self._on_failure(error)  # told to the other ranks before the callbacks' on_exception
+            raise
+        return loss
 
     def _explain_lost_rank(self, where: str) -> Any:
         """A failed transfer or collective inside the block is re-raised naming the lost rank and the timeout."""
@@ -379,11 +390,12 @@ class BFPPStrategy(
     def teardown(self) -> None:
         if self.pipeline is not None:
             self.pipeline.close()
+        self._end_job_watch()
         super().teardown()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        self.failed = True
+        self.failed = not self._on_run_exception(exception)  # an agreed signal stop ends every rank cleanly
         super().on_exception(exception)
 
     def release_process_groups(self) -> None:
