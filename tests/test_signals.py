@@ -128,3 +128,26 @@ def test_signals_and_hangs_end_every_rank(tmp_path: Path) -> None:
     assert exits[1].returncode == 143 and "could not stop together" in exits[1].output, report("hang0-term1")
     assert exits[0].returncode == 1 and "received SIGTERM" in exits[0].output, report("hang0-term1")
     assert all(e.seconds - sent_at < 60 for e in exits), report("hang0-term1")
+
+
+def test_a_signal_is_recorded_and_agreed_on_without_running_anything_in_the_handler() -> None:
+    """In-process, one rank: SIGTERM to this process while the watch owns it does nothing but record it (the test
+    process lives on); the step boundary's agreement returns it once, naming the rank; released, nothing is left."""
+    import time
+
+    from lightning_bfpp.run.job_watch import AgreedSignal, JobWatch
+
+    watch = JobWatch()
+    before = signal.getsignal(signal.SIGTERM)
+    watch.own_signals({signal.SIGTERM: None})
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        end = time.monotonic() + 10
+        while signal.SIGTERM not in watch.pending():
+            assert time.monotonic() < end, "the watch thread did not record the signal"
+            time.sleep(0.01)
+        assert watch.agree(None, torch.device("cpu")) == [AgreedSignal(signal.SIGTERM, 0, 0)]
+        assert watch.agree(None, torch.device("cpu")) == []  # once
+    finally:
+        watch.release_signals()
+        signal.signal(signal.SIGTERM, before)

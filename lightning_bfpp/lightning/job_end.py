@@ -20,7 +20,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_bfpp.lightning.internals import on_signal_handlers, stop_after_this_batch
-from lightning_bfpp.run.job_watch import STOP_SIGNALS, AgreedSignal, job_watch
+from lightning_bfpp.run.job_watch import AGREED_SIGNALS, STOP_SIGNALS, AgreedSignal, job_watch
 from lightning_bfpp.run.nonfinite import NonFiniteError
 
 STORE_TIMEOUT = timedelta(seconds=10)
@@ -58,7 +58,8 @@ class JobEnd:
             owned[signal.SIGTERM] = before if callable(before) else None  # a user's handler, chained as Lightning does
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored or a user's own
             owned[signal.SIGINT] = None
-        self._requeue_handlers = {s: signal.getsignal(s) for s in replaced if s not in STOP_SIGNALS}
+        requeue = (s for s in replaced if s in AGREED_SIGNALS and s not in STOP_SIGNALS)  # SLURM's USR1 or USR2
+        self._requeue_handlers = {s: signal.getsignal(s) for s in requeue}
         owned.update(dict.fromkeys(self._requeue_handlers))
         self._stop, self._requeue = None, None
         job_watch().own_signals(owned)

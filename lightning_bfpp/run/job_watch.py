@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+AGREED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # stops, and requeue signals
 ENDED_KEY = "lightning_bfpp/job_ended"
 POLL_S = 1.0
 
@@ -84,7 +85,7 @@ class JobWatch:
         self._deadline: _Deadline | None = None
         self._wakeup: tuple[int, int] | None = None  # (read end, write end)
         self._previous_wakeup = -1
-        self._store: dist.Store | None = None
+        self._client: dist.Store | None = None
         self._store_factory: Callable[[], dist.Store] | None = None
         self._ended_key = ENDED_KEY
         self._runs = 0
@@ -140,13 +141,15 @@ class JobWatch:
         )
         self._arm(_Deadline(time.monotonic() + self.signal_grace, message, 128 + signum, "signal"))
 
+    def pending(self) -> set[int]:
+        """The signals this rank received that are not agreed on yet."""
+        return set(self._received)
+
     def agree(self, group: dist.ProcessGroup | None, device: torch.device) -> list[AgreedSignal]:
         """Every rank of ``group`` calls this at the same step boundary: the signals any rank received since the
         last call, each with the lowest and highest global rank that received it. A stop signal among them disarms
         the ranks' grace: the caller stops every rank together."""
-        watched = sorted(self._owned)
-        if not watched:
-            return []
+        watched = AGREED_SIGNALS  # the same slots on every rank, whatever each one owns
         world = dist.get_world_size(group) if dist.is_initialized() else 1
         received = dict(self._received)
         flags = [self.rank + 1 if s in received else 0 for s in watched]
@@ -171,7 +174,7 @@ class JobWatch:
         self.rank = rank
         self._runs += 1
         with self._store_lock:
-            self._store_factory, self._store = store_factory, None
+            self._store_factory, self._client = store_factory, None
             self._ended_key = f"{ENDED_KEY}/{self._runs}"
             self._watching = True
         self._start_thread()
@@ -195,10 +198,10 @@ class JobWatch:
                 self._connected().set(self._ended_key, f"global rank {self.rank}: {reason}"[:2000])
 
     def _connected(self) -> dist.Store:
-        if self._store is None:
+        if self._client is None:
             assert self._store_factory is not None
-            self._store = self._store_factory()
-        return self._store
+            self._client = self._store_factory()
+        return self._client
 
     def _poll_store(self) -> None:
         with self._store_lock:  # finish() takes it too: no deadline is armed once the run ended here
@@ -235,10 +238,10 @@ class JobWatch:
         read, write = os.pipe()
         os.set_blocking(write, False)
         self._wakeup = (read, write)
-        self._thread = threading.Thread(target=self._run, name="lightning_bfpp-job-watch", daemon=True)
+        self._thread = threading.Thread(target=self._watch_loop, name="lightning_bfpp-job-watch", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _watch_loop(self) -> None:
         assert self._wakeup is not None
         read = self._wakeup[0]
         last_poll = 0.0
