@@ -20,8 +20,8 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_bfpp.lightning.internals import on_signal_handlers, stop_after_this_batch
+from lightning_bfpp.run.faults import is_communication_failure
 from lightning_bfpp.run.job_watch import AGREED_SIGNALS, STOP_SIGNALS, AgreedSignal, job_watch
-from lightning_bfpp.run.nonfinite import NonFiniteError
 
 STORE_TIMEOUT = timedelta(seconds=10)
 
@@ -88,16 +88,12 @@ class JobEnd:
         if callable(handler):
             handler(signum, None)
 
-    def _is_agreed_end(self, exception: BaseException) -> bool:
-        """Whether every rank raised ``exception`` together (an agreed signal stop, or a non-finite value)."""
-        return isinstance(exception, NonFiniteError) or (
-            self._stop is not None and isinstance(exception, SIGTERMException)
-        )
-
     def _on_failure(self, exception: BaseException) -> None:
-        """As soon as this rank sees ``exception`` (a training step's, then the run's): a failure of this rank alone
-        is told to the others (see :mod:`lightning_bfpp.run.job_watch`)."""
-        if not self._is_agreed_end(exception):
+        """As soon as this rank sees ``exception`` (a training step's, then the run's): a lost or hung rank is told
+        to the others (see :mod:`lightning_bfpp.run.job_watch`), so that any rank still in the run, a hung one, ends.
+        Errors that every rank raises together (a non-finite value, a refused option) are not: their ranks may take
+        their time in the callbacks' ``on_exception`` (a checkpoint save)."""
+        if is_communication_failure(exception):
             first = str(exception).strip().splitlines()[:1]
             job_watch().announce_failure(f"{type(exception).__name__}{': ' + first[0] if first else ''}")
 

@@ -331,7 +331,7 @@ class BFPPStrategy(
 
     def _explain_lost_rank(self, where: str) -> Any:
         """A failed transfer or collective inside the block is re-raised naming the lost rank and the timeout."""
-        return explain_lost_rank(where, self.global_rank, self.options.timeout)  # type: ignore[arg-type]
+        return explain_lost_rank(where, self.global_rank, self.options.timeout, self.world_size)  # type: ignore[arg-type]
 
     def _training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         module, pipeline = self.lightning_module, self.pipeline

@@ -36,8 +36,9 @@ _entered: list[str] = []  # the ``where`` of each enclosing explain_lost_rank, o
 
 
 @contextmanager
-def explain_lost_rank(where: str, rank: int, timeout: timedelta) -> Iterator[None]:
+def explain_lost_rank(where: str, rank: int, timeout: timedelta, world_size: int = 0) -> Iterator[None]:
     """Re-raises a communication failure inside the block as :class:`RankLostError`; other errors pass unchanged.
+    The lost rank is named when a transfer tells which, or when ``world_size`` is 2 (the other one).
 
     Nested blocks name the outermost one, the innermost in brackets: "during the save of the checkpoint ... (a
     barrier)"."""
@@ -50,6 +51,8 @@ def explain_lost_rank(where: str, rank: int, timeout: timedelta) -> Iterator[Non
         if not is_communication_failure(error):
             raise
         peer = getattr(error, "peer", None)
+        if peer is None and world_size == 2:  # a collective: with two ranks, the other one
+            peer = 1 - rank
         lost = f"global rank {peer}" if peer is not None else "another rank"
         during = _entered[0] if len(_entered) == 1 else f"{_entered[0]} ({where})"
         raise RankLostError(

@@ -90,6 +90,7 @@ class JobWatch:
         self._ended_key = ENDED_KEY
         self._runs = 0
         self._watching = False
+        self._failing = False  # this rank is on its way out of a failed run: not a hung one
         self._store_lock = threading.RLock()
         self._thread: threading.Thread | None = None
 
@@ -176,6 +177,7 @@ class JobWatch:
         with self._store_lock:
             self._store_factory, self._client = store_factory, None
             self._ended_key = f"{ENDED_KEY}/{self._runs}"
+            self._failing = False
             self._watching = True
         self._start_thread()
 
@@ -188,7 +190,9 @@ class JobWatch:
 
     def announce_failure(self, reason: str) -> None:
         """This rank's run failed (``reason``): tells the other ranks (best effort), so that any of them still in
-        the run ``end_grace`` seconds later, a hung one, is ended."""
+        the run ``end_grace`` seconds later, a hung one, is ended. This rank is then on its way out, each of its
+        remaining collectives bounded by the process-group timeout: the watch no longer ends it."""
+        self._failing = True
         self._tell(reason)
 
     def _tell(self, reason: str) -> None:
@@ -205,7 +209,7 @@ class JobWatch:
 
     def _poll_store(self) -> None:
         with self._store_lock:  # finish() takes it too: no deadline is armed once the run ended here
-            if not self._watching or (self._deadline is not None and self._deadline.kind == "ended"):
+            if not self._watching or self._failing or (self._deadline is not None and self._deadline.kind == "ended"):
                 return
             try:
                 store = self._connected()
