@@ -180,3 +180,8 @@ def test_a_failed_posting_and_a_barrier_inside_a_save_name_what_was_lost() -> No
     expected = r"during the save of the checkpoint c \(a barrier\): \[gloo\]"
     with pytest.raises(RankLostError, match=expected), explain_lost_rank("the save of the checkpoint c", 1, timeout):
         barrier()
+    with (
+        pytest.raises(RankLostError, match="lost global rank 0 during a barrier"),
+        explain_lost_rank("a barrier", 1, timeout, world_size=2),
+    ):
+        raise RuntimeError("[gloo] Connection reset by peer")  # a collective of two ranks: the other one is lost
