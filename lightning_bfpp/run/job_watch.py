@@ -192,7 +192,9 @@ class JobWatch:
         """This rank's run failed (``reason``): tells the other ranks (best effort), so that any of them still in
         the run ``end_grace`` seconds later, a hung one, is ended. This rank is then on its way out, each of its
         remaining collectives bounded by the process-group timeout: the watch no longer ends it."""
-        self._failing = True
+        with self._store_lock:
+            self._failing = True
+            self._disarm("ended")  # armed when the store went away before this rank saw its error
         self._tell(reason)
 
     def _tell(self, reason: str) -> None:
