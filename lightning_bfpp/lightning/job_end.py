@@ -6,7 +6,7 @@ rank stops as Lightning stops on SIGTERM (``SIGTERMException`` at the end of tha
 ``save_on_exception=True`` save) and exits with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), not 0. An agreed
 requeue signal runs Lightning's SLURM requeue (a checkpoint, then ``scontrol requeue``) on every rank at the start of
 the next batch. See :mod:`lightning_bfpp.run.job_watch` for a rank that cannot get there in time, and for a rank
-that fails alone or hangs.
+that hangs while the others give up on it.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ class JobEnd:
     ``lightning_module``, ``cluster_environment``, ``global_rank``, ``world_size`` and ``root_device``).
 
     ``signal_grace`` (seconds, default 30): how long a signalled rank waits to stop together with the others at the
-    end of a training step before it ends alone. ``end_grace`` (default 10): how long a rank may still run once
-    another one failed alone (and the others gave up on it) before it is ended; a rank that hangs ends then."""
+    end of a training step before it ends alone. ``end_grace`` (default 10): how long a rank may stay in a run after
+    another rank lost a peer (a transfer or collective failed: a process died or did not answer within the timeout),
+    or after the job's store went away, before it is ended; a rank that hangs ends then. Set both on the strategy
+    (``strategy.signal_grace = 60``) before the run."""
 
     signal_grace: float = 30.0
     end_grace: float = 10.0

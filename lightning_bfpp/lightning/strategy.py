@@ -70,7 +70,9 @@ class BFPPStrategy(
     The module's layer stack (``pipeline_layers()``) is cut into ``P * L`` stages; stage ``s`` runs on pipeline
     rank ``s % P`` (looped placement). Each training batch is split into ``M`` micro-batches run by the chosen
     schedule; the ``D = world_size / P`` data-parallel replicas average their gradients. Once set up, ``pipeline``
-    holds the runtime (:class:`~lightning_bfpp.run.pipeline.StagePipeline`) of this rank.
+    holds the runtime (:class:`~lightning_bfpp.run.pipeline.StagePipeline`) of this rank. A signal (SIGTERM, SIGINT)
+    to any rank stops every rank together, and no rank outlives a failed run: see
+    :class:`~lightning_bfpp.lightning.job_end.JobEnd` (attributes ``signal_grace`` and ``end_grace``).
 
     Arguments:
         options: a :class:`~lightning_bfpp.options.PipelineOptions`; the keyword arguments below replace its values.

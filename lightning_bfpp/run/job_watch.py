@@ -9,10 +9,11 @@ One :class:`JobWatch` per process, with a daemon thread:
   in a transfer, where Python runs no handler); a rank that cannot reach a step boundary within ``signal_grace``
   seconds of its signal, or that gets the same signal twice, ends alone (exit ``128 + signal``), and the others see
   it lost.
-- **No orphans.** A rank that fails alone writes a key into the job's store (the c10d ``TCPStore`` of the default
-  process group, hosted by global rank 0): every other rank still running ``end_grace`` seconds after seeing it, or
-  after the store itself went away, ends (exit 1) with a message; a hung rank thus ends shortly after the others
-  gave up on it at the process-group timeout.
+- **No orphans.** A rank that loses a peer (a transfer or collective failed) writes a key into the job's store (the
+  c10d ``TCPStore`` of the default process group, hosted by global rank 0): every other rank still in the run
+  ``end_grace`` seconds after seeing it, or after the store itself went away, ends (exit 1) with a message; a hung
+  rank thus ends shortly after the others gave up on it at the process-group timeout. A rank that reached the end of
+  its run (its teardown), or is on its way out of a failed one, is left alone.
 """
 
 from __future__ import annotations
