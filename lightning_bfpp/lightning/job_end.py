@@ -16,6 +16,7 @@ import sys
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -41,11 +42,14 @@ class JobEnd:
     _stop: AgreedSignal | None = None
     _requeue: tuple[int, Any] | None = None
     _requeue_handlers: dict[int, Any] = {}
+    _signal_group: dist.ProcessGroup | None = None  # on accelerators: a gloo group, so that agreeing reads no device
 
     def _watch_job(self) -> None:
         """At set-up, once the default process group exists, on every rank."""
         watch = job_watch()
         watch.rank, watch.signal_grace, watch.end_grace = self.global_rank, self.signal_grace, self.end_grace  # type: ignore[attr-defined]
+        if self.world_size > 1 and self.root_device.type != "cpu" and self._signal_group is None:  # type: ignore[attr-defined]
+            self._signal_group = dist.new_group(backend="gloo", timeout=self.options.timeout)  # type: ignore[attr-defined]
         if self.world_size > 1:  # type: ignore[attr-defined]
             environment = self.cluster_environment  # type: ignore[attr-defined]
             host, port = environment.main_address, environment.main_port
@@ -68,7 +72,8 @@ class JobEnd:
 
     def _agree_on_signals(self) -> None:
         """At the end of every training step, on every rank: acts on the signals any rank received."""
-        for agreed in job_watch().agree(None, self.root_device):  # type: ignore[attr-defined]
+        group, device = (self._signal_group, "cpu") if self._signal_group is not None else (None, self.root_device)  # type: ignore[attr-defined]
+        for agreed in job_watch().agree(group, torch.device(device)):
             if agreed.signum in STOP_SIGNALS:
                 if self._stop is None:
                     self._stop = agreed

@@ -406,6 +406,7 @@ class BFPPStrategy(
         self.pipeline = None
         self._step_relay = None
         self.groups = None
+        self._signal_group = None
         restore_clip_grad_by_norm(self.precision_plugin)  # its closure holds the groups
         if self.model is not None:
             install_metric_sync(self.lightning_module, None)
