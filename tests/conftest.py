@@ -18,7 +18,7 @@ from launch import TESTS_DIR, JobResult, launch_ranks, run_python, run_script
 __all__ = ["TESTS_DIR", "JobResult", "launch_ranks", "run_python", "run_script"]
 
 # the fixture and the functions that start processes
-LAUNCHING = {"run_job", "run_script", "run_python", "launch_ranks", "run_processes"}
+LAUNCHING = {"run_job", "run_script", "run_python", "launch_ranks", "launch_jobs", "run_processes"}
 
 
 @pytest.fixture

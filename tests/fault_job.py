@@ -7,12 +7,16 @@ Its fields besides those it shares with ``run_job.py``'s spec:
 - ``faults``: ``nan_step`` (a NaN in the input of the first micro-batch of replica 0 at that global step),
   ``grad_inf_step`` (an inf in the gradient of the first layer on the rank holding it, replica 0),
   ``skip_steps`` (reference runs: no optimizer step at those global steps), ``kill_rank`` with ``kill_step`` (the
-  process SIGKILLs itself in the middle of that step's forward) or ``kill_save`` (inside its n-th checkpoint write).
+  process SIGKILLs itself in the middle of that step's forward) or ``kill_save`` (inside its n-th checkpoint write),
+  ``hang_rank`` with ``hang_step`` (the process sleeps for ever in that step's forward), ``signal_grace`` and
+  ``end_grace`` (the strategy's, seconds), ``save_on_exception`` (a ``ModelCheckpoint(save_on_exception=True)`` in
+  ``checkpoint_dir`` that saves nothing else), ``slurm`` (the ranks run as SLURM tasks of job 4242 with auto-requeue,
+  ``scontrol`` writing its arguments to ``out_dir/scontrol.txt``; Lightning's checkpoints go to ``out_dir``).
 - ``precision`` (default ``64-true``), ``scaler`` and ``clip_val`` as in ``run_job.py`` (``16-mixed`` on CPU).
 - ``checkpoint_dir``: save ``last.ckpt`` there after every step; ``ckpt_path``: resume from it (``"last"`` too).
 
 Each rank writes ``rank<r>.pt``: ``{global step: loss}`` as this rank saw it, its parameters, the skipped-step count,
-``{global step: loss scale after it}`` with a gradient scaler.
+``{global step: loss scale after it}`` with a gradient scaler; and prints ``finished global step <n>`` after each step.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import os
 import signal
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,10 @@ class FaultModel(StackModel):
         f = self.faults
         if self.trainer.global_step == f.get("kill_step", -1) and self.trainer.global_rank == f.get("kill_rank"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.trainer.global_step == f.get("hang_step", -1) and self.trainer.global_rank == f.get("hang_rank"):
+            print(f"global rank {self.trainer.global_rank} hangs", flush=True)
+            while True:
+                time.sleep(1)
         return super().pipeline_layer_forward(index, layer, inputs, batch)
 
     def on_after_backward(self) -> None:
@@ -107,6 +116,7 @@ class LossRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.losses[self._step] = float(trainer.callback_metrics["train_loss"])  # averaged over the replicas
+        print(f"global rank {trainer.global_rank} finished global step {self._step}", flush=True)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             self.scales[self._step] = scaler.get_scale()
@@ -129,6 +139,23 @@ def _kill_inside_checkpoint_writes(rank: int, save_index: int) -> None:
     FileSystemWriter.write_data = write_data  # type: ignore[method-assign]
 
 
+def _run_as_slurm_tasks(spec: FaultJobSpec) -> None:
+    """Sets what srun sets for task ``LOCAL_RANK`` of a one-node job 4242, and puts an ``scontrol`` on the PATH
+    that writes its arguments to ``out_dir/scontrol.txt``."""
+    rank, world = os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]
+    os.environ.update(
+        SLURM_NTASKS=world, SLURM_NTASKS_PER_NODE=world, SLURM_NNODES="1", SLURM_PROCID=rank, SLURM_LOCALID=rank,
+        SLURM_NODEID="0", SLURM_JOB_NAME="fault_job", SLURM_JOB_ID="4242",
+    )  # fmt: skip
+    assert spec.out_dir is not None
+    bin_dir = Path(spec.out_dir) / f"bin{rank}"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {Path(spec.out_dir) / "scontrol.txt"}\n')
+    scontrol.chmod(0o755)
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
 def run(config: FaultJobSpec | dict[str, Any]) -> dict[str, Any]:
     """Trains as ``config`` says (a spec, or a dict of its fields) on this rank; returns what this rank saw."""
     spec = FaultJobSpec.from_dict(config)
@@ -136,13 +163,20 @@ def run(config: FaultJobSpec | dict[str, Any]) -> dict[str, Any]:
     faults = spec.faults
     if "kill_save" in faults:
         _kill_inside_checkpoint_writes(faults["kill_rank"], faults["kill_save"])
+    if faults.get("slurm"):
+        _run_as_slurm_tasks(spec)
     model = FaultModel(faults=faults, **spec.model)
     strategy: Any = "auto"
     if spec.strategy is not None:
         strategy = BFPPStrategy(timeout=timedelta(seconds=spec.pg_timeout), **spec.strategy)
+        for grace in ("signal_grace", "end_grace"):
+            if grace in faults:
+                setattr(strategy, grace, faults[grace])
     recorder = LossRecorder()
     callbacks: list[pl.Callback] = [recorder]
-    if spec.checkpoint_dir:
+    if spec.checkpoint_dir and faults.get("save_on_exception"):
+        callbacks.append(ModelCheckpoint(spec.checkpoint_dir, save_top_k=0, save_on_exception=True))
+    elif spec.checkpoint_dir:
         callbacks.append(ModelCheckpoint(spec.checkpoint_dir, every_n_train_steps=1, save_top_k=0, save_last=True))
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -158,6 +192,7 @@ def run(config: FaultJobSpec | dict[str, Any]) -> dict[str, Any]:
         logger=False,
         callbacks=callbacks,
         use_distributed_sampler=False,
+        default_root_dir=spec.out_dir,
     )
     data = StepData(spec.batch_size, spec.data_size)
     trainer.fit(model, datamodule=data, ckpt_path=spec.ckpt_path)
@@ -175,4 +210,5 @@ def run(config: FaultJobSpec | dict[str, Any]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started with SIGINT ignored
     run(FaultJobSpec.from_dict(json.loads(Path(sys.argv[1]).read_text())))

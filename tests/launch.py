@@ -1,10 +1,11 @@
 """Starts test jobs as bounded subprocesses and kills only what they started.
 
-Two entry points share one bounded run (:func:`run_processes`):
+Three entry points share one bounded run (:func:`run_processes`):
 
 - :func:`run_script` starts one Python process, which may let Lightning start the other ranks itself;
 - :func:`launch_ranks` starts every rank itself, as torchrun does (``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_PORT``
-  set), so that a test sees every rank's exit code, exit time and output.
+  set), so that a test sees every rank's exit code, exit time and output;
+- :func:`launch_jobs` starts several such jobs side by side, calling the test while they run (to send signals).
 
 Each process runs in a session of its own. A process has ended when it exited and nothing it started still holds its
 output open; at the deadline, or if the test is interrupted, its whole session is SIGKILLed (a hung gloo collective
@@ -22,8 +23,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ def free_port() -> int:
 
 
 class _Started:
-    """One process in its own session, its output read by a thread until every holder of the pipe has closed it."""
+    """One process in its own session, its output read by a thread until every holder of the pipe has closed it.
+    A test's ``watch`` (see :func:`run_processes`) sees it as a :class:`Running`."""
 
     def __init__(self, command: Sequence[str], env: Mapping[str, str], cwd: Path | None) -> None:
         self.proc = subprocess.Popen(
@@ -115,12 +117,38 @@ class _Started:
     def output(self) -> str:
         return b"".join(self.chunks).decode("utf-8", errors="replace")
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+Running = _Started  # what a watch sees of a running process: pid, output (so far), exited_at (seconds, or None)
+
+
+def live_session_members(session: int) -> list[int]:
+    """The processes of ``session`` (the pid of a process started here: each has its own) that are alive, zombies
+    not counted, from the process table (``/proc``)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, session
+        except (OSError, IndexError):
+            continue  # it ended meanwhile
+        if fields[0] != "Z" and int(fields[3]) == session:
+            members.append(int(stat.parent.name))
+    return members
+
 
 def run_processes(
-    commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]], timeout: float, cwd: Path | None = None
+    commands: Sequence[Sequence[str]],
+    envs: Sequence[Mapping[str, str]],
+    timeout: float,
+    cwd: Path | None = None,
+    watch: Callable[[float, Sequence[Running]], None] | None = None,
 ) -> list[ProcessExit]:
     """Runs ``commands`` side by side (``envs``: one environment each) until all have ended or ``timeout`` seconds
-    passed, then kills what is left of each one's session."""
+    passed, then kills what is left of each one's session; ``watch(seconds, processes)`` is called every 50 ms
+    meanwhile."""
     if UNMARKED_TEST:
         raise RuntimeError(f"{UNMARKED_TEST[0]} starts processes without the multiprocess marker (tests/conftest.py)")
     started: list[_Started] = []
@@ -132,6 +160,8 @@ def run_processes(
             for process in started:
                 if process.exited_at is None and process.has_exited():
                     process.exited_at = time.monotonic() - start
+            if watch is not None:
+                watch(time.monotonic() - start, started)
             if all(p.exited_at is not None and not p.reader.is_alive() for p in started):
                 break
             time.sleep(0.05)
@@ -194,6 +224,68 @@ def launch_ranks(
     for rank, ended in enumerate(exits):
         (work_dir / f"rank{rank}.log").write_text(ended.output)
     return exits
+
+
+@dataclass
+class LaunchedJob:
+    """A job of :func:`launch_jobs`: its config, its ranks' processes while they run (by rank) and, once every rank
+    exited, the live processes left in their sessions (see :func:`live_session_members`)."""
+
+    name: str
+    config: Mapping[str, Any]
+    work_dir: Path
+    ranks: list[Running]
+    left_behind: list[int] | None = None  # None until every rank exited
+    notes: dict[str, Any] = field(default_factory=dict)  # the test's own (what it sent, when)
+
+
+def launch_jobs(
+    script: Path,
+    configs: Mapping[str, Mapping[str, Any]],
+    work_dir: Path,
+    timeout: float,
+    watch: Callable[[float, list[LaunchedJob]], None],
+) -> dict[str, tuple[LaunchedJob, list[ProcessExit]]]:
+    """Runs one job of ``script`` per entry of ``configs`` (name: a spec's fields, ``devices`` ranks, as
+    :func:`launch_ranks`), all side by side, under ``work_dir/<name>``; ``watch(seconds, jobs)`` is called every 50
+    ms. Returns each job and its ranks' exits; each rank's output also goes to ``work_dir/<name>/rank<r>.log``."""
+    commands, envs, layout = [], [], []
+    for name, config in configs.items():
+        job_dir = work_dir / name
+        job_dir.mkdir(parents=True, exist_ok=True)
+        spec = spec_for(script.name, config)
+        (job_dir / "config.json").write_text(json.dumps(spec.to_dict()))
+        port, world = str(free_port()), int(config["devices"])
+        for r in range(world):
+            commands.append([sys.executable, str(script), str(job_dir / "config.json")])
+            envs.append(
+                job_environment(
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, LOCAL_RANK=str(r), NODE_RANK="0", WORLD_SIZE=str(world)
+                )
+            )
+        layout.append((name, config, job_dir, world))
+    jobs: list[LaunchedJob] = []
+
+    def watch_jobs(seconds: float, started: Sequence[Running]) -> None:
+        if not jobs:  # every process has started
+            first = 0
+            for name, config, job_dir, world in layout:
+                jobs.append(LaunchedJob(name, config, job_dir, list(started[first : first + world])))
+                first += world
+        for job in jobs:
+            if job.left_behind is None and all(p.exited_at is not None for p in job.ranks):
+                job.left_behind = [m for p in job.ranks for m in live_session_members(p.pid)]
+        watch(seconds, jobs)
+
+    exits = run_processes(commands, envs, timeout, watch=watch_jobs)
+    results, first = {}, 0
+    for job in jobs:
+        job_exits = exits[first : first + len(job.ranks)]
+        first += len(job.ranks)
+        for rank, ended in enumerate(job_exits):
+            (job.work_dir / f"rank{rank}.log").write_text(ended.output)
+        results[job.name] = (job, job_exits)
+    return results
 
 
 def bounded_run(command: Sequence[str], timeout: float, **variables: str) -> tuple[int | None, str]:

@@ -6,6 +6,7 @@ Numbers are compared with one uninterrupted process (float64), in-process.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,44 @@ def test_killed_ranks_end_the_others_fast_and_the_job_resumes_exactly(tmp_path: 
         assert sorted(result["losses"]) == [3, 4]
         for step, loss in result["losses"].items():
             assert loss == pytest.approx(expected["losses"][step], rel=1e-9, abs=1e-12), step
+
+
+# ------------------------------------------------------------------------------------------- naming the lost rank
+def test_a_failed_posting_and_a_barrier_inside_a_save_name_what_was_lost() -> None:
+    """In-process (one gloo rank): a transfer that cannot even be posted names its peer, as a failed wait does; a
+    rank lost in a barrier inside a save is reported as lost during the save."""
+    import torch.distributed as dist
+
+    from lightning_bfpp.run.faults import RankLostError, explain_lost_rank
+    from lightning_bfpp.run.p2p import KIND_ACT, PeerLink
+
+    class ClosedLink(PeerLink):
+        def _start(self, ops: Any) -> Any:
+            raise RuntimeError("[gloo] Connection closed by peer")
+
+    timeout = timedelta(seconds=5)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        link = ClosedLink(dist.group.WORLD, 2, torch.device("cpu"))
+        link.send([torch.ones(2)], KIND_ACT, stage=1, micro_batch=0, peer=0)
+        expected = "lost global rank 0 during the training step of global step 3"
+        with (
+            pytest.raises(RankLostError, match=expected),
+            explain_lost_rank("the training step of global step 3", 1, timeout),
+        ):
+            link.issue()
+    finally:
+        dist.destroy_process_group()
+
+    def barrier() -> None:
+        with explain_lost_rank("a barrier", 1, timeout):
+            raise RuntimeError("[gloo] Connection closed by peer")
+
+    expected = r"during the save of the checkpoint c \(a barrier\): \[gloo\]"
+    with pytest.raises(RankLostError, match=expected), explain_lost_rank("the save of the checkpoint c", 1, timeout):
+        barrier()
+    with (
+        pytest.raises(RankLostError, match="lost global rank 0 during a barrier"),
+        explain_lost_rank("a barrier", 1, timeout, world_size=2),
+    ):
+        raise RuntimeError("[gloo] Connection reset by peer")  # a collective of two ranks: the other one is lost

@@ -201,6 +201,38 @@ def test_fit_loop_skips_backward_and_zero_grad_accumulates_and_calls_hooks() -> 
     assert trainer.callback_metrics["metric"].item() == 4.5
 
 
+def test_signal_handlers_are_reported_and_a_stop_ends_the_fit_after_the_batch() -> None:
+    """``on_signal_handlers`` reports the handler Lightning replaced for SIGTERM as the run starts, then that it was
+    put back; ``stop_after_this_batch`` in batch 1 stops the fit with ``SIGTERMException`` after that batch, running
+    the callbacks' ``on_exception`` (where ``ModelCheckpoint(save_on_exception=True)`` saves)."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    seen: list[Any] = []
+
+    class StopAtBatchOne(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            seen.append(("handler", signal.getsignal(signal.SIGTERM)))
+            if trainer.global_step == 1:
+                internals.stop_after_this_batch(trainer)
+
+        def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+            seen.append(("exception", type(exception), trainer.global_step))
+
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = _trainer(max_steps=4, callbacks=[StopAtBatchOne()])
+    internals.on_signal_handlers(
+        trainer, lambda replaced: seen.append(("installed", replaced)), lambda: seen.append("restored")
+    )
+    with pytest.raises(SIGTERMException):
+        trainer.fit(_SelfBackwardModule([]))
+    assert seen[0] == ("installed", {int(signal.SIGTERM): before})
+    assert seen[1][0] == "handler" and seen[1][1] is not before  # Lightning's, during the run
+    assert seen[-2:] == [("exception", SIGTERMException, 2), "restored"]  # stopped after batch 1 (2 steps made)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_attached_trainer() -> None:
     module = pl.LightningModule()
     assert internals.attached_trainer(module) is None  # where `module.trainer` raises

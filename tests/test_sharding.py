@@ -62,18 +62,21 @@ def test_sharded_training_matches_one_process(run_job, sharding: str, accumulate
 def test_zero1_takes_every_optimizer(run_job) -> None:
     """ZeRO-1 (P=1 x D=2) with every torch.optim optimizer that takes parameter groups, and a user's subclass with a
     constructor argument of its own, trains exactly like the optimizer on one process; LBFGS is refused at set-up on
-    every rank with a message that names what to use. One launch for all: a fresh module and Trainer per optimizer."""
+    every rank with a message that names what to use, and so it is with P = 2 without sharding. One launch for all: a
+    fresh module and Trainer per optimizer."""
     names = [name for name in OPTIMIZERS if name != "lbfgs"]
+    lbfgs = {"model": {"num_blocks": 2, "optimizer": "lbfgs"}, "expect_error": True}
+    pipelined = {"pipeline_parallel_size": 2, "micro_batches": 2}  # P = 2, no sharding
     config = {
         "devices": 2,
         "strategy": {"pipeline_parallel_size": 1, "stages_per_rank": 2, "micro_batches": 2, "sharding": "optimizer"},
         "batch_size": 4,
         "max_steps": 3,
         "runs": [{"name": name, "model": {"num_blocks": 2, "optimizer": name}} for name in names]
-        + [{"name": "lbfgs", "model": {"num_blocks": 2, "optimizer": "lbfgs"}, "expect_error": True}],
+        + [{"name": "lbfgs", **lbfgs}, {"name": "lbfgs-pipelined", **lbfgs, "strategy": pipelined}],
     }
     result = run_job(config, timeout=400)
-    for run_config in config["runs"][:-1]:
+    for run_config in config["runs"][:-2]:
         merged = {**config, **{k: v for k, v in run_config.items() if k != "name"}}
         assert_matches(JobResult(0, result.output, result.out_dir / run_config["name"]), merged, 2)
     errors = sorted((result.out_dir / "lbfgs").glob("rank*.error"))
@@ -81,6 +84,12 @@ def test_zero1_takes_every_optimizer(run_job) -> None:
     for error in errors:
         message = error.read_text()
         assert "LBFGS cannot be used with sharding='optimizer'" in message
+        assert "Use a first-order optimizer" in message
+    errors = sorted((result.out_dir / "lbfgs-pipelined").glob("rank*.error"))
+    assert len(errors) == 2  # refused on every rank whenever P > 1, with or without sharding
+    for error in errors:
+        message = error.read_text()
+        assert "LBFGS cannot be used with pipeline_parallel_size=2" in message
         assert "Use a first-order optimizer" in message
 
 

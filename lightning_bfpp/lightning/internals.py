@@ -17,6 +17,7 @@ hook's calls (``log_dict`` reaches it, tested), and ``forward`` on the module du
 
 from __future__ import annotations
 
+import signal
 import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -54,12 +55,14 @@ __all__ = [
     "install_summary_factory",
     "metric_forward_value",
     "metric_update_count",
+    "on_signal_handlers",
     "replace_clip_grad_by_norm",
     "restore_clip_grad_by_norm",
     "restricted_classmethod",
     "set_metric_forward_value",
     "set_metric_update_count",
     "skip_loop_backward",
+    "stop_after_this_batch",
     "summary_max_depth",
     "sync_ddp_if_available",
     "unwrap_optimizer",
@@ -135,6 +138,50 @@ def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
 # `LightningModule.load_from_checkpoint` is decorated with it: a classmethod that raises when called on an instance
 # (whose result would be dropped). PipelineModule's override keeps that behaviour.
 restricted_classmethod = _restricted_classmethod
+
+
+# ------------------------------------------------------------------------------------------------- signals
+def on_signal_handlers(
+    trainer: pl.Trainer, installed: Callable[[dict[int, Any]], None], restored: Callable[[], None]
+) -> None:
+    """Calls ``installed(replaced)`` right after Lightning has installed its signal handlers for a run, ``replaced``
+    mapping each signal whose handler Lightning changed to the handler it replaced; calls ``restored()`` once Lightning
+    has put those back.
+
+    ``Trainer._run`` calls ``trainer._signal_connector.register_signal_handlers()`` after the strategy's ``setup``
+    and the checkpoint restore, right before the run's loop; it handles SIGTERM (a handler that runs a
+    ``dist.broadcast`` from rank 0 inside the handler, then sets ``received_sigterm``, chaining a handler of before)
+    and, under SLURM auto-requeue, the requeue signal (saves a checkpoint and runs ``scontrol requeue`` inside the
+    handler). ``Trainer._teardown`` calls ``_signal_connector.teardown()``, which restores every handler of before.
+    Both are wrapped on the connector instance (again at each run, without nesting)."""
+    connector = trainer._signal_connector
+    connector_class = type(connector)
+
+    def register() -> None:
+        before = _signal_handlers()
+        connector_class.register_signal_handlers(connector)
+        after = _signal_handlers()
+        installed({signum: handler for signum, handler in before.items() if after[signum] is not handler})
+
+    def teardown() -> None:
+        connector_class.teardown(connector)
+        restored()
+
+    connector.register_signal_handlers = register  # type: ignore[method-assign]
+    connector.teardown = teardown  # type: ignore[method-assign]
+
+
+def _signal_handlers() -> dict[int, Any]:
+    catchable = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+    return {int(signum): signal.getsignal(signum) for signum in catchable}
+
+
+def stop_after_this_batch(trainer: pl.Trainer) -> None:
+    """Makes the loops stop as Lightning stops on SIGTERM: ``trainer.received_sigterm`` (a property reading
+    ``_signal_connector.received_sigterm``) makes the training epoch loop raise ``SIGTERMException`` at the end of
+    the current batch's ``advance`` (unless training is done), and the fit and evaluation loops at their next check;
+    the exception runs the callbacks' ``on_exception`` (``ModelCheckpoint(save_on_exception=True)`` saves there)."""
+    trainer._signal_connector.received_sigterm = True
 
 
 # ----------------------------------------------------------------------------------------- precision plugin

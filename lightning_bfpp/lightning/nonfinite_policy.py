@@ -26,13 +26,17 @@ class NonFinitePolicy:
             self._nonfinite = NonFiniteCheck(self.global_rank, self.root_device)  # type: ignore[attr-defined]
         self._nonfinite.add_losses(batch_idx, losses)
 
-    def _start_nonfinite_check(self) -> Tensor:
-        """Starts agreeing on every rank whether a loss of this accumulation window or a gradient is non-finite: the
-        flags, on the device, to read on the host with the step's other values and hand to
+    def _start_nonfinite_check(self, extra: list[int], checks: bool = True) -> Tensor:
+        """Starts agreeing on every rank whether a loss of this accumulation window or a gradient is non-finite (only
+        if ``checks``: zeros otherwise), and on ``extra`` (reduced with MAX in the same all-reduce): the flags, on the
+        device, to read on the host with the step's other values; hand the first two to
         :meth:`_finish_nonfinite_check`."""
         assert self._nonfinite is not None
+        if not checks:
+            return self._nonfinite.start_extra(extra)
         module = self.lightning_module  # type: ignore[attr-defined]
-        return self._nonfinite.start((n, p.grad) for n, p in module.named_parameters() if p.grad is not None)
+        named_grads = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
+        return self._nonfinite.start(named_grads, extra)
 
     def _finish_nonfinite_check(self, batch_idx: int, flags: list[float]) -> None:
         """From the flags' values: raises, or zeroes the gradients and marks the optimizer step to be skipped (see

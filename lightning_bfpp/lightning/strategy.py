@@ -34,11 +34,12 @@ from lightning_bfpp.lightning.internals import (
     restore_clip_grad_by_norm,
     skip_loop_backward,
 )
+from lightning_bfpp.lightning.job_end import JobEnd
 from lightning_bfpp.lightning.log_relay import LogRecorder, install_metric_sync, replay
 from lightning_bfpp.lightning.module import check_pipeline_module
 from lightning_bfpp.lightning.nonfinite_policy import NonFinitePolicy
 from lightning_bfpp.lightning.summary import record_whole_model, use_whole_model_summary
-from lightning_bfpp.lightning.trainer_checks import check_callbacks
+from lightning_bfpp.lightning.trainer_checks import check_callbacks, check_optimizers
 from lightning_bfpp.options import PipelineOptions, arguments_docstring, option_property
 from lightning_bfpp.plan.partition import Partition
 from lightning_bfpp.run.faults import explain_lost_rank
@@ -63,6 +64,7 @@ class BFPPStrategy(
     PipelinedEvaluation,
     NonFinitePolicy,
     PipelineCollectives,
+    JobEnd,
     SubprocessLauncherMixin,
     ParallelStrategy,
 ):
@@ -71,7 +73,9 @@ class BFPPStrategy(
     The module's layer stack (``pipeline_layers()``) is cut into ``P * L`` stages; stage ``s`` runs on pipeline
     rank ``s % P`` (looped placement). Each training batch is split into ``M`` micro-batches run by the chosen
     schedule; the ``D = world_size / P`` data-parallel replicas average their gradients. Once set up, ``pipeline``
-    holds the runtime (:class:`~lightning_bfpp.run.pipeline.StagePipeline`) of this rank.
+    holds the runtime (:class:`~lightning_bfpp.run.pipeline.StagePipeline`) of this rank. A signal (SIGTERM, SIGINT)
+    to any rank stops every rank together, and no rank outlives a failed run: see
+    :class:`~lightning_bfpp.lightning.job_end.JobEnd` (attributes ``signal_grace`` and ``end_grace``).
 
     Arguments:
         options: a :class:`~lightning_bfpp.options.PipelineOptions`; the keyword arguments below replace its values.
@@ -284,6 +288,7 @@ class BFPPStrategy(
         init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
         self.groups = PipelineGroups.create(self.pipeline_parallel_size, self.options.timeout, self.rank_layout)  # type: ignore[arg-type]
         destroy_at_exit(self)  # kept between runs of this process (fit, then validate), destroyed at its exit
+        self._watch_job()  # signals, and a rank that fails alone or hangs: every rank ends (job_end.py)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -307,6 +312,7 @@ class BFPPStrategy(
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            check_optimizers(self.optimizers, self.pipeline_parallel_size)  # raised on every rank, here
             schedulers = [config.scheduler for config in self.lr_scheduler_configs]
             self.optimizers = self.pipeline.shard_optimizers(self.optimizers, schedulers)  # ZeRO-1
         self.setup_precision_plugin()
@@ -336,15 +342,22 @@ class BFPPStrategy(
         # the step and its (skipped) backward, nor call backward on the returned loss.
         skip_loop_backward(self.lightning_module.trainer)
         super().on_train_batch_start(batch, batch_idx)
+        self._requeue_now()  # an agreed SLURM requeue signal, on every rank
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
-        with self._explain_lost_rank(f"the training step of global step {self.lightning_module.trainer.global_step}"):
-            return self._training_step(*args, **kwargs)
+        where = f"the training step of global step {self.lightning_module.trainer.global_step}"
+        try:
+            with self._explain_lost_rank(where):
+                loss = self._training_step(*args, **kwargs)
+        except Exception as error:
+            self._on_failure(error)  # told to the other ranks before the callbacks' on_exception
+            raise
+        return loss
 
     def _explain_lost_rank(self, where: str) -> Any:
         """A failed transfer or collective inside the block is re-raised naming the lost rank and the timeout."""
-        return explain_lost_rank(where, self.global_rank, self.options.timeout)  # type: ignore[arg-type]
+        return explain_lost_rank(where, self.global_rank, self.options.timeout, self.world_size)  # type: ignore[arg-type]
 
     def _training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         module, pipeline = self.lightning_module, self.pipeline
@@ -395,12 +408,16 @@ class BFPPStrategy(
         assert relayed.loss is not None
         call_hook(trainer, "on_before_backward", relayed.loss.to(self.root_device))
         call_hook(trainer, "on_after_backward")  # may change gradients: before the non-finite check
-        flags = self._start_nonfinite_check() if steps_optimizer else None
+        # one all-reduce over every rank: the non-finite flags (on batches that step) and the signals received
+        signals = self._signal_flags()
+        flags = self._start_nonfinite_check(signals, checks=steps_optimizer)
         relay_flag, found = host_values_together(relayed.flag, flags)  # the step's one host read
+        assert found is not None
         loss, calls = relayed.result(relay_flag[0] if relay_flag else None)
         replay(module, calls, self.root_device)
-        if found is not None:
-            self._finish_nonfinite_check(batch_idx, found)
+        if steps_optimizer:
+            self._finish_nonfinite_check(batch_idx, found[: len(found) - len(signals)])
+        self._act_on_signals(found[len(found) - len(signals) :])  # every rank acts on a signal any rank received
         assert loss is not None
         return loss.to(self.root_device)
 
@@ -409,11 +426,12 @@ class BFPPStrategy(
     def teardown(self) -> None:
         if self.pipeline is not None:
             self.pipeline.close()
+        self._end_job_watch()
         super().teardown()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        self.failed = True
+        self.failed = not self._on_run_exception(exception)  # an agreed signal stop ends every rank cleanly
         super().on_exception(exception)
 
     def release_process_groups(self) -> None:

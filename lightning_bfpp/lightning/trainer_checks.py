@@ -1,4 +1,5 @@
-"""Which of Lightning's stock callbacks run under ``BFPPStrategy``, and the refusal of the ones that cannot.
+"""Which of Lightning's stock callbacks run under ``BFPPStrategy``, and the refusal of the ones that cannot; the
+refusal of optimizers whose step cannot run in a pipeline.
 
 Every class that ``lightning.pytorch.callbacks`` exports is listed in :data:`CALLBACK_SUPPORT`. A refused one (or a
 user's subclass of it) stops the run on every rank before the process group exists, with a message that names it
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from lightning.pytorch import callbacks
 from lightning.pytorch.callbacks import Callback
+from torch.optim import LBFGS, Optimizer
 
 
 @dataclass(frozen=True)
@@ -108,3 +110,23 @@ def check_callbacks(trainer_callbacks: Iterable[Callback]) -> None:
         message = refusal(callback)
         if message is not None:
             raise ValueError(message)
+
+
+def check_optimizers(optimizers: Iterable[Optimizer], pipeline_parallel_size: int) -> None:
+    """Raises ``ValueError`` for an optimizer whose step evaluates the closure a number of times that depends on the
+    values it sees (``LBFGS`` and its subclasses) when ``pipeline_parallel_size > 1``: each pipeline rank holds
+    different parameters, so the ranks would run different numbers of pipelined steps and wait for each other until
+    the timeout."""
+    if pipeline_parallel_size <= 1:
+        return
+    for optimizer in optimizers:
+        if isinstance(optimizer, LBFGS):
+            name = type(optimizer).__name__
+            label = name if name == "LBFGS" else f"{name} (an LBFGS)"
+            raise ValueError(
+                f"The optimizer {label} cannot be used with pipeline_parallel_size={pipeline_parallel_size}: its step "
+                "evaluates the closure (a whole pipelined step) a number of times that depends on the gradients of "
+                "the parameters a rank holds, which differ between pipeline ranks, so the ranks would wait for each "
+                "other until the timeout. Use a first-order optimizer (e.g. torch.optim.AdamW or SGD), or "
+                "pipeline_parallel_size=1."
+            )

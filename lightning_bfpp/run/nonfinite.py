@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_bfpp.run.collectives import all_gather_objects
-from lightning_bfpp.run.host_sync import host_values
+from lightning_bfpp.run.host_sync import host_values, to_device
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -44,20 +44,36 @@ class NonFiniteCheck:
         if losses:
             self._losses.append((batch_idx, torch.stack([loss.detach() for loss in losses])))
 
-    def start(self, named_grads: Iterable[tuple[str, Tensor]]) -> Tensor:
+    def start(self, named_grads: Iterable[tuple[str, Tensor]], extra: Sequence[int] = ()) -> Tensor:
         """Starts agreeing: one all-reduce (MAX) of two flags over the group, non-finite losses and non-finite
-        gradients; returns the flags on the device without reading them. Hand their values to :meth:`finish`."""
+        gradients, followed by ``extra`` (other host values the ranks agree on in the same collective); returns the
+        flags on the device without reading them. Hand the first two values to :meth:`finish`."""
         named = list(named_grads)
         grads = [g.to_local() if hasattr(g, "to_local") else g for _, g in named]  # DTensor: the local shard
-        flags = torch.zeros(2, dtype=torch.int32, device=self.device)
+        flags = self._flags(extra)
         if self._losses:
             flags[0] = (~torch.isfinite(torch.cat([v for _, v in self._losses]))).any().to(self.device)
         if grads:
             norms = torch._foreach_norm(grads)  # NaN or inf exactly when the gradient holds one
             flags[1] = (~torch.isfinite(torch.stack([n.to(self.device) for n in norms]))).any()
+        self._reduce(flags)
+        self._started = (named, grads)
+        return flags
+
+    def start_extra(self, extra: Sequence[int]) -> Tensor:
+        """:meth:`start` without checking anything (a batch that only accumulates): the two flags zero, ``extra``
+        agreed on."""
+        return self._reduce(self._flags(extra))
+
+    def _flags(self, extra: Sequence[int]) -> Tensor:
+        flags = torch.zeros(2 + len(extra), dtype=torch.int32, device=self.device)
+        if extra:
+            flags[2:] = to_device(torch.tensor(list(extra), dtype=torch.int32), self.device)
+        return flags
+
+    def _reduce(self, flags: Tensor) -> Tensor:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        self._started = (named, grads)
         return flags
 
     def finish(self, found: Sequence[float]) -> list[str]:

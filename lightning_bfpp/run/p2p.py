@@ -36,9 +36,10 @@ KIND_NAMES = ("activations", "gradients", "the shapes of the activations")
 
 
 class TransferError(RuntimeError):
-    """A send or receive to or from global rank ``peer`` failed: that process died, or did not answer in time."""
+    """A send or receive to or from global rank ``peer`` failed: that process died, or did not answer in time
+    (``peer`` is None when a batch with several peers could not be posted)."""
 
-    def __init__(self, message: str, peer: int) -> None:
+    def __init__(self, message: str, peer: int | None) -> None:
         super().__init__(message)
         self.peer = peer
 
@@ -162,7 +163,13 @@ class PeerLink:
         """Starts the batch of transfers added since the last call, as one group."""
         if not self._ops:
             return
-        works = self._start(self._ops)
+        try:
+            works = self._start(self._ops)
+        except RuntimeError as error:  # posting failed: a peer's connection is gone
+            peers = sorted({op.peer for op in self._ops})
+            named = f"global rank {peers[0]}" if len(peers) == 1 else f"global ranks {', '.join(map(str, peers))}"
+            lost = peers[0] if len(peers) == 1 else None
+            raise TransferError(f"posting transfers with {named} failed: {error}", lost) from error
         per_op = len(works) == len(self._ops)  # gloo: one work per transfer; NCCL: one for the whole group
 
         def works_of(first: int, end: int) -> list[dist.Work]:
