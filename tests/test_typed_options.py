@@ -65,6 +65,7 @@ def test_the_strategy_attributes_are_the_keyword_options() -> None:
         nonfinite_loss="skip",
         timeline_dir="timeline",
         timeline_batches=(1, 2),
+        save_distributed_checkpoint=False,
     )
     assert set(values) == set(option_names())
     strategy = BFPPStrategy(**values)

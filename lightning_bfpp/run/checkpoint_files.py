@@ -93,14 +93,14 @@ class SafeFileSystemReader(FileSystemReader):
     def __init__(self, path: str | Path, metadata: Metadata | None = None) -> None:
         super().__init__(path)
         self.directory = Path(path)
-        self._metadata = metadata
+        self._safe_metadata = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:  # DCP's fallback to per-rank metadata, which a save here never writes
             raise CheckpointError(f"{self.directory / METADATA_FILENAME} could not be read")
-        if self._metadata is None:
-            self._metadata = read_dcp_metadata(self.directory)
-        metadata = self._metadata
+        if self._safe_metadata is None:
+            self._safe_metadata = read_dcp_metadata(self.directory)
+        metadata = self._safe_metadata
         if metadata.storage_meta is None:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
