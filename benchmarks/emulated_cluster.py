@@ -36,8 +36,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
-from launch import bounded_run  # bounded; at the bound it kills every process the launch started
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from bench_launch import bounded_run  # bounded; at the bound it kills every process the launch started
 
 PIPELINE, LAYERS, WARMUP = 8, 32, 2
 SCHEDULES = ("breadth_first", "depth_first", "gpipe")
