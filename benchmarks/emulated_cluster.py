@@ -11,15 +11,18 @@ processes in all. What stands in for the GPUs (``emulated_network.py``):
 - the pipeline link runs transfers in NCCL's order (one stream per rank, rendezvous sends) and makes each last the
   stated network's ``latency + 16 MiB / bandwidth``; the data-parallel all-reduces end no earlier than a ring
   all-reduce of the stage's float32 gradients would, one after another on the rank's communication stream.
+  The kernels' scale is the only change to the planner's figures: sizes and bandwidths are the planner's.
 
 At 0.5, 1 and 2 sequences per GPU (M = 4, 8, 16 micro-batches per replica), each schedule runs at its best layout as
 the planner predicts it (breadth-first with L > 1 stages per rank; depth-first: 1F1B at M < P, interleaved where M
 is a multiple of P; GPipe), with per-micro-batch and with batched weight gradients. Each case is compared with
 :func:`lightning_bfpp.plan.simulate.simulate` of the same schedule and costs, which also charges the host time per
-action measured on this machine (in a discarded first fit) and the gloo latency under the emulated transfers.
+action and per step measured on this machine (the least-squares line of every rank's CPU time per step against its
+number of actions) and the gloo latency under the emulated transfers. A step is timed from the start of its batch to
+its end (optimizer step included) on every rank, the longest rank counting, after one warm-up step.
 
-    python benchmarks/emulated_cluster.py            # 3 batch sizes x 3 schedules x 2 weight-gradient modes
-    python benchmarks/emulated_cluster.py --quick    # 0.5 sequence per GPU only, 2 timed steps
+    python benchmarks/emulated_cluster.py            # 3 batch sizes x 3 schedules x 2 weight-gradient modes: ~15 min
+    python benchmarks/emulated_cluster.py --quick    # 0.5 sequence per GPU only: about 4 minutes
 
 The last line is ``emulated_ranks=16 host_share=<largest over cases of the ranks' mean CPU time over kernel time>
 measured_over_simulated=<median> worst_case_error=<max |measured / simulated - 1|>
@@ -30,7 +33,6 @@ bf_over_best_other_small_batch=<step of the fastest other schedule / step of the
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -38,6 +40,7 @@ import sys
 import time
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -188,11 +191,20 @@ def run_case(case: dict[str, Any], scale: float, steps: int) -> dict[str, Any]:
             return torch.optim.SGD(self.parameters(), lr=1e-3)
 
     class Clock(pl.Callback):
+        """Wall, CPU and emulated kernel time of each batch, from its start to its end (optimizer step included)."""
+
         def __init__(self) -> None:
-            self.marks: list[tuple[float, float, float]] = []
+            self.spans: list[tuple[float, float, float]] = []
+            self._start = (0.0, 0.0, 0.0)
+
+        def _now(self) -> tuple[float, float, float]:
+            return time.perf_counter(), time.process_time(), SLEPT["kernels"]
 
         def on_train_batch_start(self, *args: Any) -> None:
-            self.marks.append((time.perf_counter(), time.process_time(), SLEPT["kernels"]))
+            self._start = self._now()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.spans.append(tuple(b - a for a, b in zip(self._start, self._now(), strict=True)))  # type: ignore[arg-type]
 
     strategy = BFPPStrategy(
         pipeline_parallel_size=PIPELINE,
@@ -204,7 +216,7 @@ def run_case(case: dict[str, Any], scale: float, steps: int) -> dict[str, Any]:
         timeout=timedelta(seconds=600),
         link_class=EmulatedLink,
     )
-    clock, batches = Clock(), WARMUP + steps + 1
+    clock, batches = Clock(), WARMUP + steps
     from emulated_network import LINEAR_WIDTH
 
     trainer = pl.Trainer(
@@ -220,10 +232,13 @@ def run_case(case: dict[str, Any], scale: float, steps: int) -> dict[str, Any]:
         use_distributed_sampler=False,
     )
     data = [torch.randn(case["M"], LINEAR_WIDTH) for _ in range(batches)]
+    threads = _thread_cpu()
     trainer.fit(Model(), train_dataloaders=DataLoader(data, batch_size=None))
-    marks = clock.marks[WARMUP:]
-    deltas = [[b[k] - a[k] for a, b in itertools.pairwise(marks)] for k in range(3)]
-    mine = {"times": deltas[0], "cpu": statistics.median(deltas[1]), "kernels": statistics.median(deltas[2])}
+    if os.environ.get("BFPP_EMUL_THREADS") and dist.get_rank() == 0:
+        after = _thread_cpu()
+        print("THREADS", sorted(((after[k] - threads.get(k, 0)) / 100, k) for k in after)[-8:], flush=True)
+    deltas = list(zip(*clock.spans[WARMUP:], strict=True))
+    mine = {"times": list(deltas[0]), "cpu": statistics.median(deltas[1]), "kernels": statistics.median(deltas[2])}
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     return {
@@ -234,9 +249,17 @@ def run_case(case: dict[str, Any], scale: float, steps: int) -> dict[str, Any]:
     }
 
 
+def _thread_cpu() -> dict[str, int]:
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        name = (task / "comm").read_text().strip()
+        out[f"{name}-{task.name}"] = int(fields[11]) + int(fields[12])
+    return out
+
+
 def rank_main(cases: list[dict[str, Any]], cfg: dict[str, Any]) -> None:
-    """Runs every case in one launch of 16 processes; rank 0 prints one RESULT line per case (the first fit, a
-    calibration of the host time, is printed as CALIBRATION)."""
+    """Runs every case in one launch of 16 processes; rank 0 prints one RESULT line per case."""
     from emulated_network import Network, install
 
     from lightning_bfpp.plan.specs import ACTIVATION_BYTES
@@ -263,14 +286,22 @@ def rank_main(cases: list[dict[str, Any]], cfg: dict[str, Any]) -> None:
     latency = gloo_latency()
     if dist.get_rank() == 0:
         print("LINKS " + json.dumps({"gloo_latency": latency}), flush=True)
-    for k, case in enumerate([cases[0], *cases]):
-        result = run_case(case, scale, cfg["steps"])
+    profile = cfg.get("profile") if dist.get_rank() == 0 else None
+    for k, case in enumerate(cases):
+        if profile and k == 0:
+            import cProfile
+
+            profiler = cProfile.Profile(time.process_time)
+            result = profiler.runcall(run_case, case, scale, cfg["steps"])
+            profiler.dump_stats(profile)
+        else:
+            result = run_case(case, scale, cfg["steps"])
         if dist.get_rank() == 0:
-            print(("CALIBRATION " if k == 0 else "RESULT ") + json.dumps(result), flush=True)
+            print("RESULT " + json.dumps(result), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
-def launch(cases: list[dict[str, Any]], cfg: dict[str, Any], timeout: float) -> tuple[dict, dict, list[dict]]:
+def launch(cases: list[dict[str, Any]], cfg: dict[str, Any], timeout: float) -> tuple[dict, list[dict]]:
     world = PIPELINE * REPLICAS
     spec = json.dumps({"cases": cases, "cfg": cfg})
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", f"--master-port={free_port()}"]
@@ -280,17 +311,21 @@ def launch(cases: list[dict[str, Any]], cfg: dict[str, Any], timeout: float) -> 
     def parsed(prefix: str) -> list[dict]:
         return [json.loads(line[len(prefix) :]) for line in lines if line.startswith(prefix)]
 
-    links, calibration, results = parsed("LINKS "), parsed("CALIBRATION "), parsed("RESULT ")
-    if code != 0 or not links or not calibration or len(results) != len(cases):
+    links, results = parsed("LINKS "), parsed("RESULT ")
+    if code != 0 or not links or len(results) != len(cases):
         raise RuntimeError(f"launch of {world} ranks failed ({code}):\n{output[-8000:]}")
-    return links[0], calibration[0], results
+    return links[0], results
 
 
-def host_time_per_action(result: dict[str, Any]) -> float:
-    """Mean over ranks of CPU time per step over the actions of the rank's pipeline position."""
-    actions = actions_per_rank(executed_schedule(as_layout(result)))
-    pp = [r // REPLICAS for r in range(PIPELINE * REPLICAS)]  # dp_contiguous: global rank = pp * D + dp
-    return statistics.mean(cpu / actions[pp[r]] for r, cpu in enumerate(result["cpu"]))
+def host_times(results: list[dict[str, Any]]) -> tuple[float, float]:
+    """Host time per step and per action: the least-squares line of every rank's CPU time per step against its
+    actions per step, over every case (CPU time, so the waits and the sleeping kernels do not count)."""
+    points = []
+    for result in results:
+        actions = actions_per_rank(executed_schedule(as_layout(result)))
+        points += [(actions[r // REPLICAS], cpu) for r, cpu in enumerate(result["cpu"])]  # dp_contiguous: pp * D + dp
+    slope, intercept = statistics.linear_regression(*zip(*points, strict=True))
+    return max(intercept, 0.0), max(slope, 0.0)
 
 
 def as_layout(case: dict[str, Any]) -> Layout:
@@ -299,9 +334,11 @@ def as_layout(case: dict[str, Any]) -> Layout:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="0.5 sequence per GPU only, 2 timed steps")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 3, --quick 2)")
-    parser.add_argument("--time-scale", type=float, default=2.0, help="emulated seconds per GPU second (2)")
+    parser.add_argument("--quick", action="store_true", help="0.5 sequence per GPU only")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per case, after one warm-up step (2)")
+    parser.add_argument("--time-scale", type=float, default=2.5, help="emulated seconds per GPU second (2.5)")
+    parser.add_argument("--output", default=None, help="write every case's figures to this JSON file")
+    parser.add_argument("--profile", default=None, help="write a cProfile of rank 0's first measured fit here")
     parser.add_argument("--rank-spec", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -309,7 +346,7 @@ def main() -> None:
         spec = json.loads(args.rank_spec)
         rank_main(spec["cases"], spec["cfg"])
         return
-    cfg = {"steps": args.steps or (2 if args.quick else 3), "time_scale": args.time_scale}
+    cfg = {"steps": args.steps, "time_scale": args.time_scale, "profile": args.profile}
     sizes = SIZES[:1] if args.quick else SIZES
     cases = []
     for size in sizes:
@@ -328,16 +365,16 @@ def main() -> None:
     planned = sum(predict(MODEL, CLUSTER, as_layout(c)).step_time for c in cases) * args.time_scale
     print(
         f"{len(cases)} cases, {cfg['steps']} timed steps each after {WARMUP} warm-up; about "
-        f"{planned * (cfg['steps'] + WARMUP + 1) / 60:.1f} minutes of steps plus a fit's start-up per case",
+        f"{planned * (cfg['steps'] + WARMUP) / 60:.1f} minutes of steps plus a fit's start-up per case",
         flush=True,
     )
     start = time.perf_counter()
-    links, calibration, results = launch(cases, cfg, timeout=3600)
-    host = host_time_per_action(calibration)
+    links, results = launch(cases, cfg, timeout=3600)
+    per_step, host = host_times(results)
     print(
         f"16 ranks, {len(cases)} cases in {time.perf_counter() - start:.0f} s; gloo latency "
-        f"{links['gloo_latency'] * 1e6:.0f} us; host time per action {host * 1e6:.0f} us (CPU per step over actions, "
-        f"mean over ranks, measured in the first fit); time scale {args.time_scale:g}",
+        f"{links['gloo_latency'] * 1e6:.0f} us; host time {host * 1e6:.0f} us per action and {per_step * 1e3:.1f} ms "
+        f"per step (every rank's CPU time per step against its actions, least squares); time scale {args.time_scale:g}",
         flush=True,
     )
     print(
@@ -349,7 +386,7 @@ def main() -> None:
         schedule = executed_schedule(lay)
         r["measured"] = statistics.median(r["times"])
         cost = emulated_cost(lay, args.time_scale, host, links["gloo_latency"])
-        r["simulated"] = simulate(schedule, cost, record_events=False).step_time
+        r["simulated"] = simulate(schedule, cost, record_events=False).step_time + per_step
         r["planner"] = args.time_scale * predict(MODEL, CLUSTER, lay).step_time
         r["host_share"] = statistics.mean(c / k for c, k in zip(r["cpu"], r["kernels"], strict=True) if k > 0)
         print(
@@ -357,6 +394,9 @@ def main() -> None:
             f"{r['measured'] * 1e3:12.1f} {r['simulated'] * 1e3:13.1f} {r['measured'] / r['simulated']:6.3f} "
             f"{r['planner'] * 1e3:11.1f} {statistics.mean(r['cpu']) * 1e3:12.1f} {r['host_share']:11.3f}"
         )
+    if args.output:
+        record = {"time_scale": args.time_scale, "host_per_action": host, "host_per_step": per_step, **links}
+        Path(args.output).write_text(json.dumps({**record, "cases": results}, indent=1))
     ratios = [r["measured"] / r["simulated"] for r in results]
     small = [r for r in results if r["size"] == SIZES[0]]
 
