@@ -232,11 +232,7 @@ def run_case(case: dict[str, Any], scale: float, steps: int) -> dict[str, Any]:
         use_distributed_sampler=False,
     )
     data = [torch.randn(case["M"], LINEAR_WIDTH) for _ in range(batches)]
-    threads = _thread_cpu()
     trainer.fit(Model(), train_dataloaders=DataLoader(data, batch_size=None))
-    if os.environ.get("BFPP_EMUL_THREADS") and dist.get_rank() == 0:
-        after = _thread_cpu()
-        print("THREADS", sorted(((after[k] - threads.get(k, 0)) / 100, k) for k in after)[-8:], flush=True)
     deltas = list(zip(*clock.spans[WARMUP:], strict=True))
     mine = {"times": list(deltas[0]), "cpu": statistics.median(deltas[1]), "kernels": statistics.median(deltas[2])}
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -247,15 +243,6 @@ def run_case(case: dict[str, Any], scale: float, steps: int) -> dict[str, Any]:
         "cpu": [g["cpu"] for g in gathered],
         "kernels": [g["kernels"] for g in gathered],
     }
-
-
-def _thread_cpu() -> dict[str, int]:
-    out = {}
-    for task in Path("/proc/self/task").iterdir():
-        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        name = (task / "comm").read_text().strip()
-        out[f"{name}-{task.name}"] = int(fields[11]) + int(fields[12])
-    return out
 
 
 def rank_main(cases: list[dict[str, Any]], cfg: dict[str, Any]) -> None:
