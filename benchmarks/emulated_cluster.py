@@ -215,8 +215,10 @@ def run_case(case: dict[str, Any], scale: float, steps: int) -> dict[str, Any]:
         rank_layout="dp_contiguous",
         timeout=timedelta(seconds=600),
         link_class=EmulatedLink,
+        timeline_dir=case.get("timeline"),
+        timeline_batches=(WARMUP + steps, WARMUP + steps + 1),  # one more batch, after the timed ones
     )
-    clock, batches = Clock(), WARMUP + steps
+    clock, batches = Clock(), WARMUP + steps + ("timeline" in case)
     from emulated_network import LINEAR_WIDTH
 
     trainer = pl.Trainer(
@@ -233,7 +235,7 @@ def run_case(case: dict[str, Any], scale: float, steps: int) -> dict[str, Any]:
     )
     data = [torch.randn(case["M"], LINEAR_WIDTH) for _ in range(batches)]
     trainer.fit(Model(), train_dataloaders=DataLoader(data, batch_size=None))
-    deltas = list(zip(*clock.spans[WARMUP:], strict=True))
+    deltas = list(zip(*clock.spans[WARMUP : WARMUP + steps], strict=True))
     mine = {"times": list(deltas[0]), "cpu": statistics.median(deltas[1]), "kernels": statistics.median(deltas[2])}
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
@@ -325,6 +327,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per case, after one warm-up step (2)")
     parser.add_argument("--time-scale", type=float, default=2.5, help="emulated seconds per GPU second (2.5)")
     parser.add_argument("--output", default=None, help="write every case's figures to this JSON file")
+    parser.add_argument(
+        "--timeline",
+        default=None,
+        help="write the executed and simulated timelines of breadth-first "
+        "with batched weight gradients at 0.5 sequence per GPU here",
+    )
     parser.add_argument("--profile", default=None, help="write a cProfile of rank 0's first measured fit here")
     parser.add_argument("--rank-spec", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -349,6 +357,8 @@ def main() -> None:
                         "M": best.num_micro_batches,
                     }
                 )
+                if args.timeline and size == SIZES[0] and name == "breadth_first" and weights == "batched":
+                    cases[-1]["timeline"] = str(Path(args.timeline).resolve())
     planned = sum(predict(MODEL, CLUSTER, as_layout(c)).step_time for c in cases) * args.time_scale
     print(
         f"{len(cases)} cases, {cfg['steps']} timed steps each after {WARMUP} warm-up; about "
@@ -374,6 +384,11 @@ def main() -> None:
         r["measured"] = statistics.median(r["times"])
         cost = emulated_cost(lay, args.time_scale, host, links["gloo_latency"])
         r["simulated"] = simulate(schedule, cost, record_events=False).step_time + per_step
+        if "timeline" in r:
+            from lightning_bfpp.plan.simulate import plot_timeline
+
+            title = f"simulated {r['schedule']} batched: P={PIPELINE} L={r['L']} M={r['M']} (one replica)"
+            plot_timeline(simulate(schedule, cost).events, Path(r["timeline"]) / "simulated.png", title)
         r["planner"] = args.time_scale * predict(MODEL, CLUSTER, lay).step_time
         r["host_share"] = statistics.mean(c / k for c, k in zip(r["cpu"], r["kernels"], strict=True) if k > 0)
         print(
