@@ -117,6 +117,7 @@ def emulated_cost(lay: Layout, scale: float, host_time: float = 0.0, extra_laten
         dp_latency=scale * cost.dp_latency,
         dp_bandwidth=cost.dp_bandwidth / scale,
         host_time=host_time,
+        host_blocking=True,  # the sleeping kernels hold the host, as CPU kernels do
     )
 
 
