@@ -1,32 +1,44 @@
-"""The real strategy and executor on 8 to 16 processes with emulated kernels, against the simulator and torch.
+"""The paper's comparison on 16 emulated GPUs: the real strategy and executor, GPU time scale, a stated network.
 
-Each layer's forward and backward sleep a prescribed time (the CPU stays free), on real activation tensors of a
-prescribed size; the transfers between stages and the data-parallel gradient reductions are real gloo traffic. Every
-case trains ``BFPPStrategy`` under the Lightning Trainer (P = 8, 32 layers, L stages per rank, M micro-batches, D
-replicas) and is compared with :func:`lightning_bfpp.plan.simulate.simulate` of the same schedule, given the same kernel
-times, the measured gloo point-to-point latency and bandwidth, and the measured all-reduce time of a stage's
-gradients. The same emulated stages also run under ``torch.distributed.pipelining``'s ``ScheduleLoopedBFS`` and
-``ScheduleInterleaved1F1B`` (D = 1).
+The emulated model is the planner's 52B GPT (64 layers, hidden 8192, sequence 1024) on 2 nodes of 8 A100-class GPUs
+(``python -m lightning_bfpp.plan``'s default cluster: 312 TFLOP/s at 50%, the assumed GPU efficiency curve, 200 GB/s
+inside a node, 25 GB/s across, 10 us latency). Every rank trains ``BFPPStrategy`` under the Lightning Trainer with
+P = 8 pipeline ranks and D = 2 replicas (``rank_layout="dp_contiguous"``, micro-batches of one sequence), 16
+processes in all. What stands in for the GPUs (``emulated_network.py``):
 
-    python benchmarks/emulated_cluster.py            # P=8, L in 1 2 4, M in 4 8 16, D in 1 2
-    python benchmarks/emulated_cluster.py --quick    # P=8, L in 1 2, M in 4 8, D = 1: a few minutes
+- each layer's forward and backward sleep the planner's time for them (``--time-scale`` times longer, so that the
+  host work per action is a small share of each kernel: measured and printed as ``host_share``);
+- the pipeline link runs transfers in NCCL's order (one stream per rank, rendezvous sends) and makes each last the
+  stated network's ``latency + 16 MiB / bandwidth``; the data-parallel all-reduces end no earlier than a ring
+  all-reduce of the stage's float32 gradients would, one after another on the rank's communication stream.
+  The kernels' scale is the only change to the planner's figures: sizes and bandwidths are the planner's.
 
-All ranks share this machine's cores: the kernels sleep, so the CPU time is the host work alone (Python, Lightning,
-gloo), which the simulator counts as free. The last line is ``emulated_ranks=<n> measured_over_simulated=<median>
-worst_case_error=<max relative error> bf_over_df_small_batch=<breadth-first / depth-first step time at M < P>
-vs_torch_loopedbfs=<breadth-first / torch LoopedBFS step time, median over the D = 1 cases>``.
+At 0.5, 1 and 2 sequences per GPU (M = 4, 8, 16 micro-batches per replica), each schedule runs at its best layout as
+the planner predicts it (breadth-first with L > 1 stages per rank; depth-first: 1F1B at M < P, interleaved where M
+is a multiple of P; GPipe), with per-micro-batch and with batched weight gradients. Each case is compared with
+:func:`lightning_bfpp.plan.simulate.simulate` of the same schedule and costs, which also charges the host time per
+action and per step measured on this machine (the least-squares line of every rank's CPU time per step against its
+number of actions) and the gloo latency under the emulated transfers. A step is timed from the start of its batch to
+its end (optimizer step included) on every rank, the longest rank counting, after one warm-up step.
+
+    python benchmarks/emulated_cluster.py            # 3 batch sizes x 3 schedules x 2 weight-gradient modes: ~15 min
+    python benchmarks/emulated_cluster.py --quick    # 0.5 sequence per GPU only: about 4 minutes
+
+The last line is ``emulated_ranks=16 host_share=<largest over cases of the ranks' mean CPU time over kernel time>
+measured_over_simulated=<median> worst_case_error=<max |measured / simulated - 1|>
+bf_over_best_other_small_batch=<step of the fastest other schedule / step of the fastest breadth-first, measured at
+0.5 sequence per GPU> predicted=<the same ratio from the planner's cost model>``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import socket
 import statistics
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -36,132 +48,142 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
-from launch import bounded_run  # bounded; at the bound it kills every process the launch started
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from bench_launch import bounded_run, free_port  # bounded; at the bound it kills every process the launch started
 
-PIPELINE, LAYERS, WARMUP = 8, 32, 2
+from lightning_bfpp.plan.cost_model import CostModel
+from lightning_bfpp.plan.schedule import GROUP_END, Schedule
+from lightning_bfpp.plan.search import predict
+from lightning_bfpp.plan.simulate import simulate
+from lightning_bfpp.plan.specs import GRAD_BYTES, ClusterSpec, Layout, ModelSpec, cost_model
+
+PIPELINE, REPLICAS, GPUS_PER_NODE, WARMUP = 8, 2, 8, 1
+SIZES = (0.5, 1.0, 2.0)  # sequences per GPU
 SCHEDULES = ("breadth_first", "depth_first", "gpipe")
-TORCH_SCHEDULES = ("torch_loopedbfs", "torch_interleaved1f1b")
+WEIGHT_GRADIENTS = ("per_micro_batch", "batched")
+MODEL = ModelSpec.from_params(52e9)
+CLUSTER = ClusterSpec(nodes=PIPELINE * REPLICAS // GPUS_PER_NODE, gpus_per_node=GPUS_PER_NODE)
 
 
-SLEPT = {"forward": [0.0, 0], "backward": [0.0, 0]}  # seconds and count of this process's emulated kernels
+# ------------------------------------------------------------------------------------------------ the plan
+def micro_batches(size: float) -> int:
+    return round(size * PIPELINE)  # size x P x D sequences over D replicas, one sequence per micro-batch
 
 
-def _sleep(kind: str, seconds: float) -> None:
-    start = time.perf_counter()
-    time.sleep(seconds)
-    SLEPT[kind][0] += time.perf_counter() - start
-    SLEPT[kind][1] += 1
+def layout(schedule: str, stages_per_rank: int, num_micro_batches: int, weight_gradients: str) -> Layout:
+    return Layout(
+        schedule, PIPELINE, stages_per_rank, REPLICAS, 1, num_micro_batches, weight_gradients=weight_gradients
+    )
 
 
-class _Sleep(torch.autograd.Function):
-    """Identity on the activations that waits ``forward_s`` / ``backward_s`` without using the CPU."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, forward_s: float, backward_s: float) -> Tensor:
-        ctx.backward_s = backward_s
-        ctx.weight_shape = weight.shape
-        _sleep("forward", forward_s)
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        _sleep("backward", ctx.backward_s)
-        return grad, grad.new_zeros(ctx.weight_shape), None, None
+def best_layout(schedule: str, num_micro_batches: int, weight_gradients: str) -> Layout:
+    """The planner's fastest layout of ``schedule``: breadth-first with L > 1, depth-first with L = 1 (1F1B) or any L
+    where M is a multiple of P, GPipe with L = 1."""
+    if schedule == "breadth_first":
+        options = [L for L in (2, 4, 8)]
+    elif schedule == "depth_first":
+        options = [1] + ([2, 4, 8] if num_micro_batches % PIPELINE == 0 else [])
+    else:
+        options = [1]
+    candidates = [layout(schedule, L, num_micro_batches, weight_gradients) for L in options]
+    return min(candidates, key=lambda c: predict(MODEL, CLUSTER, c).step_time)
 
 
-def executed_kernel_ms() -> dict[str, float]:
-    """The mean time one emulated layer's forward and backward took, over every rank (a sleep wakes up late on a
-    loaded machine), since the last call."""
-    mine = {kind: (total, count) for kind, (total, count) in SLEPT.items()}
-    for kind in SLEPT:
-        SLEPT[kind] = [0.0, 0]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return {kind: 1e3 * sum(g[kind][0] for g in gathered) / max(1, sum(g[kind][1] for g in gathered)) for kind in mine}
+def executed_schedule(lay: Layout) -> Schedule:
+    """The schedule the strategy runs for ``lay`` (``StagePipeline``'s own)."""
+    from lightning_bfpp.options import PipelineOptions
+    from lightning_bfpp.run.pipeline import step_schedule
+
+    options = PipelineOptions.build(
+        None,
+        pipeline_parallel_size=PIPELINE,
+        stages_per_rank=lay.stages_per_rank,
+        micro_batches=lay.num_micro_batches,
+        schedule=lay.schedule if (lay.schedule, lay.stages_per_rank) != ("depth_first", 1) else "1f1b",
+        weight_gradients=lay.weight_gradients,
+    )
+    return step_schedule(options, PIPELINE, lay.num_micro_batches)
 
 
-class EmulatedLayer(nn.Module):
-    """A layer whose kernels take a prescribed time; ``params`` parameters give its gradients a real size."""
-
-    def __init__(self, params: int, forward_s: float, backward_s: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(params))
-        self.forward_s, self.backward_s = forward_s, backward_s
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _Sleep.apply(x, self.weight, self.forward_s, self.backward_s)
-
-
-def make_layers(cfg: dict[str, Any]) -> list[nn.Module]:
-    return [
-        EmulatedLayer(cfg["layer_params"], cfg["forward_ms"] * 1e-3, cfg["backward_ms"] * 1e-3) for _ in range(LAYERS)
-    ]
+def emulated_cost(lay: Layout, scale: float, host_time: float = 0.0, extra_latency: float = 0.0) -> CostModel:
+    """The planner's cost model of ``lay`` on the emulated clock (times ``scale``), with ``host_time`` per action and
+    ``extra_latency`` (the real gloo latency under each emulated transfer)."""
+    cost = cost_model(MODEL, CLUSTER, lay)
+    return replace(
+        cost,
+        forward_time=[scale * f for f in cost.forward_time],  # type: ignore[union-attr]
+        p2p_latency=scale * cost.p2p_latency + extra_latency,
+        p2p_bandwidth=[b / scale for b in cost.p2p_bandwidth],  # type: ignore[union-attr]
+        dp_latency=scale * cost.dp_latency,
+        dp_bandwidth=cost.dp_bandwidth / scale,
+        host_time=host_time,
+        host_blocking=True,  # the sleeping kernels hold the host, as CPU kernels do
+    )
 
 
-def make_batch(cfg: dict[str, Any], micro_batches: int) -> tuple[Tensor, Tensor]:
-    x = torch.randn(micro_batches * cfg["rows"], cfg["width"])
-    return x, torch.zeros_like(x)
+def actions_per_rank(schedule: Schedule) -> list[int]:
+    return [sum(a != GROUP_END for a in actions) for actions in schedule.actions]
 
 
 # ------------------------------------------------------------------------------------------------ inside a rank
-def measure_links(dp: int) -> dict[str, float]:
-    """gloo ping-pong latency and bandwidth between global ranks 0 and 1, and the all-reduce time of one layer's
-    gradients over ``dp`` ranks (0 when ``dp == 1``); medians, as seen from rank 0."""
-    rank, cfg = dist.get_rank(), CONFIG
-    out: dict[str, float] = {}
-    for name, numel in (("small", 1), ("large", cfg["rows"] * cfg["width"])):
-        buf, trips = torch.zeros(numel), []
-        dist.barrier()
-        for _ in range(100 if rank < 2 else 0):  # the median one-way time: a loaded machine has long outliers
-            start = time.perf_counter()
-            if rank == 0:
-                dist.send(buf, 1)
-                dist.recv(buf, 1)
-            else:
-                dist.recv(buf, 0)
-                dist.send(buf, 0)
-            trips.append((time.perf_counter() - start) / 2)
-        out[name] = statistics.median(trips) if trips else 0.0
-    out["allreduce"] = 0.0
-    if dp > 1:
-        groups = [dist.new_group(list(range(r, r + dp))) for r in range(0, dist.get_world_size(), dp)]
-        group = groups[rank // dp]
-        grads = torch.zeros(cfg["layer_params"])
-        times = []
-        dist.barrier()
-        for _ in range(20):
-            start = time.perf_counter()
-            dist.all_reduce(grads, group=group)
-            times.append(time.perf_counter() - start)
-        out["allreduce"] = statistics.median(times)
-    return {
-        "latency": out["small"],
-        "bandwidth": (cfg["rows"] * cfg["width"] - 1) * 4 / max(out["large"] - out["small"], 1e-9),
-        "allreduce": out["allreduce"],
-    }
+def emulated_layers(scale: float) -> list[nn.Module]:
+    """The 64 layers, the embedding's parameters with the first and the logits' (time and parameters) with the last."""
+    from emulated_network import LINEAR_WIDTH, EmulatedLayer
+
+    cost = cost_model(MODEL, CLUSTER, layout("gpipe", 1, 1, "batched"))
+    per_stage = MODEL.layers // PIPELINE
+    layer_s = cost.forward_time[0] / per_stage  # type: ignore[index]
+    head_s = cost.forward_time[-1] - cost.forward_time[0]  # type: ignore[index]
+    params_per_element = MODEL.layer_params / LINEAR_WIDTH**2
+    layers = []
+    for i in range(MODEL.layers):
+        forward = layer_s + (head_s if i == MODEL.layers - 1 else 0.0)
+        extra = MODEL.embedding_params if i == 0 else MODEL.vocab * MODEL.hidden if i == MODEL.layers - 1 else 0
+
+        def batched(n: int, weight: float = forward) -> float:
+            return scale * cost.batched_weight_grad_time(weight, n)
+
+        layers.append(
+            EmulatedLayer(
+                scale * forward, 2 * scale * forward, scale * forward, batched, round(extra / params_per_element)
+            )
+        )
+    return layers
 
 
-def run_bfpp(
-    schedule: str, stages_per_rank: int, micro_batches: int, dp: int, timeline: str | None
-) -> tuple[list[float], list[float]]:
-    """Wall-clock and CPU (rank 0's process) seconds of the timed steps."""
+def gloo_latency() -> float:
+    """Median one-way time of a small gloo message between ranks 0 and 1 (ping-pong)."""
+    rank, buf, trips = dist.get_rank(), torch.zeros(1), []
+    dist.barrier()
+    for _ in range(50 if rank < 2 else 0):
+        start = time.perf_counter()
+        if rank == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        else:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+        trips.append((time.perf_counter() - start) / 2)
+    return statistics.median(trips) if trips else 0.0
+
+
+def run_case(case: dict[str, Any], scale: float, steps: int) -> dict[str, Any]:
+    """One fit; per rank: the timed steps' wall times, CPU time and emulated kernel time per step."""
     import lightning.pytorch as pl
+    from emulated_network import SLEPT, EmulatedLink
 
     from lightning_bfpp import BFPPStrategy, PipelineModule
-
-    cfg = CONFIG
 
     class Model(PipelineModule):
         def __init__(self) -> None:
             super().__init__()
-            self.layers = nn.ModuleList(make_layers(cfg))
+            self.layers = nn.ModuleList(emulated_layers(scale))
 
         def pipeline_layers(self) -> nn.ModuleList:
             return self.layers
 
         def pipeline_input(self, batch: Any) -> Tensor:
-            return batch[0]
+            return batch
 
         def pipeline_loss(self, outputs: Tensor, batch: Any) -> Tensor:
             return outputs.mean()
@@ -169,278 +191,228 @@ def run_bfpp(
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=1e-3)
 
-    class StepStarts(pl.Callback):
+    class Clock(pl.Callback):
+        """Wall, CPU and emulated kernel time of each batch, from its start to its end (optimizer step included)."""
+
         def __init__(self) -> None:
-            self.starts: list[float] = []
-            self.cpu: list[float] = []
+            self.spans: list[tuple[float, float, float]] = []
+            self._start = (0.0, 0.0, 0.0)
+
+        def _now(self) -> tuple[float, float, float]:
+            return time.perf_counter(), time.process_time(), SLEPT["kernels"]
 
         def on_train_batch_start(self, *args: Any) -> None:
-            self.starts.append(time.perf_counter())
-            self.cpu.append(time.process_time())
+            self._start = self._now()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.spans.append(tuple(b - a for a, b in zip(self._start, self._now(), strict=True)))  # type: ignore[arg-type]
 
     strategy = BFPPStrategy(
         pipeline_parallel_size=PIPELINE,
-        stages_per_rank=stages_per_rank,
-        micro_batches=micro_batches,
-        schedule=schedule,
-        timeout=timedelta(seconds=300),
-        timeline_dir=timeline,
-        timeline_batches=(WARMUP, WARMUP + 1),
+        stages_per_rank=case["L"],
+        micro_batches=case["M"],
+        schedule=case["schedule"] if (case["schedule"], case["L"]) != ("depth_first", 1) else "1f1b",
+        weight_gradients=case["weight_gradients"],
+        rank_layout="dp_contiguous",
+        timeout=timedelta(seconds=600),
+        link_class=EmulatedLink,
+        timeline_dir=case.get("timeline"),
+        timeline_batches=(WARMUP + steps, WARMUP + steps + 1),  # one more batch, after the timed ones
     )
-    timer = StepStarts()
-    steps = cfg["steps"] + WARMUP + 1
+    clock, batches = Clock(), WARMUP + steps + ("timeline" in case)
+    from emulated_network import LINEAR_WIDTH
+
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=PIPELINE * dp,
+        devices=PIPELINE * REPLICAS,
         strategy=strategy,
-        max_steps=steps,
+        max_steps=batches,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[clock],
         use_distributed_sampler=False,
     )
-    data = [make_batch(cfg, micro_batches) for _ in range(steps)]
+    data = [torch.randn(case["M"], LINEAR_WIDTH) for _ in range(batches)]
     trainer.fit(Model(), train_dataloaders=DataLoader(data, batch_size=None))
-    wall = [b - a for a, b in zip(timer.starts[WARMUP:], timer.starts[WARMUP + 1 :], strict=False)]
-    return wall, [b - a for a, b in zip(timer.cpu[WARMUP:], timer.cpu[WARMUP + 1 :], strict=False)]
+    deltas = list(zip(*clock.spans[WARMUP : WARMUP + steps], strict=True))
+    mine = {"times": list(deltas[0]), "cpu": statistics.median(deltas[1]), "kernels": statistics.median(deltas[2])}
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {
+        **case,
+        "times": [max(g["times"][i] for g in gathered) for i in range(len(mine["times"]))],
+        "cpu": [g["cpu"] for g in gathered],
+        "kernels": [g["kernels"] for g in gathered],
+    }
 
 
-def run_torch(name: str, stages_per_rank: int, micro_batches: int) -> list[float]:
-    from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B, ScheduleLoopedBFS
+def rank_main(cases: list[dict[str, Any]], cfg: dict[str, Any]) -> None:
+    """Runs every case in one launch of 16 processes; rank 0 prints one RESULT line per case."""
+    from emulated_network import Network, install
 
-    cfg = CONFIG
-    rank, world = dist.get_rank(), dist.get_world_size()
-    layers = make_layers(cfg)
-    num_stages = world * stages_per_rank
-    size = LAYERS // num_stages
-    stages, params = [], []
-    for s in range(rank, num_stages, world):
-        module = nn.Sequential(*layers[s * size : (s + 1) * size])
-        params += list(module.parameters())
-        stages.append(PipelineStage(module, s, num_stages, torch.device("cpu")))
-    schedule_cls = ScheduleLoopedBFS if name == "torch_loopedbfs" else ScheduleInterleaved1F1B
-    schedule = schedule_cls(stages, n_microbatches=micro_batches, loss_fn=lambda out, target: out.mean())
-    optimizer = torch.optim.SGD(params, lr=1e-3)
-    starts = []
-    for _ in range(cfg["steps"] + WARMUP + 1):
-        x, y = make_batch(cfg, micro_batches)
-        starts.append(time.perf_counter())
-        optimizer.zero_grad()
-        if rank == 0:
-            schedule.step(x, target=y)
-        elif rank == world - 1:
-            schedule.step(target=y)
+    from lightning_bfpp.plan.specs import ACTIVATION_BYTES
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    scale = cfg["time_scale"]
+    cost = cost_model(MODEL, CLUSTER, layout("gpipe", 1, 1, "batched"))
+    from emulated_network import LINEAR_WIDTH
+
+    install(
+        Network(
+            time_scale=scale,
+            p2p_latency=CLUSTER.latency_us * 1e-6,
+            boundary_bytes=ACTIVATION_BYTES * MODEL.seq_len * MODEL.hidden,
+            intra_node_bandwidth=CLUSTER.intra_node_gbps * 1e9,
+            inter_node_bandwidth=CLUSTER.inter_node_gbps * 1e9,
+            gpus_per_node=GPUS_PER_NODE,
+            dp_size=REPLICAS,
+            dp_latency=cost.dp_latency,
+            dp_bandwidth=cost.dp_bandwidth,
+            grad_bytes_per_element=GRAD_BYTES * MODEL.layer_params / LINEAR_WIDTH**2,
+        )
+    )
+    latency = gloo_latency()
+    if dist.get_rank() == 0:
+        print("LINKS " + json.dumps({"gloo_latency": latency}), flush=True)
+    profile = cfg.get("profile") if dist.get_rank() == 0 else None
+    for k, case in enumerate(cases):
+        if profile and k == 0:
+            import cProfile
+
+            profiler = cProfile.Profile(time.process_time)
+            result = profiler.runcall(run_case, case, scale, cfg["steps"])
+            profiler.dump_stats(profile)
         else:
-            schedule.step()
-        optimizer.step()
-    dist.barrier()
-    return [b - a for a, b in zip(starts[WARMUP:], starts[WARMUP + 1 :], strict=False)]
-
-
-def rank_main(cases: list[dict[str, Any]], dp: int) -> None:
-    """Runs every case in this process group (one launch); rank 0 prints one RESULT line per case."""
-    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
-    rank = dist.get_rank()
-    links = measure_links(dp)
-    if rank == 0:
-        print("LINKS " + json.dumps(links), flush=True)
-    for case in [{**cases[0], "warm_up": True}, *cases]:  # the first fit of a launch is slower: not counted
-        executed_kernel_ms()
-        try:
-            result: dict[str, Any] = dict(case)
-            if case["schedule"].startswith("torch"):
-                result["times"] = run_torch(case["schedule"], case["L"], case["M"])
-            else:
-                timeline = None if case.get("warm_up") else case.get("timeline")
-                result["times"], result["cpu"] = run_bfpp(case["schedule"], case["L"], case["M"], dp, timeline)
-            result["executed_ms"] = executed_kernel_ms()
-        except Exception as error:  # a schedule a peer does not support: recorded, the launch goes on
-            result = {**case, "error": f"{type(error).__name__}: {error}"[:300]}
-            dist.barrier()
-        if rank == 0 and not case.get("warm_up"):
+            result = run_case(case, scale, cfg["steps"])
+        if dist.get_rank() == 0:
             print("RESULT " + json.dumps(result), flush=True)
 
 
-CONFIG: dict[str, Any] = {}
-
-
 # ------------------------------------------------------------------------------------------------ orchestration
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(cases: list[dict[str, Any]], dp: int, cfg: dict[str, Any], timeout: float) -> tuple[dict, list[dict]]:
-    """One launch of ``P * dp`` processes running ``cases``; returns the measured links and one result per case."""
-    world = PIPELINE * dp
-    spec = json.dumps({"cases": cases, "dp": dp, "cfg": cfg})
+def launch(cases: list[dict[str, Any]], cfg: dict[str, Any], timeout: float) -> tuple[dict, list[dict]]:
+    world = PIPELINE * REPLICAS
+    spec = json.dumps({"cases": cases, "cfg": cfg})
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", f"--master-port={free_port()}"]
-    cmd += [__file__, "--rank-spec", spec]
-    code, output = bounded_run(cmd, timeout)
+    code, output = bounded_run([*cmd, __file__, "--rank-spec", spec], timeout)
     lines = output.splitlines()
-    results = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
-    links = [json.loads(line[6:]) for line in lines if line.startswith("LINKS ")]
-    if code != 0 or not links:
+
+    def parsed(prefix: str) -> list[dict]:
+        return [json.loads(line[len(prefix) :]) for line in lines if line.startswith(prefix)]
+
+    links, results = parsed("LINKS "), parsed("RESULT ")
+    if code != 0 or not links or len(results) != len(cases):
         raise RuntimeError(f"launch of {world} ranks failed ({code}):\n{output[-8000:]}")
     return links[0], results
 
 
-def simulated(case: dict[str, Any], dp: int, links: dict[str, float], cfg: dict[str, Any], events: bool = False) -> Any:
-    """:func:`~lightning_bfpp.plan.simulate.simulate` of ``case`` with ``cfg``'s kernel times and the measured links."""
-    from lightning_bfpp.plan.schedule import build_schedule
-    from lightning_bfpp.plan.simulate import CostModel, simulate
+def host_times(results: list[dict[str, Any]]) -> tuple[float, float]:
+    """Host time per step and per action: the least-squares line of every rank's CPU time per step against its
+    actions per step, over every case (CPU time, so the waits and the sleeping kernels do not count)."""
+    points = []
+    for result in results:
+        actions = actions_per_rank(executed_schedule(as_layout(result)))
+        points += [(actions[r // REPLICAS], cpu) for r, cpu in enumerate(result["cpu"])]  # dp_contiguous: pp * D + dp
+    slope, intercept = statistics.linear_regression(*zip(*points, strict=True))
+    return max(intercept, 0.0), max(slope, 0.0)
 
-    layers_per_stage = LAYERS // (PIPELINE * case["L"])
-    cost = CostModel(
-        forward_time=layers_per_stage * cfg["forward_ms"] * 1e-3,
-        backward_time=layers_per_stage * cfg["backward_ms"] * 1e-3,
-        boundary_bytes=cfg["rows"] * cfg["width"] * 4,
-        p2p_latency=links["latency"],
-        p2p_bandwidth=links["bandwidth"],
-        stage_params=layers_per_stage * cfg["layer_params"],
-        dp_size=dp,
-        dp_latency=layers_per_stage * links["allreduce"],  # with infinite bandwidth the all-reduce takes the latency
-        grad_bytes=4,
-    )
-    schedule = build_schedule(case["schedule"], PIPELINE, case["L"], case["M"])
-    return simulate(schedule, cost, record_events=events)
+
+def as_layout(case: dict[str, Any]) -> Layout:
+    return layout(case["schedule"], case["L"], case["M"], case["weight_gradients"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="L in 1 2, M in 4 8, D = 1")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after 2 warm-up steps)")
-    parser.add_argument("--forward-ms", type=float, default=2.0, help="emulated forward time of one layer")
-    parser.add_argument("--backward-ms", type=float, default=4.0, help="emulated backward time of one layer")
-    parser.add_argument("--rows", type=int, default=4, help="rows of one micro-batch's activation")
-    parser.add_argument("--width", type=int, default=1024, help="columns of the activation (float32)")
-    parser.add_argument("--layer-params", type=int, default=65536, help="parameters of one layer")
-    parser.add_argument("--timeline", default=None, help="write the executed timeline of breadth-first L=2 M=8 here")
+    parser.add_argument("--quick", action="store_true", help="0.5 sequence per GPU only")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per case, after one warm-up step (2)")
+    parser.add_argument("--time-scale", type=float, default=2.5, help="emulated seconds per GPU second (2.5)")
+    parser.add_argument("--output", default=None, help="write every case's figures to this JSON file")
+    parser.add_argument(
+        "--timeline",
+        default=None,
+        help="write the executed and simulated timelines of breadth-first "
+        "with batched weight gradients at 0.5 sequence per GPU here",
+    )
+    parser.add_argument("--profile", default=None, help="write a cProfile of rank 0's first measured fit here")
     parser.add_argument("--rank-spec", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.rank_spec is not None:
         spec = json.loads(args.rank_spec)
-        CONFIG.update(spec["cfg"])
-        rank_main(spec["cases"], spec["dp"])
+        rank_main(spec["cases"], spec["cfg"])
         return
-    cfg = {
-        "steps": args.steps,
-        "forward_ms": args.forward_ms,
-        "backward_ms": args.backward_ms,
-        "rows": args.rows,
-        "width": args.width,
-        "layer_params": args.layer_params,
-    }
-    Ls, Ms, Ds = ((1, 2), (4, 8), (1,)) if args.quick else ((1, 2, 4), (4, 8, 16), (1, 2))
-    rows: list[dict[str, Any]] = []
-    for dp in Ds:
-        cases = []
-        for L, M in itertools.product(Ls, Ms):
-            names = SCHEDULES + (TORCH_SCHEDULES if dp == 1 else ())
-            for name in names:
-                if (name == "gpipe" and L > 1) or (name == "depth_first" and L > 1 and M % PIPELINE):
-                    continue  # GPipe: one stage per rank; interleaved depth-first: M a multiple of P
-                case: dict[str, Any] = {"schedule": name, "L": L, "M": M}
-                if args.timeline and dp == 1 and name == "breadth_first" and L == 2 and M == 8:
-                    case["timeline"] = str(Path(args.timeline).resolve())
-                cases.append(case)
-        start = time.perf_counter()
-        links, results = launch(cases, dp, cfg, timeout=3600)
+    cfg = {"steps": args.steps, "time_scale": args.time_scale, "profile": args.profile}
+    sizes = SIZES[:1] if args.quick else SIZES
+    cases = []
+    for size in sizes:
+        for name in SCHEDULES:
+            for weights in WEIGHT_GRADIENTS:
+                best = best_layout(name, micro_batches(size), weights)
+                cases.append(
+                    {
+                        "size": size,
+                        "schedule": name,
+                        "weight_gradients": weights,
+                        "L": best.stages_per_rank,
+                        "M": best.num_micro_batches,
+                    }
+                )
+                if args.timeline and size == SIZES[0] and name == "breadth_first" and weights == "batched":
+                    cases[-1]["timeline"] = str(Path(args.timeline).resolve())
+    planned = sum(predict(MODEL, CLUSTER, as_layout(c)).step_time for c in cases) * args.time_scale
+    print(
+        f"{len(cases)} cases, {cfg['steps']} timed steps each after {WARMUP} warm-up; about "
+        f"{planned * (cfg['steps'] + WARMUP) / 60:.1f} minutes of steps plus a fit's start-up per case",
+        flush=True,
+    )
+    start = time.perf_counter()
+    links, results = launch(cases, cfg, timeout=3600)
+    per_step, host = host_times(results)
+    print(
+        f"16 ranks, {len(cases)} cases in {time.perf_counter() - start:.0f} s; gloo latency "
+        f"{links['gloo_latency'] * 1e6:.0f} us; host time {host * 1e6:.0f} us per action and {per_step * 1e3:.1f} ms "
+        f"per step (every rank's CPU time per step against its actions, least squares); time scale {args.time_scale:g}",
+        flush=True,
+    )
+    print(
+        f"\n{'seq/GPU':>7s} {'schedule':14s} {'weight grads':16s} {'L':>2s} {'M':>3s} {'measured ms':>12s} "
+        f"{'simulated ms':>13s} {'ratio':>6s} {'planner ms':>11s} {'CPU ms/step':>12s} {'host share':>11s}"
+    )
+    for r in results:
+        lay = as_layout(r)
+        schedule = executed_schedule(lay)
+        r["measured"] = statistics.median(r["times"])
+        cost = emulated_cost(lay, args.time_scale, host, links["gloo_latency"])
+        r["simulated"] = simulate(schedule, cost, record_events=False).step_time + per_step
+        if "timeline" in r:
+            from lightning_bfpp.plan.simulate import plot_timeline
+
+            title = f"simulated {r['schedule']} batched: P={PIPELINE} L={r['L']} M={r['M']} (one replica)"
+            plot_timeline(simulate(schedule, cost).events, Path(r["timeline"]) / "simulated.png", title)
+        r["planner"] = args.time_scale * predict(MODEL, CLUSTER, lay).step_time
+        r["host_share"] = statistics.mean(c / k for c, k in zip(r["cpu"], r["kernels"], strict=True) if k > 0)
         print(
-            f"D={dp}: {PIPELINE * dp} ranks, {len(cases)} cases in {time.perf_counter() - start:.0f} s; gloo latency "
-            f"{links['latency'] * 1e6:.0f} us, bandwidth {links['bandwidth'] / 1e9:.2f} GB/s, layer all-reduce "
-            f"{links['allreduce'] * 1e6:.0f} us",
-            flush=True,
+            f"{r['size']:7.1f} {r['schedule']:14s} {r['weight_gradients']:16s} {r['L']:2d} {r['M']:3d} "
+            f"{r['measured'] * 1e3:12.1f} {r['simulated'] * 1e3:13.1f} {r['measured'] / r['simulated']:6.3f} "
+            f"{r['planner'] * 1e3:11.1f} {statistics.mean(r['cpu']) * 1e3:12.1f} {r['host_share']:11.3f}"
         )
-        for result in results:
-            result["D"] = dp
-            if "error" not in result:
-                result["measured"] = statistics.median(result["times"])
-                if not result["schedule"].startswith("torch"):
-                    result["simulated"] = simulated(result, dp, links, cfg).step_time
-                    executed = result["executed_ms"]
-                    as_run = {**cfg, "forward_ms": executed["forward"], "backward_ms": executed["backward"]}
-                    result["simulated_as_run"] = simulated(result, dp, links, as_run).step_time
-                    result["cpu_step"] = statistics.median(result["cpu"])
-                if "timeline" in result:
-                    from lightning_bfpp.plan.simulate import plot_timeline
+    if args.output:
+        record = {"time_scale": args.time_scale, "host_per_action": host, "host_per_step": per_step, **links}
+        Path(args.output).write_text(json.dumps({**record, "cases": results}, indent=1))
+    ratios = [r["measured"] / r["simulated"] for r in results]
+    small = [r for r in results if r["size"] == SIZES[0]]
 
-                    title = f"simulated breadth_first: P={PIPELINE} L={result['L']} M={result['M']}"
-                    events = simulated(result, dp, links, cfg, events=True).events
-                    plot_timeline(events, Path(result["timeline"]) / "simulated.png", title)
-            rows.append(result)
+    def advantage(key: str) -> float:
+        bf = min(r[key] for r in small if r["schedule"] == "breadth_first")
+        return min(r[key] for r in small if r["schedule"] != "breadth_first") / bf
+
     print(
-        f"\n{'schedule':22s} {'L':>2s} {'M':>3s} {'D':>2s} {'measured ms':>12s} {'simulated ms':>13s} {'ratio':>6s}"
-        f" {'extra ms/action':>16s} {'rank 0 CPU ms':>14s} {'kernels as run F/B ms':>22s} {'ratio as run':>13s}"
+        f"emulated_ranks={PIPELINE * REPLICAS} host_share={max(r['host_share'] for r in results):.3f} "
+        f"measured_over_simulated={statistics.median(ratios):.3f} worst_case_error="
+        f"{max(abs(x - 1) for x in ratios):.3f} bf_over_best_other_small_batch={advantage('measured'):.3f} "
+        f"predicted={advantage('planner'):.3f}"
     )
-    for r in rows:
-        if "error" in r:
-            print(f"{r['schedule']:22s} {r['L']:2d} {r['M']:3d} {r['D']:2d}  not run: {r['error'][:80]}")
-            continue
-        line = f"{r['schedule']:22s} {r['L']:2d} {r['M']:3d} {r['D']:2d} {r['measured'] * 1e3:12.1f}"
-        if "simulated" in r:
-            extra = (r["measured"] - r["simulated"]) / (2 * r["L"] * r["M"])  # per compute action of a rank
-            line += f" {r['simulated'] * 1e3:13.1f} {r['measured'] / r['simulated']:6.3f} {extra * 1e3:16.2f}"
-            line += f" {r['cpu_step'] * 1e3:14.1f}"
-            executed = r["executed_ms"]
-            line += f" {executed['forward']:10.2f} / {executed['backward']:<9.2f}"
-            line += f" {r['measured'] / r['simulated_as_run']:13.3f}"
-        print(line)
-    ok = [r for r in rows if "simulated" in r]
-    ratios = [r["measured"] / r["simulated"] for r in ok]
-    worst = max(abs(x - 1) for x in ratios)
-
-    def step(schedule: str, L: int, M: int, D: int) -> float | None:
-        for r in rows:
-            if (r["schedule"], r["L"], r["M"], r["D"]) == (schedule, L, M, D) and "measured" in r:
-                return r["measured"]
-        return None
-
-    def ratio_over(other: str, keep: Any) -> float:
-        pairs = []
-        for r in rows:
-            if r["schedule"] == "breadth_first" and "measured" in r and keep(r):
-                theirs = step(other, r["L"], r["M"], r["D"])
-                if theirs:
-                    pairs.append(r["measured"] / theirs)
-        return statistics.median(pairs) if pairs else float("nan")
-
-    as_run = [r["measured"] / r["simulated_as_run"] for r in ok]
-    fwd, bwd = (statistics.median(r["executed_ms"][kind] for r in ok) for kind in ("forward", "backward"))
-    print(
-        f"one emulated layer as run, median over cases: forward {fwd:.2f} ms (prescribed {cfg['forward_ms']}),"
-        f" backward {bwd:.2f} ms (prescribed {cfg['backward_ms']})"
-    )
-    print(
-        f"measured over simulated with the kernels as run: median {statistics.median(as_run):.3f},"
-        f" worst error {max(abs(x - 1) for x in as_run):.3f}"
-    )
-    agree, pairs = _ranking(ok)
-    print(f"schedule pairs the simulator separates by more than 5%: the measured order agrees in {agree} of {pairs}")
-    bf_df = ratio_over("depth_first", lambda r: r["M"] < PIPELINE)
-    vs_torch = ratio_over("torch_loopedbfs", lambda r: r["D"] == 1)
-    print(
-        f"emulated_ranks={PIPELINE * max(Ds)} measured_over_simulated={statistics.median(ratios):.3f} "
-        f"worst_case_error={worst:.3f} bf_over_df_small_batch={bf_df:.3f} vs_torch_loopedbfs={vs_torch:.3f}"
-    )
-
-
-def _ranking(rows: list[dict[str, Any]]) -> tuple[int, int]:
-    """Pairs of schedules of one (L, M, D) whose simulated step times differ by more than 5%, and how many of them
-    the measurement orders the same way."""
-    agree = pairs = 0
-    for a, b in itertools.combinations(rows, 2):
-        if (a["L"], a["M"], a["D"]) != (b["L"], b["M"], b["D"]):
-            continue
-        if abs(a["simulated"] - b["simulated"]) <= 0.05 * min(a["simulated"], b["simulated"]):
-            continue
-        pairs += 1
-        agree += (a["simulated"] < b["simulated"]) == (a["measured"] < b["measured"])
-    return agree, pairs
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ against ``strategy="auto"`` side by side, plus one fit per option that only runs
 
     python benchmarks/gpu_check.py            # one CUDA device, NCCL: under 8 minutes on one H100/H200
     python benchmarks/gpu_check.py --cpu --quick   # the same checks on CPU with gloo and a tiny GPT (the test suite)
+    python benchmarks/gpu_check.py --devices N     # breadth-first against 1F1B on N GPUs, measured and predicted
+    python benchmarks/gpu_check.py --devices 2 --cpu --quick   # the same comparison on 2 CPU processes (gloo)
 
 Checks (one line each, ``check <name>: ok ...`` or ``check <name>: FAILED <reason>``):
 
@@ -16,6 +18,9 @@ Checks (one line each, ``check <name>: ok ...`` or ``check <name>: FAILED <reaso
 - ``sharding_full``, ``weight_gradients_batched``, ``activation_checkpointing_layer``, ``timeline``: one fit each
   that must end with finite losses (the timeline: ``timeline.json`` and ``timeline.png`` written).
 - ``fp16_losses``: ``16-mixed`` (loss scaling) against ``auto``'s ``16-mixed`` losses within ``rtol=2e-2``.
+
+``--devices N`` runs only the pipeline comparison of ``gpu_compare.py`` (one process per device, torchrun) instead of
+the checks; its last line is ``gpu_compare devices=<N> bf_over_1f1b=<measured> predicted=<simulated> ...``.
 
 The process exits non-zero if a check failed. The last line is
 ``gpu_check passed=<k>/<n> bfpp_over_auto_tokens=<x> bfpp_over_auto_peak_memory=<y> host_syncs_per_step=<n>``
@@ -218,11 +223,25 @@ class Checker:
         return "4 steps, finite losses, timeline.json and timeline.png written"
 
 
+def compare_on_devices(devices: int, cpu: bool, quick: bool) -> int:
+    """``--devices N``: breadth-first (L = 2) against 1F1B at M = P / 2 on N devices (``gpu_compare.py``)."""
+    if not cpu and torch.cuda.device_count() < devices:
+        print(f"--devices {devices}: only {torch.cuda.device_count()} CUDA devices here (use --cpu for gloo)")
+        return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_compare import launch
+
+    return launch(devices, cpu, quick)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="run on CPU with gloo (no GPU needed)")
     parser.add_argument("--quick", action="store_true", help="a tiny GPT and few steps")
+    parser.add_argument("--devices", type=int, default=None, help="compare breadth-first and 1F1B on N devices")
     args = parser.parse_args(argv)
+    if args.devices is not None:
+        return compare_on_devices(args.devices, args.cpu, args.quick)
     if not args.cpu and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --cpu (and --quick) to check the CPU path")
     torch.set_num_threads(1 if args.cpu else torch.get_num_threads())

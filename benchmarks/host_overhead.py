@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
-from launch import bounded_run  # bounded; at the bound it kills every process the launch started
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from bench_launch import bounded_run  # bounded; at the bound it kills every process the launch started
 
 WIDTH, HIDDEN, LAYERS, BATCH, MICRO, PIPELINE, STAGES_PER_RANK = 8, 32, 8, 32, 32, 2, 4
 WARMUP = 10

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
-from launch import bounded_run  # bounded; at the bound it kills every process the launch started
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from bench_launch import bounded_run  # bounded; at the bound it kills every process the launch started
 
 HIDDEN, BLOCKS, BATCH, STAGES_PER_RANK, WARMUP = 512, 8, 256, 2, 2
 MICRO = int(os.environ.get("BFPP_BENCH_MICRO_BATCHES", "8"))  # M; the CLI sets it for the launched processes

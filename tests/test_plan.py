@@ -285,3 +285,18 @@ def test_rows_of_equal_predictions_are_merged() -> None:
     assert len(rows) == len(groups)
     merged = next(g for g in groups if len(g) > 1)
     assert "/" in rows[groups.index(merged)] and table[-1] == "a/b: layouts with the same prediction, in one row"
+def test_host_time_per_action_slows_short_kernels_only() -> None:
+    """``--host-us``: the planner charges the host's time per action to a host that queues ahead of the GPUs, so a
+    layout of many short actions slows down while one of long kernels does not; a negative time is refused."""
+    model = ModelSpec(layers=8, hidden=256, seq_len=128, vocab=512)
+    layout = Layout("breadth_first", 2, 4, 4, 1, 2)
+    free, hosted = (predict(model, replace(CLUSTER, host_us=us), layout) for us in (0.0, 1e4))
+    assert cost_model(model, replace(CLUSTER, host_us=1e4), layout).host_time == pytest.approx(0.01)
+    assert not cost_model(model, CLUSTER, layout).host_blocking
+    assert hosted.step_time > 2 * free.step_time  # kernels of microseconds: the host's 10 ms per action bounds the step
+    slow_kernels = replace(model, layer_forward_s=1.0)
+    assert predict(slow_kernels, replace(CLUSTER, host_us=1e4), layout).step_time == pytest.approx(
+        predict(slow_kernels, CLUSTER, layout).step_time, rel=0.02
+    )
+    with pytest.raises(ValueError, match="--host-us must be >= 0"):
+        ClusterSpec(host_us=-1.0)

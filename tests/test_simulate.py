@@ -290,3 +290,29 @@ def test_fully_sharded_gathers_follow_the_executed_schedule() -> None:
             int(e.name.split()[-1]) for e in simulate(schedule, cost).events if e.category == "all_gather"
         )
         assert simulated == gathers_per_stage(add_parameter_gathering(schedule)), name
+
+
+def test_host_time_per_action_blocking_and_queued_ahead() -> None:
+    """One rank, M = 4 (f = 1, b = 2; 8 computes and the gradient reduction, no transfers): a blocking host adds its
+    time to each of the 9 actions (12 + 9 h); a host that queues ahead only delays the first kernel while h < the
+    kernels, and bounds the step once h exceeds them (9 issues of h = 5: 45)."""
+    schedule = build_schedule("gpipe", 1, 1, 4)
+    assert simulate(schedule, CostModel(forward_time=1.0, host_time=0.25)).step_time == pytest.approx(14.25)
+    ahead = CostModel(forward_time=1.0, host_time=0.25, host_blocking=False)
+    assert simulate(schedule, ahead).step_time == pytest.approx(12.25)
+    slow_host = replace(ahead, host_time=5.0)
+    assert simulate(schedule, slow_host).step_time == pytest.approx(45.0)
+    with pytest.raises(ValueError, match="host_time must be >= 0"):
+        CostModel(forward_time=1.0, host_time=-1e-6)
+
+
+def test_host_time_counts_every_action_of_a_pipelined_rank() -> None:
+    """P = 2, L = 2, M = 4 breadth-first with transfers: rank 0 issues 32 actions (16 computes, 16 transfers and
+    receive posts); a blocking host makes the step at least that many host times longer than the free-host step."""
+    schedule = build_schedule("breadth_first", 2, 2, 4)
+    free = simulate(schedule, CostModel(forward_time=0.5)).step_time
+    charged = simulate(schedule, CostModel(forward_time=0.5, host_time=0.01)).step_time
+    issued = len([a for a in schedule.actions[0] if a != GROUP_END])
+    assert issued >= 32
+    assert charged >= free + issued * 0.01 - 1e-9
+    assert charged <= free + 2 * issued * 0.01  # both ranks' host time, at most, on the critical path

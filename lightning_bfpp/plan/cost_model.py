@@ -53,6 +53,13 @@ class CostModel:
         optimizer_bytes: bytes per parameter of optimizer state, e.g. 8 for Adam's two float32 moments, 12 with a
             float32 master copy of 2-byte parameters.
         activation_checkpointing: keep only stage inputs and recompute the forward in the backward.
+        host_time: host (CPU) time to issue one action of the schedule (its Python, autograd and communication
+            calls), charged on each rank before the action; measure it on the machine (e.g. a step's CPU time over
+            its actions). 0: the host is free.
+        host_blocking: the host waits for each compute to end before it issues the next action (CPU tensors, and
+            the emulated kernels of ``benchmarks/emulated_cluster.py``), so host time adds to every action; False:
+            it queues actions ahead of the device (a GPU step with no host sync), so host time only delays the
+            device where it exceeds the kernels.
     """
 
     forward_time: PerStage
@@ -75,13 +82,16 @@ class CostModel:
     grad_bytes: float = 2.0
     optimizer_bytes: float = 12.0
     activation_checkpointing: bool = False
+    host_time: float = 0.0
+    host_blocking: bool = True
 
     def __post_init__(self) -> None:
         if self.sharding not in SHARDING_MODES:
             raise ValueError(f"sharding={self.sharding!r} is not supported; use one of {', '.join(SHARDING_MODES)}")
         if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, int) or self.dp_size < 1:
             raise ValueError(f"dp_size must be an integer >= 1, got {self.dp_size!r}")
-        for name in ("p2p_latency", "dp_latency", "param_bytes", "gathered_bytes", "grad_bytes", "optimizer_bytes"):
+        non_negative = ("p2p_latency", "dp_latency", "host_time", "param_bytes", "gathered_bytes", "grad_bytes")
+        for name in (*non_negative, "optimizer_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dp_bandwidth <= 0:

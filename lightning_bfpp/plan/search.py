@@ -112,6 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("intra_node_gbps", float, "GB/s per GPU inside a node"),
         ("inter_node_gbps", float, "GB/s per GPU across nodes"),
         ("latency_us", float, "latency of a transfer (and per ring step of a collective), microseconds"),
+        ("host_us", float, "host time to issue one action (measure it: benchmarks/host_overhead.py), microseconds"),
         ("usable_memory", float, "share of the GPU memory the layout may use"),
     ):
         default = getattr(defaults, name)

@@ -21,6 +21,10 @@ data-parallel collectives, which overlaps compute:
   (``full``) gathers a stage for each run of its consecutive computes and frees it after the run, as the executor
   does (:mod:`lightning_bfpp.plan.gathering`). Gathers are prefetched one ahead: the next gather is issued when the
   compute that waits for the previous one starts.
+- Host time (``CostModel.host_time``): each rank's host spends it on every action before issuing it (a transfer
+  group is issued once its actions' host time is spent; a compute, ``W`` or ``RD`` starts no earlier). A blocking
+  host (``host_blocking``, CPU) issues the next action only after the previous compute ends; a non-blocking one runs
+  ahead of the device, which then waits for the host only where kernels are shorter than the host time.
 
 Memory follows each rank's action order: an activation lives from its forward to its backward (with activation
 checkpointing only the stage input is kept, and the stage's activations are rebuilt during the backward).
@@ -136,6 +140,7 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
     reduce_kind = "all_reduce" if mode == "none" else "reduce_scatter"
 
     clock, comm_free, busy = [0.0] * pipeline_size, [0.0] * pipeline_size, [0.0] * pipeline_size
+    host, host_time = [0.0] * pipeline_size, cost.host_time  # when each rank's host has issued its latest action
     gather_end: list[dict[int, float]] = [{} for _ in range(pipeline_size)]
     gather_at = [{g.position: k for k, g in enumerate(rank_gathers)} for rank_gathers in gathers]
     sent: dict[tuple[bool, int, int], float] = {}  # (is_grad, receiving stage, micro-batch) -> send time
@@ -216,22 +221,26 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
                     ready = ready_at(rank, a)
                     if ready is None:
                         break
-                    start = max(clock[rank], ready)
+                    issued = host[rank] + host_time
+                    start = max(clock[rank], ready, issued)
                     k = gather_at[rank].get(i)
                     if k is not None:
                         start = max(start, gather_end[rank][k])
                         issue_gather(rank, k + 1, start)
                     duration = forward[a.stage] if a.kind is _F else backward[a.stage]
                     clock[rank] = start + duration
+                    host[rank] = clock[rank] if cost.host_blocking else issued
                     busy[rank] += duration
                     unflushed[a.stage] += a.kind is _B
                     if record_events:
                         name = "forward" if a.kind is _F else "backward"
                         events.append(SimEvent(rank, str(a), name, start, clock[rank]))
                 elif a.kind is _W:
-                    start = clock[rank]
+                    issued = host[rank] + host_time
+                    start = max(clock[rank], issued)
                     duration = cost.batched_weight_grad_time(weight[a.stage], unflushed[a.stage])
                     clock[rank], unflushed[a.stage] = start + duration, 0
+                    host[rank] = clock[rank] if cost.host_blocking else issued
                     busy[rank] += duration
                     if record_events:
                         events.append(SimEvent(rank, str(a), "backward_weight", start, clock[rank]))
@@ -242,14 +251,16 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
                         if previous is None:
                             break
                         group_keys[(rank, group)] = [key_of(actions[j]) for j in group]
-                        group_start[(rank, group)] = max(clock[rank], previous)
+                        host[rank] += host_time * len(group)  # posted together once every transfer is added
+                        group_start[(rank, group)] = max(clock[rank], host[rank], previous)
                         stream_last[rank] = group
                     key = key_of(a)
                     if a.kind is _RA or a.kind is _RG:
                         recv_group[rank][key] = group
                     message(key, group_start[(rank, group)], a.kind is _SA or a.kind is _SG)
                 elif a.kind is _RD:
-                    collective_op(rank, reduce_kind, a.stage, clock[rank])
+                    host[rank] += host_time
+                    collective_op(rank, reduce_kind, a.stage, max(clock[rank], host[rank]))
                 i += 1
             if i > pointers[rank]:
                 remaining -= i - pointers[rank]
@@ -259,7 +270,7 @@ def simulate(schedule: Schedule, cost: CostModel, *, record_events: bool = True)
             lists = schedule.actions
             blocked = ", ".join(f"rank {r} at {lists[r][p]}" for r, p in enumerate(pointers) if p < len(lists[r]))
             raise ScheduleError(f"the simulation is stuck ({blocked}); check the schedule with validate_schedule()")
-    step_time = max(max(clock), max(comm_free))
+    step_time = max(max(clock), max(comm_free), max(host))
     return SimResult(step_time, tuple(busy), memory, tuple(sorted(events, key=lambda e: (e.rank, e.start))))
 
 

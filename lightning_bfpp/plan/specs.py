@@ -101,7 +101,9 @@ class ClusterSpec:
     """GPUs and links. Bandwidths are per GPU in GB/s (1e9 bytes/s): ``intra_node_gbps`` between GPUs of a node,
     ``inter_node_gbps`` across nodes; ``compute_efficiency`` is the share of ``gpu_tflops`` a stage reaches while it
     computes large micro-batches (MFU without bubble or communication), and ``efficiency`` the share of that a
-    product over a given number of rows (tokens) reaches (:class:`~lightning_bfpp.plan.efficiency.EfficiencyCurve`)."""
+    product over a given number of rows (tokens) reaches (:class:`~lightning_bfpp.plan.efficiency.EfficiencyCurve`);
+    ``host_us`` the host's time to issue one action (the simulator's ``CostModel.host_time``, with a host that queues
+    kernels ahead of the GPU)."""
 
     nodes: int = 8
     gpus_per_node: int = 8
@@ -111,6 +113,7 @@ class ClusterSpec:
     intra_node_gbps: float = 200.0
     inter_node_gbps: float = 25.0
     latency_us: float = 10.0
+    host_us: float = 0.0
     usable_memory: float = 0.9
     efficiency: EfficiencyCurve = field(default=DEFAULT_GPU_CURVE)
 
@@ -119,6 +122,8 @@ class ClusterSpec:
             raise ValueError(f"--nodes and --gpus-per-node must be >= 1, got {self.nodes} and {self.gpus_per_node}")
         if not 0 < self.compute_efficiency <= 1 or not 0 < self.usable_memory <= 1:
             raise ValueError("--compute-efficiency and --usable-memory are fractions in (0, 1]")
+        if self.host_us < 0:
+            raise ValueError(f"--host-us must be >= 0 microseconds, got {self.host_us}")
 
     @property
     def world_size(self) -> int:
@@ -129,7 +134,8 @@ class ClusterSpec:
             f"cluster: {self.nodes} nodes x {self.gpus_per_node} GPUs, {self.gpu_memory_gb:g} GiB each "
             f"({self.usable_memory:.0%} usable), {self.gpu_tflops:g} TFLOP/s peak at {self.compute_efficiency:.0%} "
             f"efficiency, {self.intra_node_gbps:g} GB/s intra-node, {self.inter_node_gbps:g} GB/s inter-node per "
-            f"GPU, {self.latency_us:g} us latency\n{self.efficiency.describe()}"
+            f"GPU, {self.latency_us:g} us latency, {self.host_us:g} us of host time per action"
+            f"\n{self.efficiency.describe()}"
         )
 
 
@@ -231,4 +237,6 @@ def cost_model(model: ModelSpec, cluster: ClusterSpec, layout: Layout) -> CostMo
         grad_bytes=GRAD_BYTES,
         optimizer_bytes=OPTIMIZER_BYTES,
         activation_checkpointing=layout.activation_checkpointing,
+        host_time=cluster.host_us * 1e-6,
+        host_blocking=False,  # a GPU host queues kernels ahead of the device
     )
