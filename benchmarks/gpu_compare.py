@@ -199,7 +199,7 @@ def rank_main(cpu: bool, quick: bool) -> None:
         host = statistics.median(clock.cpu[warmup:]) / actions
         hosts: list[Any] = [None] * world
         dist.all_gather_object(hosts, host)
-        partition = strategy.partition
+        partition = strategy.stage_partition
         stages = range(partition.num_stages)
         cost = CostModel(
             forward_time=[sum(fwd[i] for i in partition.layers_of(s)) for s in stages],
