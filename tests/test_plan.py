@@ -285,6 +285,8 @@ def test_rows_of_equal_predictions_are_merged() -> None:
     assert len(rows) == len(groups)
     merged = next(g for g in groups if len(g) > 1)
     assert "/" in rows[groups.index(merged)] and table[-1] == "a/b: layouts with the same prediction, in one row"
+
+
 def test_host_time_per_action_slows_short_kernels_only() -> None:
     """``--host-us``: the planner charges the host's time per action to a host that queues ahead of the GPUs, so a
     layout of many short actions slows down while one of long kernels does not; a negative time is refused."""

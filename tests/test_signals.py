@@ -146,8 +146,8 @@ def test_a_signal_is_recorded_and_agreed_on_without_running_anything_in_the_hand
         while signal.SIGTERM not in watch.pending():
             assert time.monotonic() < end, "the watch thread did not record the signal"
             time.sleep(0.01)
-        assert watch.agree(None, torch.device("cpu")) == [AgreedSignal(signal.SIGTERM, 0, 0)]
-        assert watch.agree(None, torch.device("cpu")) == []  # once
+        assert watch.agreed(watch.signal_flags(1), 1) == [AgreedSignal(signal.SIGTERM, 0, 0)]
+        assert watch.agreed(watch.signal_flags(1), 1) == []  # once
     finally:
         watch.release_signals()
         signal.signal(signal.SIGTERM, before)

@@ -28,10 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
-
-from lightning_bfpp.run.host_sync import host_values, to_device
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 AGREED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # stops, and requeue signals
@@ -156,17 +153,6 @@ class JobWatch:
         received = dict(self._received)
         flags = [self.rank + 1 if s in received else 0 for s in AGREED_SIGNALS]  # the same slots on every rank
         return flags + [world - self.rank if s in received else 0 for s in AGREED_SIGNALS]
-
-    def agree(self, group: dist.ProcessGroup | None, device: torch.device) -> list[AgreedSignal]:
-        """Every rank of ``group`` calls this at the same step boundary: :meth:`signal_flags` reduced over the group,
-        then :meth:`agreed` (one all-reduce and one host read)."""
-        world = dist.get_world_size(group) if dist.is_initialized() else 1
-        flags = self.signal_flags(world)
-        if world > 1:
-            tensor = to_device(torch.tensor(flags, dtype=torch.int64), device)
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-            flags = host_values(tensor)
-        return self.agreed(flags, world)
 
     def agreed(self, flags: Sequence[float], world: int) -> list[AgreedSignal]:
         """The signals any rank received since the last agreement, from the reduced :meth:`signal_flags`, each with

@@ -63,16 +63,15 @@ class _Reductions:
         """Stores the results of the oldest reductions that already completed (frees their buffers early; waiting
         for a completed one returns at once, or raises its error), except those whose store reads the host."""
         while self._pending and not self._pending[0].reads_host and self._pending[0].work.is_completed():
-            self._store(self._pending.pop(0), wait=True)
+            self._store(self._pending.pop(0))
 
     def wait_all(self) -> None:
         for reduction in self._pending:
-            self._store(reduction, wait=True)
+            self._store(reduction)
         self._pending.clear()
 
-    def _store(self, reduction: _Reduction, wait: bool) -> None:
-        if wait:
-            reduction.work.wait()
+    def _store(self, reduction: _Reduction) -> None:
+        reduction.work.wait()  # returns at once for a completed one (or raises its error)
         reduction.store(reduction.output.div_(self.size))
 
 
