@@ -4,10 +4,10 @@ NCCL's ordering and a stated network's transfer times, and data-parallel reducti
 - :class:`EmulatedLayer`: one transformer layer of the emulated model. Its forward and backward sleep a prescribed
   time (the CPU stays free); a tiny ``nn.Linear`` gives it real parameters and lets ``weight_gradients="batched"``
   defer its weight gradient, whose batched product then sleeps the prescribed ``W`` time (:func:`install`).
-- :class:`EmulatedLink`: a :class:`~lightning_bfpp.run.p2p.PeerLink` that runs each rank's transfers as NCCL does
-  (one stream per rank, the batches in issue order, a posted receive holding the stream until its data arrives, a
-  send ending when the peer has received it) and makes every transfer last ``latency + bytes / bandwidth`` of the
-  stated network from the moment both sides have posted it.
+- :class:`EmulatedLink`: :class:`~lightning_bfpp.run.nccl_order_link.NcclOrderLink`, which runs each rank's
+  transfers as NCCL does (one stream per rank, the groups in issue order, a receive done when its data arrives, a
+  send when the peer has received it), with every transfer lasting ``latency + bytes / bandwidth`` of the stated
+  network from the moment both sides have posted it.
 - Data-parallel reductions (the asynchronous ``all_reduce`` of each stage's gradients) run for real on gloo and end
   no earlier than a ring all-reduce of the emulated gradient bytes would, one after another on the rank's
   communication stream (:func:`install`).
@@ -17,8 +17,6 @@ Every time is the stated one times ``Network.time_scale`` (the emulated clock ru
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_bfpp.run.p2p import PeerLink, Transfer, as_p2p_op
+from lightning_bfpp.run.nccl_order_link import NcclOrderLink
 from lightning_bfpp.run.weight_grad import _DEFERRED_ATTRIBUTE, _DeferredWeightGrad
 
-ACK_TAG_OFFSET = 1 << 24  # acknowledgements use the tag of their message plus this
 LINEAR_WIDTH = 16  # the tiny Linear of a layer: LINEAR_WIDTH^2 real parameters stand for a layer's parameters
 
 
@@ -125,77 +122,12 @@ class EmulatedLayer(nn.Module):
         return _Sleep.apply(self.linear(x), self)  # the zero weight's output; ``extra`` is only reduced
 
 
-class _Batch:
-    """The transfers of one ``batch_isend_irecv`` on the rank's stream; :meth:`wait` blocks until they have run."""
+class EmulatedLink(NcclOrderLink):
+    """:class:`~lightning_bfpp.run.nccl_order_link.NcclOrderLink` (NCCL's ordering, one stream per rank) whose
+    transfers last the stated network's time."""
 
-    def __init__(self, ops: list[dist.P2POp], rank: int) -> None:
-        self.ops, self.rank = ops, rank
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            network = NETWORK[0]
-            works, acks = [], []
-            for op in self.ops:
-                works.append(op.op(op.tensor, op.peer, op.group, op.tag))
-                if op.op is dist.isend:  # a send ends when the peer has received it (after the transfer's time)
-                    acks.append(
-                        dist.irecv(torch.zeros(1, dtype=torch.uint8), op.peer, op.group, op.tag + ACK_TAG_OFFSET)
-                    )
-            arrivals = []
-            for op, work in zip(self.ops, works, strict=True):
-                if op.op is dist.irecv:  # both sides have posted once the data is here: the transfer's time starts
-                    work.wait()
-                    seconds = network.transfer_seconds(op.tensor, op.peer, self.rank)
-                    arrivals.append((time.perf_counter() + seconds, op))
-            for deadline, op in sorted(arrivals, key=lambda a: a[0]):
-                remaining = deadline - time.perf_counter()
-                if remaining > 0:
-                    time.sleep(remaining)
-                dist.send(torch.ones(1, dtype=torch.uint8), op.peer, op.group, op.tag + ACK_TAG_OFFSET)
-            for op, work in zip(self.ops, works, strict=True):
-                if op.op is dist.isend:
-                    work.wait()
-            for ack in acks:
-                ack.wait()
-        except BaseException as error:  # handed to the thread that waits
-            self.error = error
-        finally:
-            self.done.set()
-
-
-class _BatchWork:
-    def __init__(self, batch: _Batch) -> None:
-        self.batch = batch
-
-    def wait(self) -> bool:
-        self.batch.done.wait()
-        if self.batch.error is not None:
-            raise RuntimeError(f"emulated transfer failed: {self.batch.error}") from self.batch.error
-        return True
-
-
-class EmulatedLink(PeerLink):
-    """:class:`~lightning_bfpp.run.p2p.PeerLink` with NCCL's ordering (one stream per rank) and the stated
-    network's transfer times (see the module docstring)."""
-
-    emulates_nccl = True
-
-    def __init__(self, group: dist.ProcessGroup, num_micro_batches: int, device: torch.device) -> None:
-        super().__init__(group, num_micro_batches, device)
-        self._stream: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
-        threading.Thread(target=_worker, args=(self._stream,), daemon=True).start()
-
-    def _start(self, transfers: list[Transfer]) -> list[dist.Work]:
-        batch = _Batch([as_p2p_op(transfer, self.group) for transfer in transfers], dist.get_rank())
-        self._stream.put(batch)
-        return [_BatchWork(batch)]  # type: ignore[list-item]
-
-
-def _worker(batches: queue.SimpleQueue[_Batch]) -> None:
-    while True:
-        batches.get().run()
+    def transfer_seconds(self, tensor: Tensor, src: int) -> float:
+        return NETWORK[0].transfer_seconds(tensor, src, dist.get_rank())
 
 
 class _DelayedWork:

@@ -35,9 +35,9 @@ from collective_count import ReductionLog, count_fsdp_collectives
 from host_read_probe import HostReadProbe
 from job_spec import TrainJobSpec
 from models import MODELS, TokenData, loader
-from nccl_streams import NcclStreamLink
 
 from lightning_bfpp import BFPPStrategy
+from lightning_bfpp.run.nccl_order_link import NcclOrderLink
 
 
 class OrderedData(pl.LightningDataModule):
@@ -307,7 +307,7 @@ def run(config: TrainJobSpec | dict[str, Any]) -> dict[str, Any]:
         options = {"timeout": timedelta(seconds=spec.pg_timeout), "timeline_dir": spec.timeline_dir, **strategy_kwargs}
         strategy = BFPPStrategy(**options)
         if spec.emulate_nccl_streams:  # "rank": NCCL's transfer order on the group's one stream, over gloo
-            strategy.link_class = NcclStreamLink
+            strategy.link_class = NcclOrderLink
     recorder = Recorder(spec.record_initial)
     saved = SavedBytes() if spec.count_saved_bytes else None  # what the training steps keep for backward
     autocast = AutocastRecorder() if spec.record_autocast else None

@@ -118,7 +118,7 @@ class PeerLink:
     """
 
     emulates_nccl: ClassVar[bool] = False
-    """True for a link that runs transfers over gloo in NCCL's order (see the test suite)."""
+    """True for a link that runs transfers over gloo in NCCL's order (:mod:`lightning_bfpp.run.nccl_order_link`)."""
 
     def __init__(self, group: dist.ProcessGroup, num_micro_batches: int, device: torch.device) -> None:
         self.group = group
