@@ -37,6 +37,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -303,7 +304,9 @@ def launch(cases: list[dict[str, Any]], cfg: dict[str, Any], timeout: float) -> 
 
     links, results = parsed("LINKS "), parsed("RESULT ")
     if code != 0 or not links or len(results) != len(cases):
-        raise RuntimeError(f"launch of {world} ranks failed ({code}):\n{output[-8000:]}")
+        log = Path(tempfile.mkdtemp(prefix="emulated_cluster_")) / "ranks.log"
+        log.write_text(output)
+        raise RuntimeError(f"launch of {world} ranks failed ({code}); every rank's output is in {log}:\n{output[-8000:]}")
     return links[0], results
 
 
