@@ -306,7 +306,8 @@ def launch(cases: list[dict[str, Any]], cfg: dict[str, Any], timeout: float) -> 
     if code != 0 or not links or len(results) != len(cases):
         log = Path(tempfile.mkdtemp(prefix="emulated_cluster_")) / "ranks.log"
         log.write_text(output)
-        raise RuntimeError(f"launch of {world} ranks failed ({code}); every rank's output is in {log}:\n{output[-8000:]}")
+        tail = output[-8000:]
+        raise RuntimeError(f"launch of {world} ranks failed ({code}); every rank's output is in {log}:\n{tail}")
     return links[0], results
 
 
