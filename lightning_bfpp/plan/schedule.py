@@ -130,9 +130,9 @@ def _post_receives_early(schedule: Schedule) -> Schedule:
     first_input = set(_first_of((a for actions in schedule.actions for a in actions), _RA).values())
     ranks = []
     for actions in schedule.actions:
-        out, k = list(actions), 0
-        while k < len(groups := communication_groups(out)):
-            group, k = groups[k], k + 1
+        out, shift = list(actions), 0
+        for positions in communication_groups(actions):  # a move shifts the later groups by its GROUP_END, if any
+            group = [i + shift for i in positions]
             moved = [out[i] for i in group]
             if any(a.kind in (_SA, _SG) or a in first_input for a in moved):
                 continue
@@ -144,7 +144,9 @@ def _post_receives_early(schedule: Schedule) -> Schedule:
                 to += 1
             if any(out[i].kind in (_F, _B) for i in range(to, group[0])):
                 del out[group[0] : group[-1] + 1]
-                out[to:to] = [GROUP_END, *moved] if to > 0 and out[to - 1].kind in COMMUNICATION_KINDS else moved
+                split = to > 0 and out[to - 1].kind in COMMUNICATION_KINDS
+                out[to:to] = [GROUP_END, *moved] if split else moved
+                shift += split
         ranks.append(tuple(out))
     return replace(schedule, actions=tuple(ranks))
 
