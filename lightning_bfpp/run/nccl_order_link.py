@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -44,18 +45,17 @@ class _Group:
                     acks.append(
                         dist.irecv(torch.zeros(1, dtype=torch.uint8), op.peer, op.group, op.tag + ACK_TAG_OFFSET)
                     )
-            # Each receive completes on its own thread: waiting for them in turn would make a send to this rank
-            # wait for this rank's earlier receives of the group, an order NCCL does not impose (it can hang a
-            # schedule that NCCL runs).
-            receives = [
-                threading.Thread(target=self._receive, args=(op, work), daemon=True)
-                for op, work in zip(self.ops, works, strict=True)
-                if op.op is dist.irecv
-            ]
-            for receive in receives:
-                receive.start()
-            for receive in receives:
-                receive.join()
+            # Each receive completes on its own (the last one on this thread, the others on threads of their own):
+            # waiting for them in turn would make a send to this rank wait for this rank's earlier receives of the
+            # group, an order NCCL does not impose (it can hang a schedule that NCCL runs).
+            receives = [(op, work) for op, work in zip(self.ops, works, strict=True) if op.op is dist.irecv]
+            others = [threading.Thread(target=self._receive, args=pair, daemon=True) for pair in receives[:-1]]
+            for other in others:
+                other.start()
+            if receives:
+                self._receive(*receives[-1])
+            for other in others:
+                other.join()
             if self.error is None:
                 for op, work in zip(self.ops, works, strict=True):  # a gloo work is waited for once only
                     if op.op is dist.isend:
@@ -100,8 +100,9 @@ class NcclOrderLink(PeerLink):
 
     def __init__(self, group: dist.ProcessGroup, num_micro_batches: int, device: torch.device) -> None:
         super().__init__(group, num_micro_batches, device)
-        self._stream: queue.SimpleQueue[_Group] = queue.SimpleQueue()
+        self._stream: queue.SimpleQueue[_Group | None] = queue.SimpleQueue()
         threading.Thread(target=_stream_worker, args=(self._stream,), daemon=True).start()
+        weakref.finalize(self, self._stream.put, None)  # the worker ends with the link
 
     def transfer_seconds(self, tensor: torch.Tensor, src: int) -> float:
         """How long the transfer of ``tensor`` from global rank ``src`` to this rank lasts once both sides have
@@ -114,6 +115,7 @@ class NcclOrderLink(PeerLink):
         return [_GroupWork(group)]  # type: ignore[list-item]
 
 
-def _stream_worker(groups: queue.SimpleQueue[_Group]) -> None:
-    while True:
-        groups.get().run()
+def _stream_worker(groups: queue.SimpleQueue[_Group | None]) -> None:
+    while (group := groups.get()) is not None:
+        group.run()
+        del group  # the worker holds nothing of the link between groups
