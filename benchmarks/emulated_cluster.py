@@ -22,8 +22,8 @@ action and per step measured on this machine (the least-squares line of every ra
 number of actions) and the gloo latency under the emulated transfers. A step is timed from the start of its batch to
 its end (optimizer step included) on every rank, the longest rank counting, after one warm-up step.
 
-    python benchmarks/emulated_cluster.py            # 3 batch sizes x 3 schedules x 2 weight-gradient modes: ~25 min
-    python benchmarks/emulated_cluster.py --quick    # 0.5 sequence per GPU only: about 6 minutes
+    python benchmarks/emulated_cluster.py            # 3 batch sizes x 3 schedules x 2 weight-gradient modes: ~32 min
+    python benchmarks/emulated_cluster.py --quick    # 0.5 sequence per GPU only: about 10 minutes
 
 The last line is ``emulated_ranks=16 host_share=<largest over cases of the ranks' mean CPU time over kernel time>
 measured_over_simulated=<median> worst_case_error=<max |measured / simulated - 1|>
