@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Checkpoint, ModelSummary, RichModelSummary
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -393,6 +394,7 @@ def run(config: TrainJobSpec | dict[str, Any]) -> dict[str, Any]:
         "summaries": {type(s).__name__: s.text for s in summaries},  # printed on rank 0 only
         "targets": recorder.targets,
         "host_reads": host_reads.steps if host_reads else None,
+        "process_groups": len(dist.distributed_c10d._world.pg_map),  # every group this process holds, after fit
     }
     if spec.out_dir:
         torch.save(result, Path(spec.out_dir) / f"rank{trainer.global_rank}.pt")

@@ -34,7 +34,7 @@ def _runs() -> list[dict]:
 def test_at_most_one_host_read_per_rank_per_steady_step(run_job) -> None:
     """P=2 x D=2, every schedule and sharding mode, one launch: after the first step (which learns the shapes of every
     stage boundary and the layout of the logged values) each rank reads device values once per step, through
-    ``host_sync``, and nowhere else."""
+    ``host_sync``, and nowhere else. The later fits reuse the first fit's process groups."""
     runs = _runs()
     config = {
         "devices": 4,
@@ -47,6 +47,11 @@ def test_at_most_one_host_read_per_rank_per_steady_step(run_job) -> None:
         "runs": runs,
     }
     result = run_job(config, timeout=850)
+    groups = {}  # the process groups each rank holds after each fit: created by the first, reused by the others
+    for run in runs:
+        groups[run["name"]] = [r["process_groups"] for r in JobResult(0, "", result.out_dir / run["name"]).ranks()]
+    message = f"later fits of the same layout added process groups: {groups}"
+    assert len({tuple(g) for g in groups.values()}) == 1, message
     for run in runs:
         ranks = JobResult(0, result.output, result.out_dir / run["name"]).ranks()
         assert len(ranks) == 4, run["name"]

@@ -7,6 +7,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from lightning_bfpp.run.process_groups import subgroups_by_enumeration
+
 
 def ranks_of(world_size: int, pipeline_size: int, rank_layout: str) -> tuple[list[list[int]], list[list[int]]]:
     """The global ranks of every pipeline and of every data-parallel group. ``pp_contiguous``: the ranks of one
@@ -66,6 +68,6 @@ class PipelineGroups:
                 f"pipeline_parallel_size that divides {world}."
             )
         pipelines, replicas = ranks_of(world, pipeline_size, rank_layout)
-        pipeline, _ = dist.new_subgroups_by_enumeration(pipelines, timeout=timeout)
-        data_parallel, _ = dist.new_subgroups_by_enumeration(replicas, timeout=timeout)
+        pipeline = subgroups_by_enumeration(pipelines, timeout)  # reused by later fits of the same layout
+        data_parallel = subgroups_by_enumeration(replicas, timeout)
         return cls(pipeline, data_parallel, *layout_ranks(rank, world, pipeline_size, rank_layout), timeout)

@@ -1,4 +1,4 @@
-"""Process groups end before the interpreter does.
+"""Process groups end before the interpreter does, and are created once per process for each set of ranks.
 
 A gloo process group runs its collectives on worker threads. A worker drops its reference to a finished operation a
 moment after the caller's ``wait()`` returned; when that reference is the last one, the operation's tensors are freed
@@ -6,6 +6,10 @@ on the worker, which takes the GIL to release their Python objects. If the main 
 interpreter finalization, Python ends the worker inside that (``noexcept``) destructor and the process aborts with
 ``terminate called without an active exception`` (SIGABRT) after a successful run. Destroying the process groups
 while the interpreter is still whole (an ``atexit`` hook) joins their worker threads first.
+
+Groups live until then, so a process that runs several fits (a sweep, ``fit`` then another ``Trainer``) reuses the
+groups of an earlier fit with the same ranks (:func:`subgroups_by_enumeration`) instead of adding new ones each time
+(on gloo each holds threads and sockets, on NCCL a communicator's device memory).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import atexit
 import gc
 import weakref
+from datetime import timedelta
 from typing import Protocol
 
 import torch.distributed as dist
@@ -28,6 +33,22 @@ class ProcessGroupOwner(Protocol):
 
 _owners: weakref.WeakSet[ProcessGroupOwner] = weakref.WeakSet()
 _hook_registered = False
+_subgroups: dict[tuple[tuple[tuple[int, ...], ...], timedelta], dist.ProcessGroup | None] = {}
+_subgroups_world: list[dist.ProcessGroup] = []  # the default group the cached groups split
+
+
+def subgroups_by_enumeration(ranks: list[list[int]], timeout: timedelta) -> dist.ProcessGroup | None:
+    """This rank's group of ``dist.new_subgroups_by_enumeration(ranks, timeout=timeout)`` (None if it is in none),
+    created on the first call for these ranks and timeout and reused by later ones while the default group is the
+    same. Every rank calls it with the same arguments in the same order (as ``new_subgroups_by_enumeration``)."""
+    world = dist.group.WORLD
+    if not _subgroups_world or _subgroups_world[0] is not world:
+        _subgroups.clear()
+        _subgroups_world[:] = [world]  # type: ignore[list-item]
+    key = (tuple(tuple(r) for r in ranks), timeout)
+    if key not in _subgroups:
+        _subgroups[key], _ = dist.new_subgroups_by_enumeration(ranks, timeout=timeout)
+    return _subgroups[key]
 
 
 def destroy_at_exit(owner: ProcessGroupOwner) -> None:
@@ -49,6 +70,8 @@ def destroy_process_groups() -> None:
     for owner in owners:
         owner.release_process_groups()
     del owners
+    _subgroups.clear()
+    _subgroups_world.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()

@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_bfpp.plan.partition import Partition
 from lightning_bfpp.run.collectives import all_gather_objects
+from lightning_bfpp.run.process_groups import subgroups_by_enumeration
 
 TIES_ATTRIBUTE = "_bfpp_ties"  # set on a module when its ties are found: list[Tie]
 ALIASES_ATTRIBUTE = "_bfpp_tied_aliases"  # set on a split module: {local name: canonical name} of its tied copies
@@ -191,9 +192,7 @@ class TiedGradients:
         mine = dist.get_process_group_ranks(pp_group) if pp_group is not None else [dist.get_rank()]
         pipelines = sorted({tuple(r) for r in all_gather_objects(mine)})
         for ranks, group_ties in sorted(by_ranks.items()):
-            group, _ = dist.new_subgroups_by_enumeration(
-                [[pipeline[r] for r in ranks] for pipeline in pipelines], timeout=timeout
-            )
+            group = subgroups_by_enumeration([[pipeline[r] for r in ranks] for pipeline in pipelines], timeout)
             if pipeline_rank not in ranks:
                 continue
             for tie in group_ties:
